@@ -1,0 +1,113 @@
+"""Running one job: connect to (or start) Ray, open its stage, skip it when already done, commit it at the end."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import time
+from typing import Any
+
+from shared.config import JobConfig, config_hash, dump_config
+from shared.configs import JOB_CONFIGS
+from shared.errors import UserError
+from shared.storage import Stage, Storage, completed_stage, split_uri
+
+log = logging.getLogger("scopeforge")
+
+
+def job_module(name: str):
+    """``ray_jobs.<name with - as _>``: the module holding the job's ``run(cfg, stage)``."""
+    if name not in JOB_CONFIGS:
+        raise UserError(f"unknown job {name!r} (known: {', '.join(sorted(JOB_CONFIGS))})")
+    return importlib.import_module(f"ray_jobs.{name.replace('-', '_')}")
+
+
+def init_ray(address: str | None = None, *, dashboard: bool = False) -> None:
+    """Connect to ``address`` (or RAY_ADDRESS); without one, start a local instance that cannot deadlock on 2 cores.
+
+    The local instance has at least 4 logical CPUs (actor pools use fractional CPUs, so read tasks always find a
+    slot) and binds every socket to loopback.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except Exception as exc:  # ConnectionError, TimeoutError, RuntimeError from the GCS client
+            raise UserError(f"Ray address {address}: cannot connect ({_first_line(exc)})") from None
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # single node, sockets on 127.0.0.1
+    store_mb = int(os.environ.get("SCOPEFORGE_OBJECT_STORE_MB", "2048"))
+    ray.init(
+        address="local",
+        num_cpus=max(4, os.cpu_count() or 1),
+        object_store_memory=store_mb * 1024 * 1024,
+        include_dashboard=dashboard,
+        log_to_driver=True,
+    )
+
+
+def cause_of(exc: BaseException) -> BaseException:
+    """The user-facing exception inside a Ray task / Ray Train wrapper, if any."""
+    seen = 0
+    while seen < 8:
+        seen += 1
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if isinstance(inner, BaseException) and inner is not exc:
+            if isinstance(inner, UserError):
+                return inner
+            exc = inner
+        else:
+            break
+    return exc
+
+
+def user_message(exc: BaseException) -> str | None:
+    """One-line message for a user error (also when it was raised inside a Ray worker), else None."""
+    inner = cause_of(exc)
+    if isinstance(inner, UserError):
+        return _first_line(inner.args[0] if inner.args else inner)
+    if isinstance(exc, UserError) and exc.args:
+        return _first_line(exc.args[0])
+    return None
+
+
+def _first_line(obj: Any) -> str:
+    text = str(obj).strip()
+    return text.splitlines()[0] if text else type(obj).__name__
+
+
+def open_stage(cfg: JobConfig) -> Stage:
+    """The stage this config writes, with a hash that covers the config and the hashes of its inputs."""
+    if split_uri(cfg.output_root)[0] == "memory":
+        raise UserError(f"output_root {cfg.output_root}: memory:// is visible to one process only; Ray jobs need a "
+                        "local path or s3://")
+    root = Storage(cfg.output_root, cfg.storage)
+    root.check_writable()
+    upstream = [completed_stage(uri, cfg.storage)[1] for uri in cfg.input_stages()]
+    return Stage.open(root, cfg.stage_name, cfg.JOB, config_hash(cfg, upstream))
+
+
+def run_job(cfg: JobConfig, *, ray_address: str | None = None, force: bool = False, dashboard: bool = False
+            ) -> dict[str, Any]:
+    """Run one job to a committed stage; returns its metrics. A stage already done with this config is skipped."""
+    module = job_module(cfg.JOB)
+    stage = open_stage(cfg)
+    status = stage.status()
+    if status == "done" and not force:
+        log.info("stage %s is already done for this config (hash %s): skipping; use --force to rerun",
+                 stage.uri, stage.config_hash)
+        return stage.store.read_json("metrics.json")
+    started = time.time()
+    resumed = stage.begin(dump_config(cfg))
+    log.info("stage %s: job %s, config hash %s%s", stage.uri, cfg.JOB, stage.config_hash,
+             " (resuming earlier work of the same config)" if resumed else "")
+    init_ray(ray_address, dashboard=dashboard)
+    metrics = module.run(cfg, stage)
+    stage.commit(metrics, started)
+    log.info("stage %s done in %.1f s", stage.uri, time.time() - started)
+    return metrics

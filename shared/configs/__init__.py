@@ -1,0 +1,21 @@
+"""Every job's typed config, by job name. Torch-free, so the CLI, the operator and the CRD generator import it cheaply.
+
+A job named ``foo-bar`` has its config here and its Ray glue in ``ray_jobs/foo_bar.py`` (a ``run(cfg, stage)``).
+"""
+
+from __future__ import annotations
+
+from shared.config import JobConfig
+from shared.configs.inspect_model import InspectModelConfig
+
+JOB_CONFIGS: dict[str, type[JobConfig]] = {
+    cls.JOB: cls
+    for cls in (
+        InspectModelConfig,
+    )
+}
+
+
+def summary(cls: type[JobConfig]) -> str:
+    """First line of the config's docstring: what the job does."""
+    return (cls.__doc__ or "").strip().splitlines()[0]

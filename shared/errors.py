@@ -1,0 +1,27 @@
+"""User-facing errors: each prints as one line naming the input at fault, and the CLI exits non-zero."""
+
+
+class UserError(Exception):
+    """A problem with what the user gave us (a file, a key, a URI, a model reference), not a bug.
+
+    The message is a single line that names the input; the CLI prints it without a traceback.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+class ConfigError(UserError):
+    """A config file or override that does not parse or does not validate."""
+
+
+class StorageError(UserError):
+    """A storage root or artifact that cannot be read or written."""
+
+
+class ModelError(UserError):
+    """A model reference that cannot be resolved or loaded."""
+
+
+class DataError(UserError):
+    """Input data that cannot be used (empty, wrong columns, undecodable)."""

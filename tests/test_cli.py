@@ -1,0 +1,69 @@
+"""The CLI as a user runs it (subprocesses of the installed entry point)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import run_cli
+
+
+def test_help_and_job_list():
+    top = run_cli("--help")
+    assert top.returncode == 0 and "run" in top.stdout and "jobs" in top.stdout
+    jobs = run_cli("jobs")
+    assert jobs.returncode == 0
+    assert any(line.startswith("inspect-model ") for line in jobs.stdout.splitlines())
+    helped = run_cli("run", "inspect-model", "--help")
+    assert helped.returncode == 0
+    for key in ("model (str", "dtype (float32|bfloat16|float16", "output_root", "storage.endpoint_url"):
+        assert key in helped.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["run", "no-such-job"], "unknown job 'no-such-job'"),
+        (["run", "inspect-model", "--config", "missing.yaml"], "missing.yaml: no such config file"),
+        (["run", "inspect-model", "--set", "modle=tiny-llama"], "unknown key 'modle' (did you mean 'model'?)"),
+        (["run", "inspect-model", "--set", "max_new_tokens=many"], "--set max_new_tokens"),
+        (["run", "inspect-model", "--set", "output_root=gs://bucket/x"], "unsupported storage scheme 'gs://'"),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(args, expected):
+    result = run_cli(*args)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("scopeforge: error: ") and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_schema_command():
+    result = run_cli("schema", "inspect-model")
+    assert result.returncode == 0
+    schema = json.loads(result.stdout)
+    assert schema["properties"]["model"]["default"] == "smollm2-135m" and "$ref" not in result.stdout
+
+
+@pytest.mark.ray
+def test_run_inspect_model_end_to_end_then_skip(tmp_path, tiny_llama_dir):
+    config = tmp_path / "inspect.yaml"
+    config.write_text(f"model: tiny-llama\noutput_root: {tmp_path / 'run'}\nmax_new_tokens: 4\n")
+    first = run_cli("run", "inspect-model", "--config", str(config))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "LlamaForCausalLM with" in first.stdout
+    stage = tmp_path / "run" / "inspect-model"
+    metrics = json.loads((stage / "metrics.json").read_text())
+    assert metrics["kv_heads"] == 2 and metrics["parameters"] > 0
+    assert json.loads((stage / "_SUCCESS").read_text())["job"] == "inspect-model"
+    again = run_cli("run", "inspect-model", "--config", str(config))
+    assert again.returncode == 0 and "already done" in again.stderr
+
+
+@pytest.mark.ray
+def test_missing_model_inside_ray_worker_is_a_user_error(tmp_path):
+    result = run_cli("run", "inspect-model", "--set", f"output_root={tmp_path}", "--set", "model=./no/such/model")
+    assert result.returncode == 2
+    assert "scopeforge: error: model './no/such/model': no such directory" in result.stderr
+    assert not (tmp_path / "inspect-model" / "_SUCCESS").exists()
