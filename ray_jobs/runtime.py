@@ -11,7 +11,7 @@ from typing import Any
 from shared.config import JobConfig, config_hash, dump_config
 from shared.configs import JOB_CONFIGS
 from shared.errors import UserError
-from shared.storage import Stage, Storage, completed_stage, split_uri
+from shared.storage import Stage, Storage, split_uri, stage_marker
 
 log = logging.getLogger("scopeforge")
 
@@ -81,6 +81,12 @@ def _first_line(obj: Any) -> str:
     return text.splitlines()[0] if text else type(obj).__name__
 
 
+def upstream_hash(uri: str, cfg: JobConfig) -> str | None:
+    """``stage:hash`` of an input that is a finished stage folder; None for plain data, aliases and hub ids."""
+    marker = stage_marker(uri, cfg.storage) if uri else None
+    return f"{uri}:{marker.get('config_hash', '')}" if marker is not None else None
+
+
 def open_stage(cfg: JobConfig) -> Stage:
     """The stage this config writes, with a hash that covers the config and the hashes of its inputs."""
     if split_uri(cfg.output_root)[0] == "memory":
@@ -88,7 +94,8 @@ def open_stage(cfg: JobConfig) -> Stage:
                         "local path or s3://")
     root = Storage(cfg.output_root, cfg.storage)
     root.check_writable()
-    upstream = [completed_stage(uri, cfg.storage)[1] for uri in cfg.input_stages()]
+    upstream = [upstream_hash(uri, cfg) for uri in cfg.input_uris()]
+    upstream = [h for h in upstream if h]
     return Stage.open(root, cfg.stage_name, cfg.JOB, config_hash(cfg, upstream))
 
 

@@ -63,8 +63,9 @@ class JobConfig(StrictModel):
     def stage_name(self) -> str:
         return self.stage or self.JOB
 
-    def input_stages(self) -> list[str]:
-        """URIs of the upstream stages this job reads; their completion hashes feed this stage's hash."""
+    def input_uris(self) -> list[str]:
+        """Every data or model URI this job reads. Those that are stage folders are checked to be complete, and
+        their config hashes feed this stage's hash, so a rerun upstream reruns this stage too."""
         return []
 
 

@@ -28,7 +28,7 @@ from filelock import FileLock
 
 from shared.config import StorageConfig
 from shared.errors import ModelError
-from shared.storage import Storage, split_uri
+from shared.storage import Storage, split_uri, stage_output
 
 if TYPE_CHECKING:
     import torch
@@ -200,6 +200,10 @@ def resolve_model(ref: str, options: StorageConfig | None = None) -> str:
     if ref in ALIASES:
         folder, build = ALIASES[ref]
         return str(_build_once(cache_dir() / "models" / folder, build))
+    if ref.startswith(("s3://", "s3a://")) or _looks_local(ref):
+        inner = stage_output(ref, "model", options)  # a finished stage folder hands over its model
+        if inner is not None:
+            ref = inner
     if ref.startswith(("s3://", "s3a://")):
         return str(_fetch_s3(ref, options))
     if _looks_local(ref):

@@ -18,7 +18,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
@@ -295,12 +295,17 @@ StageStatus = Literal["done", "stale", "incomplete", "absent"]
 
 @dataclass
 class Stage:
-    """``<root>/<name>/``: outputs plus config.yaml and metrics.json, committed by ``_SUCCESS``."""
+    """``<root>/<name>/``: outputs plus config.yaml and metrics.json, committed by ``_SUCCESS``.
+
+    A job names its main outputs in ``outputs`` (kind -> folder in the stage, e.g. ``{"model": "model"}``); the
+    marker records them, so a later stage can be handed this stage's URI and find its model or dataset.
+    """
 
     store: Storage
     name: str
     job: str
     config_hash: str
+    outputs: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def open(cls, root: Storage, name: str, job: str, config_hash: str) -> Stage:
@@ -356,9 +361,37 @@ class Stage:
             "completed_at": time.time(),
             "duration_s": round(time.time() - started_at, 3),
             "scopeforge_version": __version__,
+            "outputs": dict(self.outputs),
         }
         self.store.write_json(marker, MARKER)
         return marker
+
+
+def stage_marker(uri: str, options: StorageConfig | None = None) -> dict[str, Any] | None:
+    """The marker of a finished stage at ``uri``; None when ``uri`` is not a stage folder at all.
+
+    A folder that a stage started but never committed is an error, never mistaken for plain data.
+    """
+    if "://" not in uri and not Path(uri).expanduser().is_dir():
+        return None  # a missing local path, a hub id or alias: not a stage
+    store = Storage(uri, options)
+    if store.exists(MARKER):
+        return store.read_json(MARKER)
+    if store.exists(STARTED):
+        raise StorageError(f"{uri}: that stage is not complete (it started but has no {MARKER} marker); rerun it")
+    return None
+
+
+def stage_output(uri: str, kind: str, options: StorageConfig | None = None) -> str | None:
+    """``<uri>/<folder>`` when ``uri`` is a finished stage that recorded an output of this kind, else None."""
+    marker = stage_marker(uri, options)
+    if marker is None:
+        return None
+    folder = (marker.get("outputs") or {}).get(kind)
+    if folder is None:
+        raise StorageError(f"{uri}: that {marker.get('job', '?')} stage has no '{kind}' output "
+                           f"(it has: {', '.join(marker.get('outputs') or {}) or 'none'})")
+    return Storage(uri, options).uri(folder)
 
 
 def completed_stage(uri: str, options: StorageConfig | None = None, what: str = "input stage") -> tuple[Storage, str]:

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import pytest
+
+from shared.config import validate_config
+from shared.configs.pipeline import PipelineConfig
+from shared.errors import ConfigError
+from shared.pipeline import stage_configs
+
+
+def pipeline(stages, root="/tmp/run"):
+    return validate_config(PipelineConfig, {"output_root": root, "stages": stages}, "p.yaml")
+
+
+def test_placeholders_become_earlier_stage_uris():
+    p = pipeline([{"name": "first", "job": "inspect-model", "config": {"model": "tiny-llama"}},
+                  {"name": "second", "job": "inspect-model", "config": {"model": "${first}"}}])
+    (_, a), (_, b) = stage_configs(p)
+    assert (a.stage, a.output_root, b.model) == ("first", "/tmp/run", "/tmp/run/first")
+
+
+@pytest.mark.parametrize(
+    ("stages", "message"),
+    [
+        ([{"name": "a", "job": "nope"}], "stage 'a': unknown job 'nope'"),
+        ([{"name": "a", "job": "inspect-model", "config": {"model": "${b}"}}], "${b} does not name an earlier stage"),
+        ([{"name": "a", "job": "inspect-model", "config": {"modle": "x"}}], "unknown key 'modle'"),
+        ([{"name": "a", "job": "inspect-model", "config": {"output_root": "x"}}], "set by the pipeline"),
+    ],
+)
+def test_bad_stages_fail_before_anything_runs(stages, message):
+    with pytest.raises(ConfigError, match=message.replace("$", r"\$").replace("{", r"\{").replace("}", r"\}")):
+        stage_configs(pipeline(stages))
+
+
+def test_stage_names_are_checked():
+    with pytest.raises(ConfigError, match="used twice"):
+        pipeline([{"name": "a", "job": "inspect-model"}, {"name": "a", "job": "inspect-model"}])
+    with pytest.raises(ConfigError, match="stages.0.name"):
+        pipeline([{"name": "Bad_Name", "job": "inspect-model"}])
