@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="print a job config's JSON schema")
     schema.add_argument("job")
 
+    pipe = sub.add_parser("pipeline", help="run a pipeline's stages in order (finished stages are skipped)")
+    add_config_arguments(pipe)
+    pipe.add_argument("--force", action="store_true", help="rerun every stage, even those already done")
+    pipe.add_argument("--ray-address", help="Ray cluster to connect to (default: RAY_ADDRESS, else start one locally)")
+    pipe.add_argument("--dashboard", action="store_true", help="start the Ray dashboard with a local instance")
+
     for extend in PARSER_EXTENSIONS:
         extend(sub)
     return parser
@@ -113,6 +119,20 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = load_config(_job_config_class(args.job), args.config, args.overrides)
     run_job(cfg, ray_address=args.ray_address, force=args.force, dashboard=args.dashboard)
+    return 0
+
+
+@command("pipeline")
+def _pipeline(args: argparse.Namespace) -> int:
+    from ray_jobs.pipeline import run_pipeline
+    from shared.configs.pipeline import PipelineConfig
+
+    if not args.config:
+        raise UserError("pipeline: --config FILE is required (see ray_jobs/configs/*-demo.yaml)")
+    cfg = load_config(PipelineConfig, args.config, args.overrides)
+    summary = run_pipeline(cfg, source=args.config, ray_address=args.ray_address, force=args.force,
+                           dashboard=args.dashboard)
+    print(f"pipeline done in {summary['seconds']} s; stages under {summary['output_root']}")
     return 0
 
 
