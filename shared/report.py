@@ -63,7 +63,7 @@ class Report:
 
     @staticmethod
     def figure(ncols: int = 1, width: float = 6.0, height: float = 3.5):
-        return plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=ncols == 1)
+        return plt.subplots(1, ncols, figsize=(width * ncols, height))
 
     def add_figure(self, fig: Any, caption: str = "") -> bytes:
         """Embed a matplotlib figure (closed afterwards); returns its PNG bytes for saving beside the report."""

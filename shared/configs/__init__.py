@@ -6,12 +6,16 @@ A job named ``foo-bar`` has its config here and its Ray glue in ``ray_jobs/foo_b
 from __future__ import annotations
 
 from shared.config import JobConfig
+from shared.configs.build_corpus import BuildCorpusConfig
+from shared.configs.curate import CurateConfig
 from shared.configs.inspect_model import InspectModelConfig
 
 JOB_CONFIGS: dict[str, type[JobConfig]] = {
     cls.JOB: cls
     for cls in (
         InspectModelConfig,
+        BuildCorpusConfig,
+        CurateConfig,
     )
 }
 

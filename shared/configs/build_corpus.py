@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from shared.config import JobConfig
+
+Source = Literal["newsgroups", "wikipedia", "news", "reviews", "code", "math", "man"]
+
+
+class BuildCorpusConfig(JobConfig):
+    """Assemble a labelled mixed-domain text pool, seeds and held-out splits from real text on the machine.
+
+    Sources are read where they are installed (gensim's test corpora, the Python standard library, SymPy's
+    docstrings, man pages); nothing is copied into the repository. Writes pool/ (Parquet: id, doc_id, text, label),
+    seeds.jsonl, heldout/ (target-domain documents kept out of the pool) and heldout_general/ (other domains).
+    """
+
+    JOB: ClassVar[str] = "build-corpus"
+
+    sources: list[Source] = ["newsgroups", "wikipedia", "news", "reviews", "code", "math", "man"]
+    """Sources to read; each document is labelled with its domain (the newsgroups source gives two labels,
+    sci.space and alt.atheism)."""
+    target_label: str = "sci.space"
+    """The domain to curate: seeds and held-out documents come from it."""
+    chunk_words: int = Field(150, ge=20, le=2000)
+    """Approximate words per chunk (chunks follow line breaks)."""
+    min_chunk_words: int = Field(40, ge=1)
+    """Shorter chunks (document tails) are dropped."""
+    n_seeds: int = Field(10, ge=1, le=1000)
+    """Seed examples: the first chunk of this many target documents, whose other chunks are kept out of the pool."""
+    heldout_target_docs: int = Field(20, ge=0)
+    """Target documents held out (all chunks) for domain evaluation."""
+    heldout_general_share: float = Field(0.1, ge=0.0, lt=1.0)
+    """Share of every other label's documents held out as general evaluation text."""
+    max_chunks: dict[str, int] = {"wikipedia": 250, "news": 300, "code": 250, "man": 250, "math": 200,
+                                  "reviews": 100, "alt.atheism": 200}
+    """Cap on pool chunks per label (labels not listed: all chunks)."""
+    max_chunks_per_doc: dict[str, int] = {"wikipedia": 3, "code": 2, "man": 1, "math": 2}
+    """Cap on chunks taken from one document, per label, so a long page or one program cannot swamp a label."""
+    seed: int = 0
+    """Shuffling seed (which documents become seeds, held out, or capped away)."""

@@ -1,0 +1,215 @@
+"""A TopK sparse autoencoder (Gao et al., "Scaling and evaluating sparse autoencoders", 2024), in plain torch.
+
+    z   = TopK_k(ReLU(W_enc (x - b_pre) + b_enc))          # k active latents per token
+    x^  = z W_dec + b_pre                                   # decoder rows kept at unit norm
+    loss = nmse(x, x^) + alpha * auxk + lambda * |z|_1
+
+``auxk`` reconstructs the residual x - x^ with the ``aux_k`` largest pre-activations among dead latents (those that
+did not fire in the last ``dead_tokens`` tokens), which gives dead latents a gradient. The decoder rows are
+renormalised after every step and the gradient component parallel to each row is removed before it. Inputs are
+scaled by one scalar so that E||x||^2 = d (the scale is part of the model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class SAEShape:
+    d_in: int
+    """Input width (the number of selected coordinates)."""
+    n_latents: int
+    """Dictionary size."""
+    k: int
+    """Active latents per token."""
+    aux_k: int
+    """Dead latents used by the AuxK loss."""
+    dead_tokens: int
+    """A latent that has not fired in this many tokens counts as dead."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.k <= self.n_latents:
+            raise ValueError(f"k={self.k} must be in 1..n_latents={self.n_latents}")
+        if self.aux_k < 0 or self.dead_tokens <= 0:
+            raise ValueError("aux_k must be >= 0 and dead_tokens > 0")
+
+
+class TopKSAE(nn.Module):
+    def __init__(self, shape: SAEShape, generator: torch.Generator | None = None):
+        super().__init__()
+        self.shape = shape
+        w = torch.randn(shape.n_latents, shape.d_in, generator=generator)
+        w = w / w.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w.clone())
+        self.encoder = nn.Linear(shape.d_in, shape.n_latents)
+        with torch.no_grad():
+            self.encoder.weight.copy_(w)  # tied initialisation
+            self.encoder.bias.zero_()
+        self.b_pre = nn.Parameter(torch.zeros(shape.d_in))
+        self.register_buffer("input_scale", torch.ones(()))
+        self.register_buffer("tokens_since_fired", torch.zeros(shape.n_latents, dtype=torch.long))
+
+    # --- encoding / decoding ---------------------------------------------------------------------------------------
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x * self.input_scale - self.b_pre)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, indices), each [..., k]: the top-k ReLU latents of every row."""
+        values, indices = self.pre_activations(x).topk(self.shape.k, dim=-1, sorted=False)
+        return values.relu(), indices
+
+    def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Sparse decode (gathers k decoder rows per token), in the scaled input space."""
+        return torch.einsum("...k,...kd->...d", values, self.W_dec[indices]) + self.b_pre
+
+    def dense_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., n_latents] with the k active values scattered in place, zeros elsewhere."""
+        values, indices = self.encode(x)
+        return torch.zeros(*values.shape[:-1], self.shape.n_latents, dtype=values.dtype,
+                           device=values.device).scatter_(-1, indices, values)
+
+    # --- training --------------------------------------------------------------------------------------------------
+    def dead_mask(self) -> torch.Tensor:
+        return self.tokens_since_fired >= self.shape.dead_tokens
+
+    def loss(self, x: torch.Tensor, aux_alpha: float, l1: float) -> dict[str, torch.Tensor]:
+        """Loss terms on a batch [N, d_in]; updates the firing statistics."""
+        xs = x * self.input_scale
+        pre = self.encoder(xs - self.b_pre)
+        values, indices = pre.topk(self.shape.k, dim=-1, sorted=False)
+        values = values.relu()
+        recon = torch.einsum("nk,nkd->nd", values, self.W_dec[indices]) + self.b_pre
+        variance = (xs - xs.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
+        nmse = (recon - xs).pow(2).sum(dim=-1).mean() / variance
+
+        with torch.no_grad():
+            fired = torch.zeros(self.shape.n_latents, dtype=torch.bool, device=x.device)
+            fired[indices[values > 0]] = True
+            self.tokens_since_fired += x.shape[0]
+            self.tokens_since_fired[fired] = 0
+
+        auxk = torch.zeros((), device=x.device)
+        dead = self.dead_mask()
+        n_aux = min(self.shape.aux_k, int(dead.sum()))
+        if aux_alpha > 0 and n_aux > 0:
+            residual = (xs - recon).detach()
+            aux_pre = pre.masked_fill(~dead, float("-inf"))
+            aux_values, aux_indices = aux_pre.topk(n_aux, dim=-1, sorted=False)
+            aux_recon = torch.einsum("nk,nkd->nd", aux_values.relu(), self.W_dec[aux_indices])
+            res_var = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
+            auxk = (aux_recon - residual).pow(2).sum(dim=-1).mean() / res_var
+        l1_term = values.abs().sum(dim=-1).mean() if l1 > 0 else torch.zeros((), device=x.device)
+        total = nmse + aux_alpha * auxk + l1 * l1_term
+        return {"loss": total, "nmse": nmse, "auxk": auxk, "l1": l1_term}
+
+    @torch.no_grad()
+    def remove_parallel_gradient(self) -> None:
+        """Project each decoder row's gradient onto the row's tangent space (keeps ||row|| = 1 to first order)."""
+        if self.W_dec.grad is not None:
+            parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
+            self.W_dec.grad -= parallel * self.W_dec
+
+    @torch.no_grad()
+    def normalise_decoder(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def fraction_of_variance_unexplained(self, x: torch.Tensor) -> float:
+        xs = x * self.input_scale
+        values, indices = self.encode(x)
+        recon = self.decode(values, indices)
+        return float((recon - xs).pow(2).sum() / (xs - xs.mean(dim=0)).pow(2).sum().clamp_min(1e-12))
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 600
+    batch_size: int = 1024
+    lr: float = 1e-3
+    aux_alpha: float = 1 / 32
+    l1: float = 0.0
+    seed: int = 0
+    log_every: int = 50
+
+
+@dataclass
+class TrainResult:
+    sae: TopKSAE
+    history: list[dict[str, float]] = field(default_factory=list)
+    fvu: float = 0.0
+    dead_fraction: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {"fvu": self.fvu, "dead_fraction": self.dead_fraction, "steps": len(self.history) and
+                self.history[-1]["step"], "shape": asdict(self.sae.shape)}
+
+
+def train_sae(activations: torch.Tensor, shape: SAEShape, settings: TrainSettings,
+              log: Any = None) -> TrainResult:
+    """Train on [N, d_in] token activations (float32). ``log(line)`` receives progress lines."""
+    if activations.ndim != 2 or activations.shape[1] != shape.d_in:
+        raise ValueError(f"activations have shape {tuple(activations.shape)}; expected [N, {shape.d_in}]")
+    if activations.shape[0] < 2:
+        raise ValueError("need at least 2 activation vectors to train an SAE")
+    x_all = activations.float()
+    gen = torch.Generator().manual_seed(settings.seed)
+    sae = TopKSAE(shape, generator=gen)
+    with torch.no_grad():
+        sae.input_scale.fill_(float((shape.d_in / x_all.pow(2).sum(dim=1).mean().clamp_min(1e-12)).sqrt()))
+        sae.b_pre.copy_((x_all * sae.input_scale).mean(dim=0))
+    optimizer = torch.optim.Adam(sae.parameters(), lr=settings.lr)
+    result = TrainResult(sae=sae)
+    n = x_all.shape[0]
+    order = torch.randperm(n, generator=gen)
+    cursor = 0
+    for step in range(1, settings.steps + 1):
+        if cursor + settings.batch_size > n:
+            order, cursor = torch.randperm(n, generator=gen), 0
+        batch = x_all[order[cursor: cursor + settings.batch_size]]
+        cursor += settings.batch_size
+        terms = sae.loss(batch, settings.aux_alpha, settings.l1)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        sae.remove_parallel_gradient()
+        optimizer.step()
+        sae.normalise_decoder()
+        if step % settings.log_every == 0 or step == settings.steps:
+            record = {"step": step, **{k: float(v.detach()) for k, v in terms.items()},
+                      "dead_fraction": float(sae.dead_mask().float().mean())}
+            result.history.append(record)
+            if log is not None:
+                log(f"sae step {step}/{settings.steps}: loss {record['loss']:.4f} nmse {record['nmse']:.4f} "
+                    f"auxk {record['auxk']:.4f} dead {record['dead_fraction']:.1%}")
+    sae.eval()
+    result.fvu = sae.fraction_of_variance_unexplained(x_all)
+    result.dead_fraction = float(sae.dead_mask().float().mean())
+    return result
+
+
+def sae_state(sae: TopKSAE) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors for safetensors, shape fields for YAML)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}
+    return tensors, asdict(sae.shape)
+
+
+def sae_from_state(tensors: dict[str, torch.Tensor], shape: dict[str, Any]) -> TopKSAE:
+    sae = TopKSAE(SAEShape(**shape))
+    sae.load_state_dict(tensors)
+    return sae.eval()
+
+
+def pooled_codes(sae: TopKSAE, acts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, n_latents]: SAE codes of every counted token ([B, T, d_in] with [B, T] mask), mean-pooled, L2-normalised."""
+    values, indices = sae.encode(acts.float())  # [B, T, k] each
+    values = values * mask.unsqueeze(-1)
+    batch = acts.shape[0]
+    pooled = torch.zeros(batch, sae.shape.n_latents, dtype=values.dtype, device=values.device)
+    pooled.scatter_add_(1, indices.reshape(batch, -1), values.reshape(batch, -1))
+    pooled = pooled / mask.sum(dim=1, keepdim=True).clamp_min(1)
+    return F.normalize(pooled, dim=-1)

@@ -1,0 +1,129 @@
+"""The curate job end to end on tiny-llama with a Parquet corpus on the S3 endpoint, and its bad-input checks."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ray_jobs.runtime import run_job
+from shared.config import validate_config
+from shared.configs.curate import CurateConfig
+from shared.curation.corpus import chunk_documents, news, newsgroups
+from shared.data import write_parquet
+from shared.errors import ConfigError, UserError
+from shared.storage import Storage
+
+pytestmark = [pytest.mark.ray]
+
+SMALL = {"model": "tiny-llama", "max_tokens": 48, "target_label": "sci.space",
+         "coordinates": {"k": 16, "reference_docs": 4, "reference_tokens": 24},
+         "sae": {"train_docs": 24, "steps": 40, "expansion": 4, "k": 4, "batch_size": 256},
+         "retrieval": {"m": 12}, "runtime": {"batch_docs": 16}}
+
+
+@pytest.fixture(scope="module")
+def labelled_chunks():
+    """Real text: sci.space and alt.atheism posts (headers stripped) and news articles, chunked."""
+    rng = random.Random(0)
+    docs = [d for d in newsgroups(rng, None)] + list(news(rng, None))[:40]
+    chunks = chunk_documents(docs, chunk_words=60, min_words=20, per_doc=1)
+    by_label = {}
+    for c in chunks:
+        by_label.setdefault(c.label, []).append(c)
+    seeds = by_label["sci.space"][:3]
+    pool = by_label["sci.space"][3:33] + by_label["alt.atheism"][:30] + by_label["news"][:30]
+    return pool, seeds
+
+
+def _corpus_table(pool, extra_rows=()):
+    rows = [{"id": c.id, "text": c.text, "label": c.label} for c in pool] + list(extra_rows)
+    return pa.Table.from_pylist(rows)
+
+
+@pytest.mark.s3
+def test_curate_end_to_end_on_s3(ray_session, s3_root, labelled_chunks):
+    pool, seeds = labelled_chunks
+    store = Storage(s3_root)
+    extra = [{"id": "empty-1", "text": "", "label": "news"}, {"id": "blank-2", "text": "   \n", "label": "news"},
+             {"id": "long-3", "text": "orbit " * 500, "label": "news"}]
+    table = _corpus_table(pool, extra)
+    for i in range(3):  # three shards
+        write_parquet(table.slice(i * 31, 31), store, "corpus", f"part-{i}.parquet")
+    store.write_text("".join(json.dumps({"id": s.id, "text": s.text}) + "\n" for s in seeds), "seeds.jsonl")
+    cfg = validate_config(CurateConfig, {**SMALL, "corpus": f"{s3_root}/corpus", "seeds": f"{s3_root}/seeds.jsonl",
+                                         "output_root": f"{s3_root}/run"}, "test")
+    metrics = run_job(cfg)
+
+    corpus = metrics["corpus"]
+    assert corpus["rows"] == len(pool) + 3 and corpus["usable"] == len(pool) + 1
+    assert corpus["skipped_empty"] == 2 and corpus["truncated"] >= 1 and corpus["target_documents"] == 30
+    for method in ("sae", "dense", "random", "ngram"):
+        entry = metrics["retrieval"][method]
+        assert entry["selected"] == 12 and 0.0 <= entry["purity"] <= 1.0 and 0.0 <= entry["recall"] <= 1.0
+    assert metrics["sae"]["n_latents"] == 64 and 0.0 <= metrics["sae"]["dead_fraction"] <= 1.0
+    assert metrics["throughput"]["tokens_per_s"] > 0
+
+    stage = Storage(f"{s3_root}/run/curate")
+    subset = pq.read_table(io.BytesIO(stage.read_bytes("subset", "part-000.parquet")))
+    assert subset.column_names == ["id", "text", "score", "matched_seed", "label"] and subset.num_rows == 12
+    scores = subset.column("score").to_pylist()
+    assert scores == sorted(scores, reverse=True)
+    assert set(subset.column("matched_seed").to_pylist()) <= {s.id for s in seeds}
+    assert stage.exists("sae", "sae.safetensors") and "n_latents: 64" in stage.read_text("sae", "config.yaml")
+    coordinates = stage.read_json("coordinates.json")
+    assert len(coordinates["indices"]) == 16 and coordinates["layer"] == 4
+    assert "SAE score histogram" in stage.read_text("report.html")
+    assert stage.find("scores", suffix=".parquet")
+    assert stage.read_json("_SUCCESS")["outputs"]["dataset"] == "subset"
+    assert run_job(cfg) == json.loads(json.dumps(metrics))  # rerun: skipped
+
+
+def test_bad_inputs_fail_before_model_work(ray_session, tmp_path, labelled_chunks):
+    pool, seeds = labelled_chunks
+    store = Storage(str(tmp_path))
+    write_parquet(_corpus_table(pool[:5]), store, "small", "part-0.parquet")
+    write_parquet(pa.table({"body": ["x"]}), store, "notext", "part-0.parquet")
+    write_parquet(pa.table({"text": pa.array([], pa.string())}), store, "empty", "part-0.parquet")
+    (tmp_path / "blank-seeds.jsonl").write_text('{"text": "  "}\n')
+    base = {**SMALL, "output_root": str(tmp_path / "run"), "seeds": [seeds[0].text]}
+
+    def fails(message, **changes):
+        cfg = validate_config(CurateConfig, {**base, **changes}, "test")
+        with pytest.raises(UserError, match=message):
+            run_job(cfg)
+
+    fails(r"corpus .*empty: no documents", corpus=str(tmp_path / "empty"))
+    fails(r"no 'text' column \(columns: body\)", corpus=str(tmp_path / "notext"))
+    fails(r"retrieval.m=12 is larger than the corpus \(5 documents\)", corpus=str(tmp_path / "small"))
+    fails(r"layer=9 is out of range: tiny-llama has layers 0..5", corpus=str(tmp_path / "small"), layer=9,
+          retrieval={"m": 2})
+    fails(r"no non-empty 'text' values", corpus=str(tmp_path / "small"), seeds=str(tmp_path / "blank-seeds.jsonl"),
+          retrieval={"m": 2})
+    fails(r"dataset .*absent: not found", corpus=str(tmp_path / "absent"))
+    with pytest.raises(ConfigError, match="at least one non-empty seed"):
+        validate_config(CurateConfig, {**base, "corpus": "x", "seeds": [" "]}, "test")
+    with pytest.raises(ConfigError, match="set m, threshold, or both"):
+        validate_config(CurateConfig, {**base, "corpus": "x", "retrieval": {"m": None}}, "test")
+    assert not (tmp_path / "run" / "curate" / "_SUCCESS").exists()
+
+
+@pytest.mark.slow
+def test_curate_per_seed_threshold_on_jsonl_without_ids(ray_session, tmp_path, labelled_chunks):
+    pool, seeds = labelled_chunks
+    lines = [json.dumps({"text": c.text, "label": c.label}) for c in pool]
+    (tmp_path / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = validate_config(CurateConfig, {**SMALL, "corpus": str(tmp_path / "corpus.jsonl"),
+                                         "seeds": [s.text for s in seeds], "output_root": str(tmp_path / "run"),
+                                         "retrieval": {"m": 4, "mode": "per_seed", "threshold": 0.0},
+                                         "baselines": ["random", "ngram"]}, "test")
+    metrics = run_job(cfg)
+    union = metrics["retrieval"]["sae"]["selected"]
+    assert 4 <= union <= 12  # three seeds x 4, united
+    assert metrics["retrieval"]["random"]["selected"] == union == metrics["retrieval"]["ngram"]["selected"]
+    subset = pq.read_table(tmp_path / "run" / "curate" / "subset" / "part-000.parquet")
+    assert all(i.startswith("doc-") for i in subset.column("id").to_pylist())

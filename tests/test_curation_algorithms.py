@@ -1,0 +1,263 @@
+"""The curation algorithms as plain functions: coordinate sensitivity, the TopK SAE, pooling, selection, baselines."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from shared.curation.activations import (default_layer, jvp_sensitivity, select_coordinates, statistic_scores,
+                                         token_mask, truncate_to_layer)
+from shared.curation.corpus import Document, chunk_text, split_corpus, strip_news_headers
+from shared.curation.features import length_batches, pad_batch
+from shared.curation.ngram import gumbel_keys, hashed_ngrams, log_distribution, log_importance, stable_uniform
+from shared.curation.retrieval import block_candidates, mean_pool, purity_and_recall, select
+from shared.curation.sae import SAEShape, TopKSAE, TrainSettings, pooled_codes, train_sae
+from shared.errors import DataError, ModelError
+from shared.models import load_causal_lm
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tiny_llama_dir):
+    model, tok = load_causal_lm("tiny-llama")
+    return truncate_to_layer(model, 3), tok
+
+
+# --- coordinates ------------------------------------------------------------------------------------------------------
+
+
+def test_default_layer_is_three_quarters_deep():
+    assert default_layer(30) == 22 and default_layer(6) == 4 and default_layer(1) == 0
+
+
+def test_layer_out_of_range(tiny_llama_dir):
+    model, _ = load_causal_lm("tiny-llama")
+    with pytest.raises(ModelError, match="layer 6 is out of range: the model has layers 0..5"):
+        truncate_to_layer(model, 6)
+
+
+def _exact_sensitivity(base, input_ids, attention, skip_first):
+    """Brute force: the full Jacobian of the layer output w.r.t. every input embedding, row norms per token."""
+    embeds = base.get_input_embeddings()(input_ids).detach()
+    base.config._attn_implementation = "eager"
+    jac = torch.autograd.functional.jacobian(
+        lambda e: base(inputs_embeds=e, attention_mask=attention).last_hidden_state, embeds, vectorize=True)
+    base.config._attn_implementation = "sdpa"
+    b, t, h = jac.shape[:3]
+    norms = jac.reshape(b, t, h, -1).pow(2).sum(-1).sqrt()  # ||d a_{t,j} / d e(x)||
+    return norms[token_mask(attention, skip_first)].mean(0)
+
+
+def test_jvp_sensitivity_matches_brute_force_jacobian(tiny_base):
+    base, tok = tiny_base
+    input_ids, attention = pad_batch([tok("the shuttle reached orbit today")["input_ids"], tok("x y")["input_ids"]],
+                                     tok.pad_token_id)
+    exact = _exact_sensitivity(base, input_ids, attention, skip_first=True)
+    estimate = jvp_sensitivity(base, input_ids, attention, probes=96, generator=torch.Generator().manual_seed(0))
+    # Rademacher probes give an unbiased estimate of the squared norm; with 96 probes it is within several percent
+    relative = (estimate - exact).abs() / exact
+    assert float(relative.median()) < 0.08 and float(relative.max()) < 0.35
+    top_exact = set(select_coordinates(exact, 16).tolist())
+    top_estimate = set(select_coordinates(estimate, 16).tolist())
+    assert len(top_exact & top_estimate) >= 12
+    one_probe = jvp_sensitivity(base, input_ids, attention, probes=1, generator=torch.Generator().manual_seed(1))
+    assert one_probe.shape == exact.shape and torch.isfinite(one_probe).all()
+
+
+def test_statistic_selectors_and_k_bounds():
+    acts = torch.tensor([[1.0, -4.0, 0.0], [3.0, 4.0, 0.1]])
+    assert torch.allclose(statistic_scores(acts, "magnitude"), torch.tensor([2.0, 4.0, 0.05]))
+    assert int(select_coordinates(statistic_scores(acts, "variance"), 1)) == 1
+    assert statistic_scores(acts, "all").tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(ModelError, match="coordinates.k=4"):
+        select_coordinates(torch.ones(3), 4)
+
+
+def test_token_mask_skips_first_real_token_with_either_padding():
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    left = torch.tensor([[0, 1, 1, 1]])
+    assert token_mask(right, True).tolist() == [[False, True, True, False], [False, True, True, True]]
+    assert token_mask(left, True).tolist() == [[False, False, True, True]]
+    assert token_mask(right, False).tolist() == right.bool().tolist()
+
+
+# --- SAE --------------------------------------------------------------------------------------------------------------
+
+
+def _sparse_data(n=2048, d=16, atoms=64, active=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dictionary = torch.nn.functional.normalize(torch.randn(atoms, d, generator=g), dim=1)
+    codes = torch.zeros(n, atoms)
+    for i in range(n):
+        idx = torch.randperm(atoms, generator=g)[:active]
+        codes[i, idx] = torch.rand(active, generator=g) * 2 + 0.5
+    return codes @ dictionary + 0.01 * torch.randn(n, d, generator=g)
+
+
+def test_topk_codes_and_unit_norm_decoder():
+    sae = TopKSAE(SAEShape(d_in=8, n_latents=32, k=4, aux_k=8, dead_tokens=100), torch.Generator().manual_seed(0))
+    x = torch.randn(50, 8)
+    codes = sae.dense_codes(x)
+    assert codes.shape == (50, 32) and int((codes != 0).sum(1).max()) <= 4 and float(codes.min().detach()) >= 0
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(32), atol=1e-6)
+
+
+def test_nmse_is_squared_error_over_batch_variance():
+    sae = TopKSAE(SAEShape(d_in=6, n_latents=12, k=3, aux_k=4, dead_tokens=10), torch.Generator().manual_seed(1))
+    x = torch.randn(40, 6)
+    terms = sae.loss(x, aux_alpha=0.0, l1=0.0)
+    values, indices = sae.encode(x)
+    recon = sae.decode(values, indices)
+    expected = ((recon - x) ** 2).sum(1).mean() / ((x - x.mean(0)) ** 2).sum(1).mean()
+    assert torch.allclose(terms["nmse"], expected, rtol=1e-5)
+    assert float(terms["auxk"]) == 0.0 and float(terms["l1"]) == 0.0
+    with_l1 = sae.loss(x, aux_alpha=0.0, l1=0.5)
+    assert torch.allclose(with_l1["l1"], values.abs().sum(-1).mean(), rtol=1e-5)
+    assert torch.allclose(with_l1["loss"], with_l1["nmse"] + 0.5 * with_l1["l1"], rtol=1e-5)
+
+
+def test_dead_latents_and_auxk_gradient_reaches_only_dead_latents():
+    shape = SAEShape(d_in=6, n_latents=24, k=2, aux_k=6, dead_tokens=30)
+    sae = TopKSAE(shape, torch.Generator().manual_seed(2))
+    x = torch.randn(20, 6)
+    sae.loss(x, 1.0, 0.0)
+    assert not sae.dead_mask().any()  # 20 tokens < 30
+    fired_once = sae.tokens_since_fired == 0
+    sae.loss(x, 1.0, 0.0)  # the same batch: the same latents fire again; the rest reach 40 tokens unfired
+    dead = sae.dead_mask()
+    assert dead.any() and not (dead & fired_once).any()
+    sae.zero_grad()
+    terms = sae.loss(x, aux_alpha=1.0, l1=0.0)
+    assert float(terms["auxk"].detach()) > 0
+    terms["auxk"].backward()
+    grad_rows = sae.encoder.weight.grad.abs().sum(1) > 0
+    assert grad_rows.any() and not (grad_rows & ~sae.dead_mask()).any()
+
+
+def test_parallel_gradient_removed_and_decoder_renormalised():
+    sae = TopKSAE(SAEShape(d_in=5, n_latents=10, k=3, aux_k=2, dead_tokens=10), torch.Generator().manual_seed(3))
+    sae.loss(torch.randn(30, 5), 0.0, 0.0)["loss"].backward()
+    sae.remove_parallel_gradient()
+    assert torch.allclose((sae.W_dec.grad * sae.W_dec).sum(1), torch.zeros(10), atol=1e-6)
+    with torch.no_grad():
+        sae.W_dec.mul_(3.0)
+    sae.normalise_decoder()
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(10), atol=1e-6)
+
+
+def test_training_learns_a_sparse_dictionary():
+    data = _sparse_data()
+    shape = SAEShape(d_in=16, n_latents=128, k=4, aux_k=32, dead_tokens=2048)
+    untrained = TopKSAE(shape, torch.Generator().manual_seed(0))
+    untrained.input_scale.fill_(float((16 / data.pow(2).sum(1).mean()).sqrt()))
+    before = untrained.fraction_of_variance_unexplained(data)
+    result = train_sae(data, shape, TrainSettings(steps=200, batch_size=256, lr=3e-3, log_every=100))
+    assert result.fvu < 0.15 < before
+    assert len(result.history) == 2 and 0.0 <= result.dead_fraction < 0.5
+    assert torch.allclose(result.sae.W_dec.norm(dim=1), torch.ones(128), atol=1e-5)
+
+
+def test_pooled_codes_ignore_padding_and_are_unit_length():
+    sae = TopKSAE(SAEShape(d_in=4, n_latents=16, k=2, aux_k=2, dead_tokens=10), torch.Generator().manual_seed(4))
+    acts = torch.randn(2, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    pooled = pooled_codes(sae, acts, mask)
+    manual = sae.dense_codes(acts[0, :3]).mean(0)
+    assert torch.allclose(pooled[0], manual / manual.norm(), atol=1e-6)
+    changed = acts.clone()
+    changed[0, 3:] = 100.0  # padding positions: no effect
+    assert torch.allclose(pooled_codes(sae, changed, mask), pooled)
+    assert torch.allclose(pooled.norm(dim=1), torch.ones(2))
+    assert torch.allclose(mean_pool(acts, mask)[0], acts[0, :3].mean(0))
+
+
+# --- selection ---------------------------------------------------------------------------------------------------------
+
+
+def test_selection_modes():
+    scores = np.array([0.9, 0.1, 0.8, 0.5, 0.7])
+    assert select(scores, "global", 2).tolist() == [0, 2]
+    assert select(scores, "global", 10).tolist() == [0, 2, 4, 3, 1]
+    assert select(scores, "global", None, threshold=0.6).tolist() == [0, 2, 4]
+    assert select(scores, "global", 1, threshold=0.6).tolist() == [0]
+    seed_scores = np.array([[0.9, 0.0], [0.0, 0.1], [0.8, 0.0], [0.0, 0.5], [0.1, 0.7]])
+    # seed 0's best two: 0, 2; seed 1's best two: 4, 3 -> union ordered by the max score
+    assert select(scores, "per_seed", 2, seed_scores=seed_scores).tolist() == [0, 2, 4, 3]
+    with pytest.raises(ValueError):
+        select(scores, "global", None, None)
+
+
+@pytest.mark.parametrize("mode", ["global", "per_seed"])
+def test_block_candidates_make_the_streaming_reduce_exact(mode):
+    rng = np.random.default_rng(0)
+    seed_scores = rng.random((500, 4))
+    scores = seed_scores.max(1)
+    expected = select(scores, mode, 25, None, seed_scores)
+    kept = []
+    for start in range(0, 500, 37):  # uneven blocks
+        block = slice(start, min(start + 37, 500))
+        kept.extend(start + block_candidates(scores[block], mode, 25, None, seed_scores[block]))
+    kept = np.array(kept)
+    merged = kept[select(scores[kept], mode, 25, None, seed_scores[kept])]
+    assert sorted(merged.tolist()) == sorted(expected.tolist())
+
+
+def test_purity_and_recall():
+    found = purity_and_recall(["a", "a", "b", "c"], all_labels_count=4, target="a")
+    assert found == {"purity": 0.5, "recall": 0.5, "selected": 4, "hits": 2}
+
+
+def test_dsir_importance_prefers_target_like_text_and_keys_are_stable():
+    buckets = 4096
+    seeds = ["the shuttle launch to orbit", "orbit insertion of the satellite after launch"]
+    # DSIR weights are not length-normalised: compare documents of the same length (eight words)
+    raw_docs = ["the shuttle crew prepared the launch to orbit", "def f x return x plus one now",
+                "the film was dull and the acting poor"]
+    target = log_distribution(sum(hashed_ngrams(t, buckets) for t in seeds), 1.0)
+    raw = log_distribution(sum(hashed_ngrams(t, buckets) for t in seeds + raw_docs), 1.0)
+    weights = log_importance(np.stack([hashed_ngrams(t, buckets) for t in raw_docs]), target, raw)
+    assert int(np.argmax(weights)) == 0
+    assert np.array_equal(hashed_ngrams(raw_docs[0], buckets), hashed_ngrams(raw_docs[0], buckets))
+    u = stable_uniform(["a", "b", "c"], seed=3)
+    assert np.array_equal(u, stable_uniform(["a", "b", "c"], seed=3)) and ((u > 0) & (u < 1)).all()
+    assert not np.array_equal(u, stable_uniform(["a", "b", "c"], seed=4))
+    assert np.array_equal(gumbel_keys(weights, ["x", "y", "z"], 0), gumbel_keys(weights, ["x", "y", "z"], 0))
+
+
+# --- corpus -----------------------------------------------------------------------------------------------------------
+
+
+def test_newsgroup_headers_are_stripped():
+    post = "From: a@b.c\nNewsgroups: sci.space\nSubject: Re: orbit\n\nThe launch slipped a week.\n"
+    assert strip_news_headers(post) == "The launch slipped a week."
+    assert strip_news_headers("No header here\n\nbody") == "No header here\n\nbody"
+
+
+def test_chunking_follows_lines_and_drops_short_tails():
+    text = "\n".join(f"line {i} " + "w " * 8 for i in range(10))  # 10 words per line
+    chunks = chunk_text(text, chunk_words=30, min_words=15)
+    assert [len(c.split()) for c in chunks] == [30, 30, 30]  # the 10-word tail is dropped
+    assert chunk_text("one " * 100, chunk_words=40, min_words=10)[0].count("one") == 40
+
+
+def test_split_keeps_seed_and_heldout_documents_out_of_the_pool():
+    long = lambda i: "\n".join(f"sentence {i}.{j} " + "word " * 20 for j in range(6))  # noqa: E731
+    docs = {"target": [Document(f"t/{i}", "target", long(i)) for i in range(12)],
+            "other": [Document(f"o/{i}", "other", long(i)) for i in range(10)]}
+    split = split_corpus(docs, "target", chunk_words=40, min_words=10, caps={}, per_doc={}, n_seeds=3,
+                         heldout_target_docs=2, heldout_general_share=0.2, rng=random.Random(0))
+    seed_docs = {c.doc_id for c in split.seeds}
+    held_docs = {c.doc_id for c in split.heldout} | {c.doc_id for c in split.heldout_general}
+    pool_docs = {c.doc_id for c in split.pool}
+    assert len(split.seeds) == 3 and not seed_docs & pool_docs and not held_docs & pool_docs
+    assert {c.label for c in split.heldout} == {"target"} and {c.label for c in split.heldout_general} == {"other"}
+    with pytest.raises(DataError, match="target label 'missing' has no documents"):
+        split_corpus(docs, "missing", chunk_words=40, min_words=10, caps={}, per_doc={}, n_seeds=1,
+                     heldout_target_docs=0, heldout_general_share=0.0, rng=random.Random(0))
+
+
+def test_length_batches_group_similar_lengths():
+    batches = length_batches([3, 10, 1, 9, 2], size=2)
+    assert batches == [[1, 3], [0, 4], [2]]
