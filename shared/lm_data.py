@@ -89,11 +89,12 @@ def encode_texts(tokenizer: Any, texts: Sequence[str | None], max_length: int) -
     return examples, _stats("text", len(texts), examples, truncated, skipped)
 
 
-def encode_pairs(tokenizer: Any, prompts: Sequence[str | None], answers: Sequence[str | None], max_length: int
-                 ) -> tuple[list[LMExample], EncodeStats]:
+def encode_pairs(tokenizer: Any, prompts: Sequence[str | None], answers: Sequence[str | None], max_length: int,
+                 chat: bool = True) -> tuple[list[LMExample], EncodeStats]:
     """Prompt/answer pairs: the prompt goes through the tokenizer's chat template (as ``shared.generation`` prompts
-    the model), the answer follows with an end-of-sequence token, and only answer tokens carry loss. A long answer
-    is cut at ``max_length``; a prompt that leaves no room for an answer token skips the pair."""
+    the model; with ``chat=False`` it stays plain text, as for continuation tasks), the answer follows with an
+    end-of-sequence token, and only answer tokens carry loss. A long answer is cut at ``max_length``; a prompt that
+    leaves no room for an answer token skips the pair."""
     from shared.generation import chat_prompt
 
     if len(prompts) != len(answers):
@@ -101,7 +102,7 @@ def encode_pairs(tokenizer: Any, prompts: Sequence[str | None], answers: Sequenc
     examples: list[LMExample] = []
     skipped: Counter[str] = Counter()
     truncated = 0
-    templated = bool(getattr(tokenizer, "chat_template", None))
+    templated = chat and bool(getattr(tokenizer, "chat_template", None))
     eos = tokenizer.eos_token_id
     for prompt, answer in zip(prompts, answers):
         if prompt is None or not str(prompt).strip():
@@ -110,7 +111,8 @@ def encode_pairs(tokenizer: Any, prompts: Sequence[str | None], answers: Sequenc
         if answer is None or not str(answer).strip():
             _skip(skipped, "empty answer")
             continue
-        prompt_ids = tokenizer(chat_prompt(tokenizer, str(prompt)), add_special_tokens=not templated,
+        text = chat_prompt(tokenizer, str(prompt)) if templated else str(prompt)
+        prompt_ids = tokenizer(text, add_special_tokens=not templated,
                                truncation=True, max_length=max_length)["input_ids"]
         answer_ids = tokenizer(str(answer), add_special_tokens=False, truncation=True,
                                max_length=max_length + 1)["input_ids"]

@@ -138,7 +138,7 @@ def _build_tiny_llama(out: Path) -> None:
         pad_token="<|endoftext|>",
         unk_token="<|endoftext|>",
         chat_template=TINY_CHAT_TEMPLATE,
-        model_max_length=512,
+        model_max_length=2048,
     )
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -148,7 +148,7 @@ def _build_tiny_llama(out: Path) -> None:
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
-        max_position_embeddings=512,
+        max_position_embeddings=2048,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -164,7 +164,7 @@ def _build_tiny_llama(out: Path) -> None:
 ALIASES: dict[str, tuple[str, Callable[[Path], None]]] = {
     # alias -> (cache folder, builder); bump the folder name when a builder changes its output
     "smollm2-135m": ("smollm2-135m-instruct-v1", _build_smollm2),
-    "tiny-llama": ("tiny-llama-v1", _build_tiny_llama),
+    "tiny-llama": ("tiny-llama-v2", _build_tiny_llama),
 }
 
 

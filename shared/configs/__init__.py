@@ -8,6 +8,8 @@ from __future__ import annotations
 from shared.config import JobConfig
 from shared.configs.build_corpus import BuildCorpusConfig
 from shared.configs.curate import CurateConfig
+from shared.configs.distill import DistillConfig
+from shared.configs.evaluate import EvaluateConfig
 from shared.configs.inspect_model import InspectModelConfig
 
 JOB_CONFIGS: dict[str, type[JobConfig]] = {
@@ -16,6 +18,8 @@ JOB_CONFIGS: dict[str, type[JobConfig]] = {
         InspectModelConfig,
         BuildCorpusConfig,
         CurateConfig,
+        DistillConfig,
+        EvaluateConfig,
     )
 }
 

@@ -1,0 +1,272 @@
+"""distill: self-data distillation (teacher rewrites on Ray Data) and recovery fine-tuning (Ray Train).
+
+    scopeforge run distill --set student=runs/demo-finescope/prune --set data=runs/demo-finescope/curate
+
+1. build examples from the curated rows (plain documents become continuation tasks);
+2. mode=distilled: the teacher rewrites every answer in an actor pool, the filter keeps or rejects each rewrite;
+3. fine-tune the student on the result with Ray Train (checkpoints in the stage folder: a rerun resumes);
+4. rank 0 saves the recovered model to model/.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.data
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from ray_jobs.metrics import Throughput, TrainingProgress
+from shared.configs.distill import DistillConfig
+from shared.data import read_table, write_parquet
+from shared.distill.examples import Example, build_examples
+from shared.distill.teacher import judge, tally, teacher_request
+from shared.errors import DataError
+from shared.models import load_tokenizer
+from shared.report import Report
+from shared.storage import Stage
+
+DISTILLED = "distilled"
+
+
+class TeacherActor:
+    """Loads the teacher once; writes a rewrite for each example of a batch (greedy unless sampling is set)."""
+
+    def __init__(self, cfg: DistillConfig, threads: int, stage_name: str):
+        import torch
+
+        from shared.models import load_causal_lm
+
+        torch.set_num_threads(threads)
+        self.cfg = cfg
+        self.model, self.tokenizer = load_causal_lm(cfg.teacher, dtype=cfg.dtype, options=cfg.storage)
+        self.throughput = Throughput("distill", stage_name, ("documents", "tokens"))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from shared.generation import chat_prompt
+
+        g = self.cfg.generation
+        examples = [Example(str(i), str(p), str(a), str(k))
+                    for i, p, a, k in zip(batch["id"], batch["prompt"], batch["answer"], batch["kind"])]
+        prompts = [chat_prompt(self.tokenizer, teacher_request(e)) for e in examples]
+        tok = self.tokenizer
+        tok.padding_side = "left"
+        encoded = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        # one seed per batch position derived from the example id keeps sampling reproducible across batchings
+        torch.manual_seed(self.cfg.seed + sum(ord(c) for c in examples[0].id))
+        with torch.inference_mode():
+            out = self.model.generate(**encoded, max_new_tokens=g.max_new_tokens, do_sample=g.do_sample,
+                                      temperature=g.temperature if g.do_sample else None, top_p=None, top_k=None,
+                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        new = out[:, encoded["input_ids"].shape[1]:]
+        finished = [bool((row == tok.eos_token_id).any()) for row in new]
+        texts = tok.batch_decode(new, skip_special_tokens=True)
+        self.throughput.add(documents=len(texts), tokens=int((new != tok.pad_token_id).sum()))
+        return {**batch, "teacher_output": np.array(texts, dtype=object), "finished": np.array(finished)}
+
+
+def teacher_outputs(cfg: DistillConfig, examples: list[Example], stage: Stage) -> dict[str, tuple[str, bool]]:
+    """id -> (teacher text, finished) for every example, from an actor pool over a Ray Dataset."""
+    rows = [{"id": e.id, "prompt": e.prompt, "answer": e.answer, "kind": e.kind} for e in examples]
+    threads = cfg.runtime.threads or max(1, (os.cpu_count() or 1) // cfg.runtime.num_actors)
+    ds = ray.data.from_items(rows).repartition(max(cfg.runtime.num_actors * 2,
+                                                   -(-len(rows) // cfg.generation.batch_size)))
+    generated = ds.map_batches(TeacherActor, fn_constructor_kwargs={"cfg": cfg, "threads": threads,
+                                                                   "stage_name": stage.name},
+                               compute=ray.data.ActorPoolStrategy(size=cfg.runtime.num_actors),
+                               batch_size=cfg.generation.batch_size, num_cpus=cfg.runtime.cpus_per_actor,
+                               num_gpus=cfg.runtime.gpus_per_actor or None)
+    return {str(r["id"]): (str(r["teacher_output"]), bool(r["finished"])) for r in generated.iter_rows()}
+
+
+def check_tokenizers(cfg: DistillConfig) -> Any:
+    """The student's tokenizer; with a teacher, both must share one vocabulary (the student learns its token ids)."""
+    student = load_tokenizer(cfg.student, cfg.storage)
+    if cfg.mode == "distilled":
+        teacher = load_tokenizer(cfg.teacher, cfg.storage)
+        if teacher.get_vocab() != student.get_vocab():
+            raise DataError(f"teacher {cfg.teacher} and student {cfg.student} have different tokenizers "
+                            f"({len(teacher)} vs {len(student)} tokens); distillation needs the same vocabulary")
+    return student
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Ray Train
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Per worker: load the student, resume from the latest checkpoint of this stage, train, checkpoint, save."""
+    import torch
+
+    from shared.distill.finetune import (Schedule, check_resume, merged_for_saving, prepare_student, step_examples,
+                                         train_step, trainable_parameters)
+    from shared.lm_data import LMExample
+    from shared.models import load_causal_lm, save_model
+    from shared.storage import Storage
+
+    cfg: DistillConfig = config["cfg"]
+    t = cfg.training
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    torch.manual_seed(cfg.seed)
+    examples = [LMExample.from_dict(e) for e in config["examples"]]
+    model, tokenizer = load_causal_lm(cfg.student, dtype="float32", options=cfg.storage)
+    model = prepare_student(model, t.method, t.lora)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=t.lr, weight_decay=t.weight_decay)
+    schedule = Schedule(len(examples), t.batch_size, t.epochs)
+    start, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=False)
+        check_resume(state.get("config_hash"), config["config_hash"], checkpoint.path)
+        model.load_state_dict(state["model"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        start, history = state["step"], state["history"]
+        if rank == 0:
+            print(f"resuming from the checkpoint at step {start} of {schedule.total_steps}", flush=True)
+    model = ray.train.torch.prepare_model(model, move_to_device=True)
+    no_sync = getattr(model, "no_sync", None)
+    progress = TrainingProgress("distill", config["stage_name"]) if rank == 0 else None
+    started = time.time()
+    for step in range(start, schedule.total_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = t.lr * schedule.lr_factor(step)
+        mine = step_examples(examples, step, schedule, rank, world, cfg.seed)
+        loss, tokens = train_step(model, optimizer, mine, t.micro_batch, tokenizer.pad_token_id, t.bf16, no_sync)
+        metrics = {"step": step + 1, "loss": loss, "tokens": tokens, "lr": optimizer.param_groups[0]["lr"],
+                   "seconds": round(time.time() - started, 1)}
+        history.append(metrics)
+        if progress is not None:
+            progress.report(loss, (step + 1) / schedule.total_steps)
+            print(f"step {step + 1}/{schedule.total_steps}: loss {loss:.4f} ({tokens} answer tokens)", flush=True)
+        last = step + 1 == schedule.total_steps
+        if (step + 1) % t.checkpoint_every == 0 or last:
+            with tempfile.TemporaryDirectory() as folder:
+                if rank == 0:
+                    inner = getattr(model, "module", model)
+                    trainable = {k: v for k, v in inner.state_dict().items()
+                                 if t.method == "full" or "lora_" in k}
+                    torch.save({"model": trainable, "optimizer": optimizer.state_dict(), "step": step + 1,
+                                "history": history, "config_hash": config["config_hash"]},
+                               os.path.join(folder, "state.pt"))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0
+                                 else None)
+        else:
+            ray.train.report(metrics)
+    if rank == 0:
+        stage_store = Storage(config["stage_uri"], cfg.storage)
+        save_model(merged_for_saving(model), tokenizer, stage_store, "model")
+        stage_store.write_json(history, "training_history.json")
+
+
+def fine_tune(cfg: DistillConfig, stage: Stage, examples: list[Any]) -> list[dict[str, Any]]:
+    threads = cfg.runtime.threads or max(1, (os.cpu_count() or 1) // cfg.runtime.num_workers)
+    fs, path = stage.store.pyarrow_filesystem("checkpoints")
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg, "examples": [e.to_dict() for e in examples], "threads": threads,
+                           "config_hash": stage.config_hash, "stage_uri": stage.uri, "stage_name": stage.name},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.runtime.num_workers, use_gpu=cfg.runtime.use_gpu,
+                                               resources_per_worker={"CPU": cfg.runtime.cpus_per_worker}),
+        run_config=ray.train.RunConfig(name="train", storage_path=path, storage_filesystem=fs,
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+    )
+    trainer.fit()
+    return stage.store.read_json("training_history.json")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Driver
+
+
+def run(cfg: DistillConfig, stage: Stage) -> dict[str, Any]:
+    from shared.lm_data import encode_pairs
+
+    t0 = time.time()
+    tokenizer = check_tokenizers(cfg)
+    rows = read_table(cfg.data, cfg.storage).to_pylist()
+    if not rows:
+        raise DataError(f"data {cfg.data}: the curated set is empty")
+    examples, too_short = build_examples(rows, cfg.generation.prompt_fraction, cfg.generation.min_answer_words)
+    print(f"{len(examples)} examples ({sum(e.kind == 'continuation' for e in examples)} continuation tasks); "
+          f"{too_short} rows too short to use", flush=True)
+
+    # 2. teacher rewrites, filtered
+    timings: dict[str, float] = {}
+    if cfg.mode == "distilled":
+        outputs = teacher_outputs(cfg, examples, stage)
+        decisions = [judge(e, *outputs[e.id]) for e in examples]
+        teacher_text = [outputs[e.id][0] for e in examples]
+    else:
+        decisions, teacher_text = [], [""] * len(examples)
+    timings["generation_s"] = round(time.time() - t0, 1)
+    answers = [d.answer for d in decisions] if decisions else [e.answer for e in examples]
+    table = pa.table({
+        "id": [e.id for e in examples], "kind": [e.kind for e in examples], "prompt": [e.prompt for e in examples],
+        "answer": answers, "original_answer": [e.answer for e in examples],
+        "source": [d.source for d in decisions] if decisions else ["original"] * len(examples),
+        "reason": [d.reason for d in decisions] if decisions else ["sft"] * len(examples),
+        "teacher_output": teacher_text,
+    })
+    write_parquet(table, stage.store, DISTILLED, "part-000.parquet")
+    counts = tally(decisions) if decisions else {}
+    if counts:
+        print("teacher rewrites: " + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
+
+    # 3. fine-tune on the answers (loss on answer tokens only)
+    chat = [e.kind == "instruction" for e in examples]
+    encoded, encode_stats = [], {"truncated": 0, "skipped": 0}
+    for flag in (True, False):
+        idx = [i for i, c in enumerate(chat) if c == flag]
+        if idx:
+            found, stats = encode_pairs(tokenizer, [examples[i].prompt for i in idx], [answers[i] for i in idx],
+                                        cfg.training.max_length, chat=flag)
+            encoded.extend(found)
+            encode_stats["truncated"] += stats.truncated
+            encode_stats["skipped"] += sum(stats.skipped.values())
+    if not encoded:
+        raise DataError(f"data {cfg.data}: no example fits training.max_length={cfg.training.max_length}")
+    t1 = time.time()
+    history = fine_tune(cfg, stage, encoded)
+    timings["training_s"] = round(time.time() - t1, 1)
+    stage.outputs.update(model="model", dataset=DISTILLED)
+    metrics = {
+        "mode": cfg.mode, "student": cfg.student, "teacher": cfg.teacher if cfg.mode == "distilled" else None,
+        "examples": len(examples), "rows_too_short": too_short,
+        "filter": counts, "teacher_kept_share": (counts.get("kept", 0) / len(examples)) if counts else None,
+        "training": {"method": cfg.training.method, "steps": len(history), "final_loss": history[-1]["loss"]
+                     if history else None, "first_loss": history[0]["loss"] if history else None,
+                     "examples": len(encoded), **encode_stats, "history": history},
+        "timings": {**timings, "total_s": round(time.time() - t0, 1)},
+    }
+    write_report(stage, cfg, metrics, table)
+    return metrics
+
+
+def write_report(stage: Stage, cfg: DistillConfig, metrics: dict[str, Any], table: pa.Table) -> None:
+    report = Report(f"distill ({cfg.mode}): {cfg.student}")
+    report.text(f"{metrics['examples']} examples from {cfg.data}; teacher {metrics['teacher']}; "
+                f"{cfg.training.method} fine-tuning for {metrics['training']['steps']} steps.")
+    if metrics["filter"]:
+        report.table("Teacher rewrites: filter decisions", [metrics["filter"]])
+    history = metrics["training"]["history"]
+    if history:
+        fig, ax = report.figure()
+        ax.plot([h["step"] for h in history], [h["loss"] for h in history])
+        ax.set_xlabel("step")
+        ax.set_ylabel("answer-token loss")
+        report.add_figure(fig, "fine-tuning loss")
+    sample = table.slice(0, 5).to_pylist()
+    report.table("First examples", [{"id": r["id"], "source": r["source"], "reason": r["reason"],
+                                     "prompt": r["prompt"][-120:], "answer": r["answer"][:200]} for r in sample])
+    report.save(stage.store, "report.html")

@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from shared.config import JobConfig, StrictModel
+
+
+class GenerationConfig(StrictModel):
+    """How the teacher writes its answers."""
+
+    max_new_tokens: int = Field(192, ge=1, le=4096)
+    """Longest teacher answer; an answer cut at this length counts as truncated and is not kept."""
+    do_sample: bool = False
+    """Sample instead of greedy decoding."""
+    temperature: float = Field(0.7, gt=0)
+    """Sampling temperature (with do_sample)."""
+    batch_size: int = Field(8, ge=1)
+    """Prompts per generate() call."""
+    prompt_fraction: float = Field(0.4, gt=0, lt=1)
+    """For plain documents (continuation tasks): the share of words that forms the prompt."""
+    min_answer_words: int = Field(20, ge=1)
+    """Documents whose answer part would be shorter than this are skipped (and counted)."""
+
+
+class LoraConfig(StrictModel):
+    """Low-rank adapters (peft) when method is lora."""
+
+    r: int = Field(16, ge=1)
+    """Adapter rank."""
+    alpha: int = Field(32, ge=1)
+    """Adapter scaling numerator (scale = alpha / r)."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the adapter input."""
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    """Projection names that get adapters."""
+
+
+class TrainingConfig(StrictModel):
+    """Recovery fine-tuning of the student (loss on answer tokens only)."""
+
+    method: Literal["full", "lora"] = "full"
+    """full: every weight trains; lora: low-rank adapters, merged into the saved model."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training set (fractions allowed)."""
+    lr: float = Field(5e-5, gt=0)
+    """Peak AdamW learning rate (linear warm-up over 10% of the steps, then linear decay)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    batch_size: int = Field(8, ge=1)
+    """Examples per optimiser step, over all workers (micro-batches accumulate up to it)."""
+    micro_batch: int = Field(4, ge=1)
+    """Examples per forward pass on one worker."""
+    max_length: int = Field(256, ge=16)
+    """Prompt + answer tokens per example (longer ones are cut, and counted)."""
+    checkpoint_every: int = Field(10, ge=1)
+    """Optimiser steps between checkpoints (a rerun after a crash resumes from the last one)."""
+    bf16: bool = True
+    """bfloat16 autocast for forward/backward (weights and optimizer stay fp32)."""
+    lora: LoraConfig = LoraConfig()
+    """Adapter settings (method lora)."""
+
+
+class DistillRuntime(StrictModel):
+    """Resources; none of these change the results."""
+
+    num_actors: int = Field(1, ge=1)
+    """Teacher generation actors."""
+    cpus_per_actor: float = Field(0.5, gt=0)
+    """Logical CPUs per generation actor."""
+    gpus_per_actor: float = Field(0, ge=0)
+    """GPUs per generation actor."""
+    num_workers: int = Field(1, ge=1)
+    """Ray Train workers (DDP) for fine-tuning."""
+    cpus_per_worker: float = Field(1, gt=0)
+    """Logical CPUs per training worker."""
+    use_gpu: bool = False
+    """Train on GPUs (one per worker)."""
+    threads: int | None = None
+    """torch threads per actor / worker. Unset: the machine's cores divided by the actors or workers."""
+
+
+class DistillConfig(JobConfig):
+    """Self-data distillation: the teacher rewrites the curated answers, the (pruned) student is fine-tuned on them.
+
+    mode=distilled: the teacher (the unpruned model) rewrites every curated answer, a filter keeps or rejects each
+    rewrite (rejected ones fall back to the original answer, every decision counted), and the student is fine-tuned
+    on the result. mode=sft: the student is fine-tuned on the curated answers as they are (the plain-SFT ablation;
+    with the unpruned model as student it is the base+curated ablation). Plain documents become continuation tasks.
+    Outputs: distilled/ (Parquet), model/ (the fine-tuned student), checkpoints/, metrics.json, report.html.
+    """
+
+    JOB: ClassVar[str] = "distill"
+
+    mode: Literal["distilled", "sft"] = "distilled"
+    """distilled: train on the teacher's filtered rewrites; sft: train on the curated answers as they are."""
+    student: str
+    """Model to fine-tune: usually a prune stage (its pruned model)."""
+    teacher: str | None = "smollm2-135m"
+    """Teacher for mode=distilled: the unpruned base model (or a stronger one with the same tokenizer)."""
+    data: str
+    """Curated examples: a curate stage (its subset) or a dataset with text, or prompt and answer, columns."""
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    """Teacher dtype for generation."""
+    seed: int = 0
+    """Seed for sampling, shuffling and initialisation."""
+    generation: GenerationConfig = GenerationConfig()
+    """Teacher generation."""
+    training: TrainingConfig = TrainingConfig()
+    """Fine-tuning."""
+    runtime: DistillRuntime = DistillRuntime()
+    """Resources (not part of the config hash)."""
+
+    def input_uris(self) -> list[str]:
+        return [self.student, self.data] + ([self.teacher] if self.mode == "distilled" and self.teacher else [])
+
+    @model_validator(mode="after")
+    def _teacher_needed(self) -> DistillConfig:
+        if self.mode == "distilled" and not self.teacher:
+            raise ValueError("mode=distilled needs a teacher")
+        if self.training.micro_batch > self.training.batch_size:
+            raise ValueError("training.micro_batch cannot exceed training.batch_size")
+        return self

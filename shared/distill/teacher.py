@@ -1,0 +1,76 @@
+"""What the teacher is asked, and the filter that decides whether its rewrite replaces the original answer.
+
+Self-data distillation (Thangarasa et al., 2024): the unpruned model rewrites each curated answer, conditioned on the
+instruction and the original answer, so the student is fine-tuned on text from its own (unpruned) distribution.
+A rewrite is kept only if it passes every check; otherwise the original answer is used, and every decision is
+counted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from shared.distill.examples import Example
+
+LEAK_PHRASES = (
+    "reference answer", "original answer", "the given response", "given answer", "in your own words",
+    "rewrite", "rewritten", "original continuation", "the continuation", "here is the", "here's the",
+    "as an ai", "i cannot", "i'm sorry",
+)
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def teacher_request(example: Example) -> str:
+    """The user turn given to the teacher (wrapped in its chat template by the generation code)."""
+    if example.kind == "instruction":
+        return (f"{example.prompt}\n\nReference answer:\n{example.answer}\n\n"
+                "Rewrite the reference answer in your own words. Keep every fact and the final result. "
+                "Reply with the answer only.")
+    return (f"Here is the beginning of a text:\n{example.prompt}\n\nThis is how it continues:\n{example.answer}\n\n"
+            "Rewrite the continuation in your own words, keeping its facts and style. "
+            "Reply with the continuation only.")
+
+
+def final_number(text: str) -> float | None:
+    """The last number in a text (a GSM8K-style '#### 42' included), or None."""
+    found = NUMBER.findall(text.split("####")[-1] if "####" in text else text)
+    if not found:
+        return None
+    try:
+        return float(found[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class Decision:
+    answer: str
+    """The answer the student trains on."""
+    source: str
+    """'teacher' or 'original'."""
+    reason: str
+    """kept | empty | truncated | leak | answer_mismatch"""
+
+
+def judge(example: Example, output: str, finished: bool, min_words: int = 3) -> Decision:
+    """Keep the teacher's rewrite only when it is non-empty, finished (not cut at max_new_tokens), leaks nothing of
+    the prompt template, and (when the original has a final number) ends on the same number."""
+    text = output.strip()
+    if len(text.split()) < min_words:
+        return Decision(example.answer, "original", "empty")
+    if not finished:
+        return Decision(example.answer, "original", "truncated")
+    lowered = text.lower()
+    if any(phrase in lowered for phrase in LEAK_PHRASES):
+        return Decision(example.answer, "original", "leak")
+    expected = final_number(example.answer) if example.kind == "instruction" else None
+    if expected is not None and final_number(text) != expected:
+        return Decision(example.answer, "original", "answer_mismatch")
+    return Decision(text, "teacher", "kept")
+
+
+def tally(decisions: list[Decision]) -> dict[str, int]:
+    counts = Counter(d.reason for d in decisions)
+    return {reason: counts.get(reason, 0) for reason in ("kept", "empty", "truncated", "leak", "answer_mismatch")}

@@ -1,0 +1,66 @@
+"""Self-data distillation without a model: continuation tasks, the teacher request and the rewrite filter."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.distill.examples import Example, build_examples, split_document
+from shared.distill.teacher import final_number, judge, tally, teacher_request
+from shared.errors import DataError
+
+
+def test_documents_become_continuation_tasks_cut_at_a_line():
+    text = "\n".join(f"line {i} has five words" for i in range(10))  # 50 words
+    prompt, answer = split_document(text, prompt_fraction=0.4, min_answer_words=10)
+    assert prompt.endswith("\n") and prompt.count("\n") == 4 and answer.startswith("line 4")
+    assert (prompt + answer).split() == text.split()
+    one_line = " ".join(f"w{i}" for i in range(100))
+    prompt, answer = split_document(one_line, 0.3, 10)
+    assert prompt.split() == [f"w{i}" for i in range(30)] and answer.split()[0] == "w30"
+    assert split_document("too short", 0.5, 10) is None
+
+
+def test_build_examples_keeps_instruction_pairs_and_counts_unusable_rows():
+    rows = [{"id": "a", "prompt": "What is 2+2?", "answer": "It is 4."},
+            {"id": "b", "text": " ".join(["word"] * 80)}, {"id": "c", "text": "short"}, {"id": "d", "text": None}]
+    examples, too_short = build_examples(rows, prompt_fraction=0.4, min_answer_words=10)
+    assert [(e.id, e.kind) for e in examples] == [("a", "instruction"), ("b", "continuation")]
+    assert too_short == 2
+    with pytest.raises(DataError, match="no usable examples: 2 rows, 2 too short"):
+        build_examples(rows[2:], 0.4, 10)
+
+
+def test_teacher_request_carries_the_original_answer():
+    ex = Example("a", "Explain orbits.", "Objects fall around a body.", "instruction")
+    request = teacher_request(ex)
+    assert "Explain orbits." in request and "Objects fall around a body." in request
+
+
+@pytest.mark.parametrize(
+    ("original", "output", "finished", "reason"),
+    [
+        ("The answer is 42.", "So the result is 42.", True, "kept"),
+        ("The answer is 42.", "", True, "empty"),
+        ("The answer is 42.", "It keeps going and going", False, "truncated"),
+        ("The answer is 42.", "Here is the rewritten answer: 42", True, "leak"),
+        ("The answer is 42.", "The reference answer says 42", True, "leak"),
+        ("Total: 1,250 apples.", "In all there are 1250 apples.", True, "kept"),
+        ("The answer is 42.", "The result is 41 in the end.", True, "answer_mismatch"),
+    ],
+)
+def test_filter_decisions(original, output, finished, reason):
+    ex = Example("x", "Q?", original, "instruction")
+    decision = judge(ex, output, finished)
+    assert decision.reason == reason
+    if reason == "kept":
+        assert decision.source == "teacher" and decision.answer == output.strip()
+    else:  # a failed rewrite is never kept: the original answer is used instead
+        assert decision.source == "original" and decision.answer == original
+
+
+def test_continuations_have_no_number_check_and_tally_counts_everything():
+    ex = Example("x", "The launch", "slipped 3 days.", "continuation")
+    assert judge(ex, "was delayed by 5 days after all.", True).reason == "kept"
+    decisions = [judge(ex, "", True), judge(ex, "fine words here now", True), judge(ex, "a b c d", False)]
+    assert tally(decisions) == {"kept": 1, "empty": 1, "truncated": 1, "leak": 0, "answer_mismatch": 0}
+    assert final_number("#### 1,024") == 1024.0 and final_number("no digits") is None
