@@ -188,7 +188,11 @@ def parse_pipeline(spec: dict[str, Any], source: str = "Pipeline") -> Pipeline:
     storage = resource.storage.model_dump(mode="python", exclude_none=True)
     pipeline = validate_config(PipelineConfig, {"output_root": resource.outputRoot, "storage": storage,
                                                 "stages": stage_specs}, f"{source} spec")
-    resolved = stage_configs(pipeline, source)
+    try:
+        resolved = stage_configs(pipeline, source)
+    except ConfigError as exc:
+        message = str(exc)
+        raise ConfigError(message if message.startswith(source) else f"{source}: {message}") from None
     stages = [Stage(spec=spec, options=opts, config=cfg, uri=stage_uri(pipeline, spec.name))
               for (spec, cfg), opts in zip(resolved, options)]
     return Pipeline(spec=resource, config=pipeline, stages=stages)
