@@ -62,7 +62,24 @@ def runtime_env(config_text: str) -> dict[str, Any]:
 
 
 def runtime_env_yaml(config_text: str) -> str:
-    return yaml.safe_dump(runtime_env(config_text), sort_keys=False, width=10_000)
+    return to_yaml(runtime_env(config_text))
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings as literal blocks (``|``), so nested YAML stays readable in ``kubectl get -o yaml``."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_BlockDumper.add_representer(str, _represent_str)
+
+
+def to_yaml(obj: Any) -> str:
+    """YAML of a manifest, multi-line strings as literal blocks."""
+    return yaml.dump(obj, Dumper=_BlockDumper, sort_keys=False, width=120, allow_unicode=True)
 
 
 def dns1035(text: str) -> str:
