@@ -167,3 +167,14 @@ def test_grafana_dashboard_plots_the_scopeforge_metrics():
         assert f"rate(ray_scopeforge_{unit}_total" in exprs
     assert "ray_scopeforge_train_loss" in exprs and "ray_scopeforge_progress" in exprs
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+
+
+def test_dockerfile_builds_on_the_pinned_ray_and_python():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    pins = dict(line.split("==", 1) for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    ray = pins["ray"]
+    assert f"ARG RAY_IMAGE=rayproject/ray:{ray}-py311-gpu" in dockerfile  # official image, GPU variant
+    assert f"ray.__version__ == '{ray}'" in dockerfile and f"grep -qx 'ray=={ray}'" in dockerfile
+    assert '-c constraints.txt ".[demo,operator]"' in dockerfile  # the operator runs from the same image
+    assert not re.search(r"(AWS_SECRET|AWS_ACCESS|RAY_AUTH_TOKEN)\S*=", dockerfile)
