@@ -119,7 +119,8 @@ def auth_headers() -> dict[str, str]:
 
 def _explain(exc: BaseException, address: str, job_id: str | None = None) -> SubmissionError:
     text = " ".join(str(exc).split())
-    if "401" in text or "403" in text or "nauthorized" in text or "orbidden" in text:
+    lowered = text.lower()
+    if any(w in lowered for w in (" 401", " 403", "unauthorized", "forbidden", "authentication token")):
         return SubmissionError(f"Ray at {address}: authentication failed (set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH "
                                "to the cluster's token)")
     if job_id is not None and ("404" in text or "does not exist" in text):

@@ -146,6 +146,10 @@ class EmulatedCluster:
     def list(self, path: str) -> list[dict[str, Any]]:
         return (self.get(path) or {}).get("items", [])
 
+    def delete(self, path: str) -> None:
+        response = self.http.delete(self.url + path, timeout=10)
+        response.raise_for_status()
+
     def patch_status(self, path: str, status: dict[str, Any]) -> None:
         response = self.http.patch(self.url + path + "/status", json={"status": status}, timeout=10,
                                    headers={"Content-Type": "application/merge-patch+json"})

@@ -161,7 +161,22 @@ def test_a_rayjob_created_just_before_a_crash_is_adopted_not_duplicated(api, ns)
         assert subset(stage(status, "only"), {"state": "Running", "rayJob": "crash-only-0", "attempts": 1})
         p.set_rayjob("crash-only-0", SUCCEEDED)
         p.wait_status("crash", "succeeded", lambda s: s.get("phase") == "Succeeded")
+        # A finished Pipeline needs the operator no more: Kopf drops its finalizer (kept while the timer runs).
+        api.wait_for("finalizer removed", lambda: not p.get("crash")["metadata"].get("finalizers"))
     assert set(p.rayjobs()) == {"crash-only-0"}
+
+
+def test_deleting_a_running_pipeline_is_not_blocked(api, ns):
+    p = Pipelines(api, ns)
+    with OperatorThread():
+        p.create("gone", [{"name": "a", "inspect-model": {}}])
+        p.wait_rayjobs("gone-a-0")
+        assert p.get("gone")["metadata"]["finalizers"] == ["scopeforge.io/operator"]
+        api.delete(api.path("scopeforge.io", "v1alpha1", "pipelines", ns, "gone"))
+        api.wait_for("the Pipeline deleted", lambda: p.get("gone") is None)
+    # Its RayJob is left to Kubernetes' garbage collector (kmock has none), through this ownerReference:
+    (owner,) = p.rayjobs()["gone-a-0"]["metadata"]["ownerReferences"]
+    assert (owner["name"], owner["blockOwnerDeletion"]) == ("gone", True)
 
 
 def test_a_stage_failing_past_its_retries_fails_the_pipeline_with_the_reason(api, ns):
@@ -218,3 +233,21 @@ def test_a_missing_secret_waits_with_a_condition_then_starts(api, ns):
         container = jobs["nosecret-a-0"]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
         assert container["envFrom"] == [{"secretRef": {"name": "other-storage"}}]
         p.wait_status("nosecret", "valid", lambda s: s.get("phase") == "Running")
+
+
+def test_the_deployment_command_runs_the_operator_with_its_liveness_endpoint(api, ns):
+    """`kopf run --standalone --all-namespaces --liveness=... -m operators.main`, as the Deployment starts it."""
+    import requests
+    from kopf.testing import KopfRunner
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    p = Pipelines(api, ns)
+    args = ["run", "--standalone", "--all-namespaces", f"--liveness=http://127.0.0.1:{port}/healthz",
+            "-m", "operators.main"]
+    with KopfRunner(args, timeout=30) as runner:
+        p.create("cli", [{"name": "a", "inspect-model": {}}])
+        p.wait_rayjobs("cli-a-0")
+        assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+    assert runner.exit_code == 0, runner.output[-2000:]
