@@ -174,3 +174,47 @@ def test_operator_imports_neither_ray_nor_torch():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'torch', 'transformers'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_cli_import_stays_light_with_the_kubernetes_commands():
+    code = ("import sys\nfrom ray_jobs import cli\ncli._load_extensions(); cli.build_parser()\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'torch', 'kopf', 'transformers'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_render_prints_valid_manifests(tmp_path):
+    from tests.conftest import run_cli
+
+    job = tmp_path / "job.yaml"
+    job.write_text("model: tiny-llama\noutput_root: s3://scopeforge/runs/x\nprompt: 'pay $3'\n")
+    rayjob = run_cli("render", "inspect-model", "--config", str(job), "--namespace", "ml", "--image", "reg/sf:1")
+    assert rayjob.returncode == 0, rayjob.stderr
+    manifest = yaml.safe_load(rayjob.stdout)
+    assert kuberay_errors(manifest) == [] and manifest["metadata"] == manifest["metadata"] | {"name": "job",
+                                                                                               "namespace": "ml"}
+    assert yaml.safe_load(yaml.safe_load(manifest["spec"]["runtimeEnvYAML"])["env_vars"]["SCOPEFORGE_CONFIG"])[
+        "prompt"] == "pay $3"
+    shared_cluster = yaml.safe_load(run_cli("render", "inspect-model", "--config", str(job), "--cluster",
+                                            "scopeforge").stdout)
+    assert kuberay_errors(shared_cluster) == [] and shared_cluster["spec"]["clusterSelector"] == {
+        "ray.io/cluster": "scopeforge"}
+
+    local = tmp_path / "my-pipeline.yaml"
+    local.write_text("output_root: s3://scopeforge/runs/p\nstages:\n  - {name: a, job: inspect-model, retries: 1}\n"
+                     "  - {name: b, job: inspect-model, config: {model: '${a}'}}\n")
+    pipeline = run_cli("render", "pipeline", "--config", str(local))
+    assert pipeline.returncode == 0, pipeline.stderr
+    body = yaml.safe_load(pipeline.stdout)
+    assert schema_errors(VALIDATOR, body) == [] and body["metadata"]["name"] == "my-pipeline"
+    assert [s.name for s in parse_pipeline(body["spec"]).stages] == ["a", "b"]
+
+    for args, expected in [
+        (["render", "inspect-model"], "output_root runs/default: pods on Kubernetes cannot reach a local path"),
+        (["render", "nope", "--config", str(job)], "unknown job 'nope'"),
+        (["render", "pipeline"], "render pipeline: --config FILE is required"),
+        (["render", "inspect-model", "--config", str(job), "--set", "dtype=float8"], "--set dtype"),
+    ]:
+        result = run_cli(*args)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], (args, result.stderr)
