@@ -269,9 +269,10 @@ def kuberay_rule_problems(obj: dict[str, Any]) -> list[str]:
             problems.append(f"RayJob {name}: clusterSelector is not supported in SidecarMode")
         if spec.get("suspend") and not spec.get("shutdownAfterJobFinishes"):
             problems.append(f"RayJob {name}: suspend needs shutdownAfterJobFinishes: true")
-        for key in ("activeDeadlineSeconds",):
-            if key in spec and spec[key] <= 0:
-                problems.append(f"RayJob {name}: {key} must be positive")
+        if spec.get("activeDeadlineSeconds") is not None and spec["activeDeadlineSeconds"] <= 0:
+            problems.append(f"RayJob {name}: activeDeadlineSeconds must be positive")
+        if spec.get("backoffLimit") is not None and spec["backoffLimit"] < 0:
+            problems.append(f"RayJob {name}: backoffLimit must not be negative")
         try:
             env = yaml.safe_load(spec.get("runtimeEnvYAML") or "") or {}
             if not isinstance(env, dict):

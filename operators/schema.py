@@ -37,6 +37,11 @@ def _describe(node: dict[str, Any]) -> str | None:
 
 
 def _convert(node: dict[str, Any]) -> dict[str, Any]:
+    if node.get("allOf"):  # e.g. {"allOf": [{...model...}], "description": ...}: one schema, merged
+        merged: dict[str, Any] = {}
+        for part in node["allOf"]:
+            merged.update(part)
+        node = {**merged, **{k: v for k, v in node.items() if k != "allOf"}}
     description = _describe(node)
     variants = node.get("anyOf") or node.get("oneOf")
     if variants is not None:

@@ -155,7 +155,7 @@ class EmulatedCluster:
                                    headers={"Content-Type": "application/merge-patch+json"})
         response.raise_for_status()
 
-    def wait_for(self, what: str, check: Callable[[], Any], timeout: float = 20.0) -> Any:
+    def wait_for(self, what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:

@@ -62,11 +62,11 @@ class Pipelines:
     def set_rayjob(self, name, status):
         self.api.patch_status(self.api.path("ray.io", "v1", "rayjobs", self.ns, name), status)
 
-    def wait_rayjobs(self, *names, timeout=15.0):
+    def wait_rayjobs(self, *names, timeout=60.0):
         return self.api.wait_for(f"RayJobs {names}", lambda: (jobs := self.rayjobs()) and set(names) <= set(jobs)
                                  and jobs, timeout)
 
-    def wait_status(self, name, what, check, timeout=15.0):
+    def wait_status(self, name, what, check, timeout=60.0):
         return self.api.wait_for(f"{name}: {what}", lambda: check(s := self.status(name)) and s, timeout)
 
     def events(self):

@@ -85,6 +85,8 @@ def test_structural_conversion_of_optional_and_union_fields():
     mixed = structural({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]})
     assert mixed == {"x-kubernetes-preserve-unknown-fields": True} and structural_problems(mixed) == []
     assert structural_problems({"type": "object", "additionalProperties": False}) != []
+    wrapped = structural({"allOf": [{"type": "object", "properties": {"k": {"type": "integer"}}}], "description": "d"})
+    assert wrapped == {"description": "d", "type": "object", "properties": {"k": {"type": "integer"}}}
 
 
 def test_parse_pipeline_maps_onto_the_shared_pipeline_config():
@@ -218,3 +220,22 @@ def test_render_prints_valid_manifests(tmp_path):
         result = run_cli(*args)
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], (args, result.stderr)
+
+
+@pytest.mark.parametrize(("status", "outcome"), [
+    ({}, "Running"),
+    ({"jobDeploymentStatus": "Initializing"}, "Running"),
+    ({"jobDeploymentStatus": "Running", "jobStatus": "PENDING"}, "Running"),
+    ({"jobDeploymentStatus": "Running", "jobStatus": "SUCCEEDED"}, "Succeeded"),
+    ({"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}, "Succeeded"),
+    ({"jobDeploymentStatus": "Complete", "jobStatus": "FAILED"}, "Failed"),
+    ({"jobDeploymentStatus": "Complete", "jobStatus": "STOPPED"}, "Failed"),
+    ({"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded"}, "Failed"),
+    ({"jobDeploymentStatus": "ValidationFailed", "message": "bad spec"}, "Failed"),
+    ({"jobDeploymentStatus": "Complete"}, "Failed"),
+    ({"jobDeploymentStatus": "Retrying"}, "Running"),
+])
+def test_what_a_rayjob_status_means_for_its_stage(status, outcome):
+    from operators.reconcile import rayjob_outcome
+
+    assert rayjob_outcome({"status": status}) == outcome
