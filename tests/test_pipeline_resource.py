@@ -239,3 +239,16 @@ def test_what_a_rayjob_status_means_for_its_stage(status, outcome):
     from operators.reconcile import rayjob_outcome
 
     assert rayjob_outcome({"status": status}) == outcome
+
+
+def test_config_from_an_environment_variable():
+    from tests.conftest import run_cli
+
+    result = run_cli("run", "inspect-model", "--config", "env:SCOPEFORGE_NO_SUCH_VAR")
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("scopeforge: error: env:SCOPEFORGE_NO_SUCH_VAR: environment variable "
+                                     "SCOPEFORGE_NO_SUCH_VAR is not set")
+    bad = run_cli("run", "inspect-model", "--config", "env:SF_CONFIG", env={"SF_CONFIG": "model: [unclosed"})
+    assert bad.returncode == 2 and "env:SF_CONFIG: YAML error" in bad.stderr
+    typo = run_cli("run", "inspect-model", "--config", "env:SF_CONFIG", env={"SF_CONFIG": "modle: tiny-llama"})
+    assert typo.returncode == 2 and "env:SF_CONFIG: unknown key 'modle'" in typo.stderr
