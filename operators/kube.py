@@ -27,6 +27,8 @@ class Kube:
         self.info: kopf.ConnectionInfo | None = None
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._login_kwargs: dict[str, Any] = {}
+        self._stale = False
 
     def login(self, **kwargs: Any) -> kopf.ConnectionInfo:
         """Kopf's login: the pod's service account, else the kubeconfig (KUBECONFIG or ~/.kube/config)."""
@@ -34,11 +36,16 @@ class Kube:
         if info is None:
             raise kopf.LoginError("no credentials: not in a pod with a service account, and no kubeconfig")
         self.info = info
+        self._login_kwargs = kwargs
+        self._stale = True  # the next request opens a session with these credentials
         return info
 
     async def _client(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
-        if self._session is None or self._session.closed or self._loop is not loop:
+        if self._stale and self._session is not None and not self._session.closed:
+            await self._session.close()
+        if self._session is None or self._session.closed or self._loop is not loop or self._stale:
+            self._stale = False
             if self.info is None:
                 raise kopf.TemporaryError("the operator has not logged in yet", delay=1)
             ssl: Any = self.info.as_ssl_context() if self.info.server.startswith("https") else None
@@ -58,14 +65,20 @@ class Kube:
 
     async def request(self, method: str, path: str, *, body: Any = None, params: dict[str, str] | None = None,
                       content_type: str = "application/json") -> tuple[int, Any]:
-        session = await self._client()
-        headers = {"Content-Type": content_type} if body is not None else {}
-        async with session.request(method, path.lstrip("/"), json=body, params=params, headers=headers) as response:
-            try:
-                data = await response.json(content_type=None)
-            except (aiohttp.ContentTypeError, ValueError):
-                data = {"message": (await response.text())[:500]}
+        for attempt in range(2):
+            session = await self._client()
+            headers = {"Content-Type": content_type} if body is not None else {}
+            async with session.request(method, path.lstrip("/"), json=body, params=params,
+                                       headers=headers) as response:
+                try:
+                    data = await response.json(content_type=None)
+                except (aiohttp.ContentTypeError, ValueError):
+                    data = {"message": (await response.text())[:500]}
+            if response.status == 401 and attempt == 0 and self._login_kwargs:
+                self.login(**self._login_kwargs)  # a rotated service-account token: read it again, retry once
+                continue
             return response.status, data
+        return response.status, data
 
     async def get(self, path: str) -> dict[str, Any] | None:
         status, data = await self.request("GET", path)
