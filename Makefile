@@ -13,7 +13,7 @@ PIP := $(VENV)/bin/python -m pip
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.scopeforge-installed
 
-.PHONY: install test demo demo-finescope demo-deepfake bench clean constraints
+.PHONY: install test demo demo-finescope demo-deepfake bench clean constraints manifests
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ test: install
 
 demo: install
 	$(VENV)/bin/scopeforge run inspect-model --config ray_jobs/configs/inspect-demo.yaml
+
+# Regenerate what manifests/ derives from code: the Pipeline CRD (one stage key per job), the base RayCluster and a
+# RayJob template per job. tests/test_manifests.py fails while they are stale.
+manifests: install
+	$(PY) -m operators.generate
 
 bench: install
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done

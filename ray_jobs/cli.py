@@ -4,6 +4,8 @@
     scopeforge run JOB --config FILE [--set k=v ...]    # one job on Ray (RAY_ADDRESS, else a local instance)
     scopeforge run JOB --help                           # every config key of JOB, with its type and default
     scopeforge schema JOB                               # the config's JSON schema
+    scopeforge submit JOB --config FILE [--address URL] # to a running Ray cluster (Jobs API); status, logs ID
+    scopeforge render JOB|pipeline --config FILE        # the RayJob / Pipeline manifest for Kubernetes
 
 User errors (a bad file, key, URI or model reference) print one line and exit with status 2; a skip of an already
 finished stage exits 0.
@@ -174,7 +176,7 @@ def _load_extensions() -> None:
         importlib.import_module(module)
 
 
-EXTENSION_MODULES: list[str] = []
+EXTENSION_MODULES: list[str] = ["ray_jobs.submit"]  # submit, status, logs, render
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,8 +21,13 @@ def _inspect(cfg: InspectModelConfig) -> dict[str, Any]:
     from shared.generation import chat_prompt, generate_text
     from shared.models import describe_architecture, load_causal_lm
 
+    from ray_jobs.metrics import Progress, Throughput
+
+    progress = Progress(cfg.JOB, cfg.stage_name)
+    progress.report(0.0)
     started = time.perf_counter()
     model, tokenizer = load_causal_lm(cfg.model, dtype=cfg.dtype, options=cfg.storage)
+    progress.report(0.5)
     report: dict[str, Any] = {"model": cfg.model, **describe_architecture(model)}
     report["load_seconds"] = round(time.perf_counter() - started, 3)
     report["tokenizer"] = {"class": type(tokenizer).__name__, "vocab": len(tokenizer),
@@ -34,6 +39,9 @@ def _inspect(cfg: InspectModelConfig) -> dict[str, Any]:
             report["sample"] = {"prompt": cfg.prompt,
                                 "answer": generate_text(model, tokenizer, [prompt], max_new_tokens=cfg.max_new_tokens)[0],
                                 "seconds": round(time.perf_counter() - started, 3)}
+            tokens = len(tokenizer(report["sample"]["answer"], add_special_tokens=False)["input_ids"])
+            Throughput(cfg.JOB, cfg.stage_name, ("tokens",)).add(tokens=tokens)  # ray_scopeforge_tokens_total
+    progress.report(1.0)
     report["modules"] = str(model)
     return report
 

@@ -29,7 +29,8 @@ class Throughput:
     def add(self, **counts: int) -> None:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         for unit, n in counts.items():
-            self.counters[unit].inc(n, tags=self.tags)
+            if n > 0:  # Ray's Counter.inc refuses 0 (a batch that yielded nothing)
+                self.counters[unit].inc(n, tags=self.tags)
             self.totals[unit] += n
             self.gauges[unit].set(self.totals[unit] / elapsed, tags=self.tags)
 
@@ -44,4 +45,15 @@ class TrainingProgress:
 
     def report(self, loss: float, progress: float) -> None:
         self.loss.set(float(loss), tags=self.tags)
+        self.progress.set(float(progress), tags=self.tags)
+
+
+class Progress:
+    """Fraction (0..1) of a job done, for jobs without a training loop (same scopeforge_progress gauge)."""
+
+    def __init__(self, job: str, stage: str):
+        self.tags = {"job": job, "stage": stage}
+        self.progress = Gauge("scopeforge_progress", description="fraction of the job done", tag_keys=TAGS)
+
+    def report(self, progress: float) -> None:
         self.progress.set(float(progress), tags=self.tags)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 import types
 import typing
 from pathlib import Path
@@ -102,13 +103,24 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from a file, or from an environment variable with ``env:NAME`` (how a RayJob hands a job its
+    config: see operators/render.py)."""
+    if isinstance(path, str) and path.startswith("env:"):
+        if path[4:] not in os.environ:
+            raise ConfigError(f"{path}: environment variable {path[4:]} is not set")
+        return _parse_yaml(os.environ[path[4:]], path)
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        return _parse_yaml(p.read_text(encoding="utf-8"), path)
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
+
+
+def _parse_yaml(text: str, path: str | Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

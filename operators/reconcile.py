@@ -1,0 +1,227 @@
+"""The Pipeline state machine, as a pure function of what the API server holds.
+
+``plan(pipeline, meta, status, rayjobs)`` looks at the Pipeline's status and at the RayJobs it owns (found by label,
+checked by ownerReference) and returns the status to write and the RayJob to create, if any. Nothing here talks to
+Kubernetes, so the same decision comes out whenever it is called: right after the operator (re)starts, on every timer
+tick, twice in a row. RayJob names are deterministic (``<pipeline>-<stage>-<attempt>``), so a stage is never started
+twice and never forgotten:
+
+- a stage whose status says Succeeded stays done even if its RayJobs were deleted since;
+- otherwise the stage's newest attempt decides: running -> wait; succeeded -> next stage; failed -> the next
+  attempt while retries remain, else the Pipeline fails with a condition that says which stage and why;
+- a stage with no RayJob yet is started (attempt 0) once every stage before it succeeded.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from operators import render
+from operators.spec import Pipeline, Stage
+from shared.config import dump_config
+
+Outcome = Literal["Running", "Succeeded", "Failed"]
+TERMINAL_PHASES = ("Succeeded", "Failed")
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def rayjob_outcome(body: dict[str, Any]) -> Outcome:
+    """What a RayJob's status means for its stage (KubeRay v1: jobStatus of the Ray job, jobDeploymentStatus of the
+    RayJob's own lifecycle)."""
+    status = body.get("status") or {}
+    job = status.get("jobStatus")
+    deployment = status.get("jobDeploymentStatus")
+    if job == "SUCCEEDED":
+        return "Succeeded"
+    if job in ("FAILED", "STOPPED") or deployment in ("Failed", "ValidationFailed"):
+        return "Failed"
+    if deployment == "Complete":  # complete without SUCCEEDED: the job did not succeed
+        return "Failed"
+    return "Running"
+
+
+def failure_reason(body: dict[str, Any]) -> str:
+    status = body.get("status") or {}
+    parts = [p for p in (status.get("reason"), status.get("message")) if p]
+    if not parts:
+        parts = [f"jobStatus {status.get('jobStatus') or '-'}, jobDeploymentStatus "
+                 f"{status.get('jobDeploymentStatus') or '-'}"]
+    return " ".join(": ".join(parts).split())
+
+
+@dataclass
+class Plan:
+    status: dict[str, Any]
+    create: list[dict[str, Any]] = field(default_factory=list)
+    events: list[tuple[str, str]] = field(default_factory=list)  # (reason, message), Normal events
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (reason, message), Warning events
+
+
+def attempts_of(stage: str, rayjobs: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
+    found = []
+    for body in rayjobs:
+        labels = (body.get("metadata") or {}).get("labels") or {}
+        if labels.get(render.LABEL_STAGE) != stage:
+            continue
+        try:
+            found.append((int(labels.get(render.LABEL_ATTEMPT, "")), body))
+        except ValueError:
+            continue
+    return sorted(found, key=lambda item: item[0])
+
+
+def condition(kind: str, value: str, reason: str, message: str, previous: list[dict[str, Any]]) -> dict[str, Any]:
+    """A status condition; lastTransitionTime moves only when its status value changes."""
+    before = next((c for c in previous if c.get("type") == kind), None)
+    changed = before is None or before.get("status") != value
+    return {"type": kind, "status": value, "reason": reason, "message": message,
+            "lastTransitionTime": now() if changed else before.get("lastTransitionTime", now())}
+
+
+def invalid(status: dict[str, Any], message: str, generation: int | None) -> dict[str, Any]:
+    """The status of a Pipeline whose spec cannot run: Failed, with the reason in both conditions."""
+    previous = status.get("conditions") or []
+    return {
+        "phase": "Failed",
+        "currentStage": None,
+        "message": message,
+        "observedGeneration": generation,
+        "conditions": [condition("Valid", "False", "InvalidSpec", message, previous),
+                       condition("Succeeded", "False", "InvalidSpec", message, previous)],
+    }
+
+
+def waiting_for_secret(status: dict[str, Any], message: str, generation: int | None) -> dict[str, Any]:
+    previous = status.get("conditions") or []
+    return {
+        "phase": status.get("phase") or "Pending",
+        "message": message,
+        "observedGeneration": generation,
+        "conditions": [condition("Valid", "False", "SecretMissing", message, previous),
+                       condition("Succeeded", "Unknown", "SecretMissing", message, previous)],
+    }
+
+
+def plan(pipeline: Pipeline, meta: dict[str, Any], api_version: str, status: dict[str, Any],
+         rayjobs: list[dict[str, Any]], image: str) -> Plan:
+    name, namespace, uid = meta["name"], meta.get("namespace"), meta["uid"]
+    previous_stages = {s.get("name"): s for s in status.get("stages") or [] if isinstance(s, dict)}
+    owned = [b for b in rayjobs
+             if any(ref.get("uid") == uid for ref in (b.get("metadata") or {}).get("ownerReferences") or [])]
+    result = Plan(status={})
+    stages_status: list[dict[str, Any]] = []
+    phase, current, message = "Running", None, ""
+    blocked = False  # an earlier stage is not done: later stages wait
+    failure: str | None = None
+    total = len(pipeline.stages)
+    for index, stage in enumerate(pipeline.stages):
+        entry: dict[str, Any] = {"name": stage.name, "job": stage.spec.job, "state": "Pending", "attempts": 0,
+                                 "outputURI": None, "rayJob": None, "jobStatus": None, "message": None}
+        before = previous_stages.get(stage.name) or {}
+        attempts = attempts_of(stage.name, owned)
+        if attempts:
+            number, latest = attempts[-1]
+            entry.update(attempts=number + 1, rayJob=latest["metadata"]["name"],
+                         jobStatus=(latest.get("status") or {}).get("jobStatus"))
+        if blocked:
+            stages_status.append(entry)
+            continue
+        if before.get("state") == "Succeeded" and (not attempts or rayjob_outcome(attempts[-1][1]) != "Running"):
+            stages_status.append({**entry, **{k: before.get(k) for k in ("state", "outputURI", "attempts",
+                                                                       "rayJob", "jobStatus")},
+                                  "state": "Succeeded", "outputURI": stage.uri})
+            continue
+        if not attempts:
+            result.create.append(_rayjob_for(pipeline, stage, name, namespace, uid, api_version, 0, image))
+            result.events.append(("StageStarted", f"stage {stage.name} ({stage.spec.job}) started as RayJob "
+                                                  f"{render.rayjob_name(name, stage.name, 0)}"))
+            entry.update(state="Running", attempts=1, rayJob=render.rayjob_name(name, stage.name, 0))
+            current, blocked = stage.name, True
+            message = f"stage {index + 1}/{total} {stage.name}: starting"
+            stages_status.append(entry)
+            continue
+        number, latest = attempts[-1]
+        outcome = rayjob_outcome(latest)
+        if outcome == "Succeeded":
+            entry.update(state="Succeeded", outputURI=stage.uri)
+            if before.get("state") != "Succeeded":
+                result.events.append(("StageSucceeded", f"stage {stage.name} succeeded: {stage.uri}"))
+        elif outcome == "Running":
+            entry.update(state="Retrying" if number else "Running")
+            current, blocked = stage.name, True
+            message = f"stage {index + 1}/{total} {stage.name}: attempt {number + 1} of {stage.spec.retries + 1} running"
+        else:
+            reason = failure_reason(latest)
+            entry["message"] = reason
+            if number < stage.spec.retries:
+                result.create.append(_rayjob_for(pipeline, stage, name, namespace, uid, api_version, number + 1,
+                                                 image))
+                result.warnings.append(("StageRetried", f"stage {stage.name} attempt {number + 1} failed ({reason}); "
+                                                        f"starting attempt {number + 2} of {stage.spec.retries + 1}"))
+                entry.update(state="Retrying", attempts=number + 2,
+                             rayJob=render.rayjob_name(name, stage.name, number + 1), jobStatus=None)
+                current, blocked = stage.name, True
+                message = f"stage {index + 1}/{total} {stage.name}: retrying (attempt {number + 2})"
+            else:
+                entry["state"] = "Failed"
+                failure = (f"stage '{stage.name}' ({stage.spec.job}) failed after {number + 1} "
+                           f"attempt{'s' if number else ''}: {reason}")
+                if before.get("state") != "Failed":
+                    result.warnings.append(("StageFailed", failure))
+                current, blocked = stage.name, True
+        stages_status.append(entry)
+
+    previous = status.get("conditions") or []
+    valid = condition("Valid", "True", "SpecValid", "every stage config validates", previous)
+    if failure is not None:
+        phase, message = "Failed", failure
+        done = condition("Succeeded", "False", "StageFailed", failure, previous)
+    elif all(s["state"] == "Succeeded" for s in stages_status):
+        phase, current = "Succeeded", None
+        message = f"all {total} stages succeeded"
+        done = condition("Succeeded", "True", "AllStagesSucceeded", message, previous)
+    else:
+        done = condition("Succeeded", "Unknown", "Running", message, previous)
+    succeeded = sum(1 for s in stages_status if s["state"] == "Succeeded")
+    stages_status = [{k: v for k, v in s.items() if v is not None} for s in stages_status]
+    result.status = {
+        "phase": phase,
+        "currentStage": current,
+        "progress": f"{succeeded}/{total}",
+        "message": message,
+        "observedGeneration": meta.get("generation"),
+        "stages": stages_status,
+        "outputs": {s["name"]: s["outputURI"] for s in stages_status if s.get("outputURI")},
+        "conditions": [valid, done],
+    }
+    if phase == "Succeeded" and status.get("phase") != "Succeeded":
+        result.events.append(("PipelineSucceeded", message))
+    return result
+
+
+def _rayjob_for(pipeline: Pipeline, stage: Stage, name: str, namespace: str | None, uid: str, api_version: str,
+                attempt: int, image: str) -> dict[str, Any]:
+    cluster = pipeline.spec.cluster
+    owner = {"apiVersion": api_version, "kind": "Pipeline", "name": name, "uid": uid, "controller": True,
+             "blockOwnerDeletion": True}
+    labels = {render.LABEL_PIPELINE: render.dns1035(name)[:63].rstrip("-"), render.LABEL_PIPELINE_UID: uid,
+              render.LABEL_STAGE: stage.name, render.LABEL_ATTEMPT: str(attempt)}
+    return render.rayjob(
+        render.rayjob_name(name, stage.name, attempt), stage.spec.job, render.config_yaml(_config_data(stage)),
+        namespace=namespace, image=pipeline.spec.image or image, storage_secret=pipeline.spec.storageSecret,
+        cluster_selector=cluster.clusterSelector, ray_cluster_spec=cluster.rayClusterSpec,
+        resources=stage.options.resources, active_deadline_s=stage.options.activeDeadlineSeconds,
+        ttl_s=pipeline.spec.ttlSecondsAfterFinished, labels=labels, owner=owner,
+    )
+
+
+def _config_data(stage: Stage) -> dict[str, Any]:
+    """The stage's validated config (URIs of earlier stages substituted), without credentials."""
+    return yaml.safe_load(dump_config(stage.config))
