@@ -230,7 +230,8 @@ def run(cfg: DistillConfig, stage: Stage) -> dict[str, Any]:
         idx = [i for i, c in enumerate(chat) if c == flag]
         if idx:
             found, stats = encode_pairs(tokenizer, [examples[i].prompt for i in idx], [answers[i] for i in idx],
-                                        cfg.training.max_length, chat=flag)
+                                        cfg.training.max_length, chat=flag,
+                                        prompt_budget=None if flag else cfg.training.max_length // 2)
             encoded.extend(found)
             encode_stats["truncated"] += stats.truncated
             encode_stats["skipped"] += sum(stats.skipped.values())

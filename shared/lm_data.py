@@ -90,11 +90,12 @@ def encode_texts(tokenizer: Any, texts: Sequence[str | None], max_length: int) -
 
 
 def encode_pairs(tokenizer: Any, prompts: Sequence[str | None], answers: Sequence[str | None], max_length: int,
-                 chat: bool = True) -> tuple[list[LMExample], EncodeStats]:
+                 chat: bool = True, prompt_budget: int | None = None) -> tuple[list[LMExample], EncodeStats]:
     """Prompt/answer pairs: the prompt goes through the tokenizer's chat template (as ``shared.generation`` prompts
     the model; with ``chat=False`` it stays plain text, as for continuation tasks), the answer follows with an
     end-of-sequence token, and only answer tokens carry loss. A long answer is cut at ``max_length``; a prompt that
-    leaves no room for an answer token skips the pair."""
+    leaves no room for an answer token skips the pair, unless ``prompt_budget`` is set: then a longer prompt keeps
+    only its last ``prompt_budget`` tokens (what a continuation depends on most), counted as truncated."""
     from shared.generation import chat_prompt
 
     if len(prompts) != len(answers):
@@ -118,6 +119,9 @@ def encode_pairs(tokenizer: Any, prompts: Sequence[str | None], answers: Sequenc
                                max_length=max_length + 1)["input_ids"]
         if eos is not None:
             answer_ids = answer_ids + [eos]
+        if prompt_budget is not None and len(prompt_ids) > prompt_budget:
+            prompt_ids = prompt_ids[-prompt_budget:]
+            truncated += 1
         room = max_length - len(prompt_ids)
         if room < 1:
             _skip(skipped, "prompt fills max_length")
