@@ -82,9 +82,21 @@ def _first_line(obj: Any) -> str:
 
 
 def upstream_hash(uri: str, cfg: JobConfig) -> str | None:
-    """``stage:hash`` of an input that is a finished stage folder; None for plain data, aliases and hub ids."""
-    marker = stage_marker(uri, cfg.storage) if uri else None
-    return f"{uri}:{marker.get('config_hash', '')}" if marker is not None else None
+    """``stage:hash`` of the finished stage an input belongs to: the URI itself, or one or two folders up (a stage's
+    output such as ``<stage>/heldout`` or ``<stage>/seeds.jsonl``); None for plain data, aliases and hub ids."""
+    if not uri:
+        return None
+    candidates = [uri]
+    for _ in range(2):
+        parent = candidates[-1].rstrip("/").rsplit("/", 1)[0]
+        if not parent or parent == candidates[-1] or parent.endswith(":/"):
+            break
+        candidates.append(parent)
+    for candidate in candidates:
+        marker = stage_marker(candidate, cfg.storage)
+        if marker is not None:
+            return f"{candidate}:{marker.get('config_hash', '')}"
+    return None
 
 
 def open_stage(cfg: JobConfig) -> Stage:

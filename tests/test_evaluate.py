@@ -1,0 +1,79 @@
+"""Evaluation: per-example NLL against the perplexity helper, multiple choice, exact match, and the job end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pyarrow as pa
+import pytest
+
+from ray_jobs.runtime import run_job
+from shared.config import validate_config
+from shared.configs.evaluate import EvaluateConfig
+from shared.data import write_parquet
+from shared.errors import UserError
+from shared.evaluation import choice_examples, example_nll, exact_match, pick_choice
+from shared.lm_data import encode_texts
+from shared.models import load_causal_lm
+from shared.perplexity import evaluate_loss
+from shared.storage import Storage
+from tests.real_text import HELD_OUT_MODULES, chunks
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    return load_causal_lm("tiny-llama")
+
+
+def test_example_nll_sums_to_the_token_weighted_loss(tiny):
+    model, tok = tiny
+    examples, _ = encode_texts(tok, chunks(HELD_OUT_MODULES, words=30, limit=5), max_length=48)
+    per_example = example_nll(model, examples, tok.pad_token_id)
+    total = evaluate_loss(model, examples, batch_size=2, pad_id=tok.pad_token_id)
+    assert sum(t for _, t in per_example) == total.tokens
+    assert math.isclose(sum(n for n, _ in per_example), total.nll, rel_tol=1e-4)
+
+
+def test_pick_choice_follows_the_models_likelihood(tiny):
+    model, tok = tiny
+    context = "orbit orbit orbit orbit orbit orbit orbit orbit"
+    choices = ["orbit orbit orbit", "zebra quantum lattice"]
+    nll = [n for n, _ in example_nll(model, choice_examples(tok, context, choices, 64), tok.pad_token_id)]
+    assert pick_choice(model, tok, context, choices, 64) == int(nll[1] < nll[0])
+
+
+def test_exact_match():
+    assert exact_match("The total is 1,200 apples.", "#### 1200")
+    assert not exact_match("It is 12.", "#### 13")
+    assert exact_match("Paris\nmore text", "paris")
+    assert not exact_match("", "paris")
+
+
+@pytest.mark.ray
+def test_evaluate_job_table(ray_session, tmp_path, tiny_llama_dir):
+    store = Storage(str(tmp_path))
+    write_parquet(pa.table({"text": chunks(HELD_OUT_MODULES, words=30, limit=6) + [""]}), store, "text",
+                  "part-0.parquet")
+    write_parquet(pa.table({"question": ["Which is a planet?", "Which is a colour?"],
+                            "choices": [["Mars", "Tuesday"], ["green", "seven"]], "answer_index": [0, 0]}),
+                  store, "mc", "part-0.parquet")
+    (tmp_path / "qa.jsonl").write_text(json.dumps({"question": "What is 2+2?", "answer": "4"}) + "\n")
+    cfg = validate_config(EvaluateConfig, {
+        "models": {"tiny": "tiny-llama", "tiny-again": "tiny-llama"},
+        "datasets": {"text": str(tmp_path / "text"), "mc": str(tmp_path / "mc"), "qa": str(tmp_path / "qa.jsonl")},
+        "max_length": 48, "max_new_tokens": 4, "output_root": str(tmp_path / "run")}, "test")
+    metrics = run_job(cfg)
+    rows = metrics["models"]
+    assert rows["tiny"]["text"]["perplexity"] == pytest.approx(rows["tiny-again"]["text"]["perplexity"])
+    assert rows["tiny"]["text"]["skipped"] == 1 and rows["tiny"]["text"]["tokens"] > 0
+    assert rows["tiny"]["mc"]["accuracy"] in (0.0, 0.5, 1.0)
+    assert rows["tiny"]["qa"]["exact_match"] in (0.0, 1.0)
+    assert 100 < rows["tiny"]["text"]["perplexity"] < 2000  # a random 512-token model: near-uniform
+    table = (tmp_path / "run" / "evaluate" / "results.md").read_text()
+    assert table.splitlines()[0] == "| model | parameters | text ppl | mc ppl | mc acc | qa ppl | qa EM |"
+    assert len(table.splitlines()) == 4
+
+    bad = cfg.model_copy(update={"datasets": {"x": str(tmp_path / "qa.jsonl"), "y": str(tmp_path / "nothing")}})
+    with pytest.raises(UserError, match="nothing: not found"):
+        run_job(bad)
