@@ -94,7 +94,8 @@ class EmbedActor:
         import torch
 
         torch.set_num_threads(threads)
-        model, tokenizer = load_causal_lm(cfg.model, dtype=cfg.dtype, options=cfg.storage)
+        device = "cuda" if cfg.runtime.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
+        model, tokenizer = load_causal_lm(cfg.model, dtype=cfg.dtype, device=device, options=cfg.storage)
         self.embedder = load_embedder(model, tokenizer, layer, state)
         self.micro_batch = cfg.runtime.micro_batch
         self.throughput = Throughput("curate", stage_name, ("documents", "tokens"))
@@ -162,7 +163,8 @@ def fit_task(cfg: CurateConfig, sample_texts: list[str], seed_texts: list[str]) 
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    model, tokenizer = load_causal_lm(cfg.model, dtype=cfg.dtype, options=cfg.storage)
+    device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+    model, tokenizer = load_causal_lm(cfg.model, dtype=cfg.dtype, device=device, options=cfg.storage)
     generator = torch.Generator().manual_seed(cfg.seed)
     fit = fit_curation(model, tokenizer, sample_texts, seed_texts, settings_from(cfg), generator,
                        log=lambda line: print(line, flush=True))
@@ -243,18 +245,7 @@ def run(cfg: CurateConfig, stage: Stage) -> dict[str, Any]:
 
     # 3. score every document
     t1 = time.time()
-    threads = cfg.runtime.threads_per_actor or max(1, (os.cpu_count() or 1) // cfg.runtime.num_actors)
-    blocks = max(cfg.runtime.num_actors * 4, -(-rows // cfg.runtime.batch_docs))
-    scored = (
-        corpus.repartition(blocks)
-        .map_batches(tokenise_batch, fn_kwargs={"cfg": cfg, "ngram_weights": ngram_weights},
-                     batch_size=cfg.runtime.batch_docs, num_cpus=0.25)
-        .map_batches(EmbedActor, fn_constructor_kwargs={"cfg": cfg, "layer": fit["layer"], "state": fit["state"],
-                                                         "threads": threads, "stage_name": stage.name},
-                     compute=ray.data.ActorPoolStrategy(size=cfg.runtime.num_actors),
-                     batch_size=cfg.runtime.batch_docs, num_cpus=cfg.runtime.cpus_per_actor,
-                     num_gpus=cfg.runtime.gpus_per_actor or None)
-    )
+    scored = score_corpus(cfg, corpus, fit, ngram_weights, stage.name, rows)
     fs, scores_path = stage.store.pyarrow_filesystem("scores")
     scored.write_parquet(scores_path, filesystem=fs)
     timings["embed_s"] = round(time.time() - t1, 1)
@@ -280,6 +271,23 @@ def run(cfg: CurateConfig, stage: Stage) -> dict[str, Any]:
     write_report(stage.store, cfg, fit, metrics, totals["hist"], totals["bins"], subset, seed_texts)
     _print_summary(metrics)
     return metrics
+
+
+def score_corpus(cfg: CurateConfig, corpus: ray.data.Dataset, fit: dict[str, Any], ngram_weights: np.ndarray,
+                 stage_name: str, rows: int) -> ray.data.Dataset:
+    """read -> tokenise (tasks) -> embed and score (actor pool, the model loaded once per actor); lazy."""
+    threads = cfg.runtime.threads_per_actor or max(1, (os.cpu_count() or 1) // cfg.runtime.num_actors)
+    blocks = max(cfg.runtime.num_actors * 4, -(-rows // cfg.runtime.batch_docs))
+    return (
+        corpus.repartition(blocks)
+        .map_batches(tokenise_batch, fn_kwargs={"cfg": cfg, "ngram_weights": ngram_weights},
+                     batch_size=cfg.runtime.batch_docs, num_cpus=0.25)
+        .map_batches(EmbedActor, fn_constructor_kwargs={"cfg": cfg, "layer": fit["layer"], "state": fit["state"],
+                                                         "threads": threads, "stage_name": stage_name},
+                     compute=ray.data.ActorPoolStrategy(size=cfg.runtime.num_actors),
+                     batch_size=cfg.runtime.batch_docs, num_cpus=cfg.runtime.cpus_per_actor,
+                     num_gpus=cfg.runtime.gpus_per_actor or None)
+    )
 
 
 def _sum_rows(ds: ray.data.Dataset) -> dict[str, Any]:

@@ -78,13 +78,13 @@ def jvp_sensitivity(base: nn.Module, input_ids: torch.Tensor, attention_mask: to
         def forward(e: torch.Tensor) -> torch.Tensor:
             return base(inputs_embeds=e, attention_mask=mask, use_cache=False).last_hidden_state
 
-        v = torch.randint(0, 2, repeated.shape, generator=generator).to(embeds.dtype) * 2 - 1
+        v = (torch.randint(0, 2, repeated.shape, generator=generator) * 2 - 1).to(embeds.device, embeds.dtype)
         _, jv = jvp(forward, (repeated,), (v,))
-        squares = (jv.detach().float() ** 2).reshape(probes, batch, *jv.shape[1:]).mean(dim=0)
+        squares = (jv.detach().float() ** 2).reshape(probes, batch, *jv.shape[1:]).mean(dim=0).cpu()
     finally:
         config._attn_implementation = saved
     per_token = squares.sqrt()  # [B, T, H]
-    mask = token_mask(attention_mask, skip_first)
+    mask = token_mask(attention_mask.cpu(), skip_first)
     return per_token[mask].mean(dim=0)
 
 

@@ -77,13 +77,14 @@ class Embedder:
     @torch.inference_mode()
     def vectors(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(pooled SAE codes [B, n_latents], centred pooled hidden states [B, H]) for one micro-batch."""
-        input_ids, attention = pad_batch(ids, self.pad_id)
+        device = next(self.base.parameters()).device
+        input_ids, attention = (t.to(device) for t in pad_batch(ids, self.pad_id))
         hidden = hidden_states(self.base, input_ids, attention)
         mask = token_mask(attention, self.skip_first)
         mask = torch.where(mask.any(dim=1, keepdim=True), mask, attention.bool())  # one-token documents
-        sae_vec = pooled_codes(self.sae, hidden[..., self.coords].float(), mask)
-        dense = mean_pool(hidden.float(), mask) - self.dense_mean
-        return sae_vec, dense
+        sae_vec = pooled_codes(self.sae.to(device), hidden[..., self.coords.to(device)].float(), mask)
+        dense = mean_pool(hidden.float(), mask) - self.dense_mean.to(device)
+        return sae_vec.cpu(), dense.cpu()
 
     def score(self, ids: list[list[int]], micro_batch: int) -> dict[str, np.ndarray]:
         """Per document: best cosine to a seed and which seed, for the SAE codes and the dense baseline, plus the
@@ -170,6 +171,7 @@ def fit_curation(model: Any, tokenizer: Any, sample_texts: list[str], seed_texts
     num_layers = len(model.model.layers)
     layer = default_layer(num_layers) if settings.layer is None else settings.layer
     base = truncate_to_layer(model, layer)
+    device = next(base.parameters()).device
     pad_id = tokenizer.pad_token_id
     stats: dict[str, Any] = {}
 
@@ -181,9 +183,9 @@ def fit_curation(model: Any, tokenizer: Any, sample_texts: list[str], seed_texts
         ref_ids = [ids[: settings.reference_tokens] for ids in sample.ids[: settings.reference_docs]]
         scores = torch.zeros(hidden_size)
         for group in length_batches([len(x) for x in ref_ids], max(1, settings.micro_batch // 2)):
-            input_ids, attention = pad_batch([ref_ids[i] for i in group], pad_id)
+            input_ids, attention = (t.to(device) for t in pad_batch([ref_ids[i] for i in group], pad_id))
             scores += jvp_sensitivity(base, input_ids, attention, settings.probes, generator,
-                                      settings.skip_first) * len(group)
+                                      settings.skip_first).cpu() * len(group)
         scores /= len(ref_ids)
         stats["jvp_seconds"] = round(time.perf_counter() - started, 2)
         log(f"jvp sensitivity: {len(ref_ids)} documents x {settings.probes} probes in {stats['jvp_seconds']} s")
@@ -192,11 +194,11 @@ def fit_curation(model: Any, tokenizer: Any, sample_texts: list[str], seed_texts
     token_acts, pooled = [], []
     with torch.inference_mode():
         for group in length_batches([len(x) for x in sample.ids], settings.micro_batch):
-            input_ids, attention = pad_batch([sample.ids[i] for i in group], pad_id)
+            input_ids, attention = (t.to(device) for t in pad_batch([sample.ids[i] for i in group], pad_id))
             hidden = hidden_states(base, input_ids, attention).float()
             mask = token_mask(attention, settings.skip_first)
-            token_acts.append(hidden[mask])
-            pooled.append(mean_pool(hidden, mask))
+            token_acts.append(hidden[mask].cpu())
+            pooled.append(mean_pool(hidden, mask).cpu())
     acts = torch.cat(token_acts)
     pooled_hidden = torch.cat(pooled)
     stats.update(sample_docs=len(sample.ids), sample_tokens=int(acts.shape[0]),
@@ -238,11 +240,14 @@ def seed_features(embedder: Embedder, tokenizer: Any, sample_ids: list[list[int]
     sample_codes, token_hits = [], []  # token_hits: (activation, doc, position, latent)
     for group in length_batches([len(x) for x in sample_ids], settings.micro_batch):
         ids = [sample_ids[i] for i in group]
-        input_ids, attention = pad_batch(ids, embedder.pad_id)
+        device = next(embedder.base.parameters()).device
+        input_ids, attention = (t.to(device) for t in pad_batch(ids, embedder.pad_id))
         hidden = hidden_states(embedder.base, input_ids, attention)
         mask = token_mask(attention, embedder.skip_first)
         mask = torch.where(mask.any(dim=1, keepdim=True), mask, attention.bool())
-        codes = embedder.sae.dense_codes(hidden[..., embedder.coords].float()) * mask.unsqueeze(-1)
+        codes = (embedder.sae.to(device).dense_codes(hidden[..., embedder.coords.to(device)].float())
+                 * mask.unsqueeze(-1)).cpu()
+        embedder.sae.cpu()
         sample_codes.append(codes.sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp_min(1))
         token_hits.append((group, codes))
     corpus_mean = torch.cat(sample_codes).mean(dim=0)
