@@ -24,7 +24,7 @@ from ray_jobs.data import read_dataset, require_columns
 from ray_jobs.metrics import Throughput
 from shared.configs.curate import CurateConfig
 from shared.curation.curate_report import write_report
-from shared.curation.features import fit_curation, load_embedder, settings_from, tokenize
+from shared.curation.features import KINDS, fit_curation, load_embedder, settings_from, tokenize
 from shared.curation.ngram import gumbel_keys, hashed_ngrams, log_distribution, log_importance, stable_uniform
 from shared.curation.retrieval import block_candidates, purity_and_recall, select
 from shared.data import read_table, write_parquet
@@ -32,8 +32,8 @@ from shared.errors import DataError
 from shared.models import load_causal_lm, load_tokenizer, resolve_model
 from shared.storage import Stage
 
-METHODS = ("sae", "dense", "ngram", "random")
-SCORE_COLUMN = {"sae": "sae_score", "dense": "dense_score", "ngram": "ngram_key", "random": "random_key"}
+SEEDED = KINDS  # methods scored by similarity to the seeds: sae, sae_idf, dense
+SCORE_COLUMN = {"ngram": "ngram_key", "random": "random_key", **{k: f"{k}_score" for k in KINDS}}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -102,11 +102,12 @@ class EmbedActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.flatnonzero(batch["status"] == "ok")
-        n, s = len(batch["status"]), self.embedder.seed_sae.shape[0]
-        scores = {"sae_score": np.full(n, np.nan, np.float32), "dense_score": np.full(n, np.nan, np.float32),
-                  "sae_seed": np.full(n, -1, np.int32), "dense_seed": np.full(n, -1, np.int32),
-                  "sae_seed_scores": np.full((n, s), np.nan, np.float32),
-                  "dense_seed_scores": np.full((n, s), np.nan, np.float32)}
+        n, s = len(batch["status"]), next(iter(self.embedder.seeds.values())).shape[0]
+        scores: dict[str, np.ndarray] = {}
+        for kind in KINDS:
+            scores[f"{kind}_score"] = np.full(n, np.nan, np.float32)
+            scores[f"{kind}_seed"] = np.full(n, -1, np.int32)
+            scores[f"{kind}_seed_scores"] = np.full((n, s), np.nan, np.float32)
         if len(ok):
             ids = [np.frombuffer(batch["input_ids"][i], dtype=np.int32).tolist() for i in ok]
             found = self.embedder.score(ids, self.micro_batch)
@@ -128,7 +129,7 @@ def ngram_counts(batch: dict[str, np.ndarray], column: str, buckets: int) -> dic
 
 
 def block_reduce(batch: dict[str, np.ndarray], plans: list[dict[str, Any]], bins: np.ndarray | None,
-                 target: str | None) -> dict[str, list]:
+                 target: str | None, primary: str = "sae") -> dict[str, list]:
     """One block -> one row: its candidates for each planned selection (a superset of the block's share of the
     final selection) and, when ``bins`` is given, its counts and SAE-score histogram."""
     usable = np.flatnonzero(batch["status"] == "ok")
@@ -145,7 +146,7 @@ def block_reduce(batch: dict[str, np.ndarray], plans: list[dict[str, Any]], bins
         ok = batch["status"] == "ok"
         labels = batch["label"][ok] if "label" in batch else np.array([])
         payload["stats"] = {
-            "hist": np.histogram(np.asarray(batch["sae_score"], dtype=np.float64)[ok], bins=bins)[0],
+            "hist": np.histogram(np.asarray(batch[SCORE_COLUMN[primary]], dtype=np.float64)[ok], bins=bins)[0],
             "ok": int(ok.sum()), "empty": int((batch["status"] == "empty").sum()),
             "not_text": int((batch["status"] == "not_text").sum()), "truncated": int(batch["truncated"][ok].sum()),
             "tokens": int(batch["n_tokens"][ok].sum()),
@@ -257,10 +258,11 @@ def run(cfg: CurateConfig, stage: Stage) -> dict[str, Any]:
     timings["select_s"] = round(time.time() - t2, 1)
 
     # outputs
-    subset = selected["sae"]
+    primary = cfg.retrieval.scoring
+    subset = selected[primary]
     table = pa.table({
-        "id": subset["id"], "text": subset["text"], "score": subset["sae_score"].astype(np.float32),
-        "matched_seed": [seed_ids[i] for i in subset["sae_seed"]],
+        "id": subset["id"], "text": subset["text"], "score": subset[f"{primary}_score"].astype(np.float32),
+        "matched_seed": [seed_ids[i] for i in subset[f"{primary}_seed"]],
         **({"label": subset["label"]} if "label" in subset else {}),
     })
     write_parquet(table, stage.store, "subset", "part-000.parquet")
@@ -299,22 +301,26 @@ def _sum_rows(ds: ray.data.Dataset) -> dict[str, Any]:
 
 
 def _plan(cfg: CurateConfig, method: str, m: int | None) -> dict[str, Any]:
-    return {"method": method, "m": m, "mode": cfg.retrieval.mode if method in ("sae", "dense") else "global",
-            "threshold": cfg.retrieval.threshold if method == "sae" else None}
+    """Seeded methods follow the configured mode; the threshold applies to the method that makes the subset."""
+    return {"method": method, "m": m, "mode": cfg.retrieval.mode if method in SEEDED else "global",
+            "threshold": cfg.retrieval.threshold if method == cfg.retrieval.scoring else None}
 
 
 def select_all(cfg: CurateConfig, scores: ray.data.Dataset) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
     """Every method's selection, as a streaming reduce: each block keeps its own candidates and the driver picks
     among them (exact: a document in the global top-M is in the top-M of its block).
 
-    The baselines without seeds (random, ngram) take as many documents as the SAE selection. With a fixed M in
-    global mode that size is known up front and one pass does everything; otherwise a second pass follows.
+    The methods without seeds (random, ngram) take as many documents as the subset's method selected. With a fixed
+    M in global mode that size is known up front and one pass does everything; otherwise a second pass follows.
     """
     m = cfg.retrieval.m
+    primary = cfg.retrieval.scoring
     known_size = cfg.retrieval.mode == "global" and cfg.retrieval.threshold is None
-    first = [_plan(cfg, "sae", m)] + [_plan(cfg, b, m) for b in cfg.baselines if b == "dense" or known_size]
+    seeded = [k for k in ("sae", "sae_idf") if k != primary] + [b for b in cfg.baselines if b == "dense"]
+    first = [_plan(cfg, primary, m)] + [_plan(cfg, k, m) for k in seeded] + \
+        [_plan(cfg, b, m) for b in cfg.baselines if b not in seeded and known_size]
     bins = np.linspace(-1.0, 1.0, 201)
-    candidates, totals = _reduce(scores, first, bins, cfg.target_label)
+    candidates, totals = _reduce(scores, first, bins, cfg.target_label, primary)
     usable = int(totals["ok"])
     if usable == 0:
         raise DataError(f"corpus {cfg.corpus}: no usable documents ({totals['empty']} empty, "
@@ -322,20 +328,21 @@ def select_all(cfg: CurateConfig, scores: ray.data.Dataset) -> tuple[dict[str, d
     if m is not None and m > usable:
         raise DataError(f"retrieval.m={m} is larger than the {usable} usable documents of the corpus")
     selected = {plan["method"]: _final(candidates[plan["method"]], plan) for plan in first}
-    size = len(selected["sae"]["id"])
+    size = len(selected[primary]["id"])
     second = [_plan(cfg, b, size) for b in cfg.baselines if b not in selected]
     if second:
-        more, _ = _reduce(scores, second, None, cfg.target_label)
+        more, _ = _reduce(scores, second, None, cfg.target_label, primary)
         selected.update({plan["method"]: _final(more[plan["method"]], plan) for plan in second})
     totals["bins"] = bins
     return selected, totals
 
 
-def _reduce(scores: ray.data.Dataset, plans: list[dict[str, Any]], bins: np.ndarray | None, target: str | None
-            ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
+def _reduce(scores: ray.data.Dataset, plans: list[dict[str, Any]], bins: np.ndarray | None, target: str | None,
+            primary: str) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
     parts: dict[str, list[dict[str, np.ndarray]]] = {plan["method"]: [] for plan in plans}
     totals: dict[str, Any] = {}
-    reduced = scores.map_batches(block_reduce, fn_kwargs={"plans": plans, "bins": bins, "target": target},
+    reduced = scores.map_batches(block_reduce, fn_kwargs={"plans": plans, "bins": bins, "target": target,
+                                                          "primary": primary},
                                  batch_size=None)
     for row in reduced.iter_rows():
         payload = pickle.loads(row["payload"])
@@ -362,11 +369,13 @@ def _final(cols: dict[str, np.ndarray], plan: dict[str, Any]) -> dict[str, np.nd
 
 
 def save_sae(stage: Stage, fit: dict[str, Any], cfg: CurateConfig) -> None:
+    import torch
     import yaml
     from safetensors.torch import save
 
     state = fit["state"]
     stage.store.write_bytes(save(state["sae_tensors"]), "sae", "sae.safetensors")
+    stage.store.write_bytes(save({"latent_idf": torch.as_tensor(np.array(state["idf"]))}), "sae", "latent_idf.safetensors")
     meta = {"model": cfg.model, "layer": fit["layer"], "selector": cfg.coordinates.selector,
             "skip_first_token": cfg.skip_first_token, **state["sae_shape"]}
     stage.store.write_text(yaml.safe_dump(meta, sort_keys=False), "sae", "config.yaml")

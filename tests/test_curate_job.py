@@ -62,7 +62,7 @@ def test_curate_end_to_end_on_s3(ray_session, s3_root, labelled_chunks):
     corpus = metrics["corpus"]
     assert corpus["rows"] == len(pool) + 3 and corpus["usable"] == len(pool) + 1
     assert corpus["skipped_empty"] == 2 and corpus["truncated"] >= 1 and corpus["target_documents"] == 30
-    for method in ("sae", "dense", "random", "ngram"):
+    for method in ("sae", "sae_idf", "dense", "random", "ngram"):
         entry = metrics["retrieval"][method]
         assert entry["selected"] == 12 and 0.0 <= entry["purity"] <= 1.0 and 0.0 <= entry["recall"] <= 1.0
     assert metrics["sae"]["n_latents"] == 64 and 0.0 <= metrics["sae"]["dead_fraction"] <= 1.0
@@ -75,6 +75,7 @@ def test_curate_end_to_end_on_s3(ray_session, s3_root, labelled_chunks):
     assert scores == sorted(scores, reverse=True)
     assert set(subset.column("matched_seed").to_pylist()) <= {s.id for s in seeds}
     assert stage.exists("sae", "sae.safetensors") and "n_latents: 64" in stage.read_text("sae", "config.yaml")
+    assert stage.exists("sae", "latent_idf.safetensors")
     coordinates = stage.read_json("coordinates.json")
     assert len(coordinates["indices"]) == 16 and coordinates["layer"] == 4
     assert "SAE score histogram" in stage.read_text("report.html")
@@ -119,10 +120,11 @@ def test_curate_per_seed_threshold_on_jsonl_without_ids(ray_session, tmp_path, l
     (tmp_path / "corpus.jsonl").write_text("\n".join(lines) + "\n")
     cfg = validate_config(CurateConfig, {**SMALL, "corpus": str(tmp_path / "corpus.jsonl"),
                                          "seeds": [s.text for s in seeds], "output_root": str(tmp_path / "run"),
-                                         "retrieval": {"m": 4, "mode": "per_seed", "threshold": 0.0},
+                                         "retrieval": {"m": 4, "mode": "per_seed", "threshold": 0.0,
+                                                       "scoring": "sae_idf"},
                                          "baselines": ["random", "ngram"]}, "test")
     metrics = run_job(cfg)
-    union = metrics["retrieval"]["sae"]["selected"]
+    union = metrics["retrieval"]["sae_idf"]["selected"]
     assert 4 <= union <= 12  # three seeds x 4, united
     assert metrics["retrieval"]["random"]["selected"] == union == metrics["retrieval"]["ngram"]["selected"]
     subset = pq.read_table(tmp_path / "run" / "curate" / "subset" / "part-000.parquet")

@@ -14,7 +14,7 @@ from shared.curation.corpus import Document, chunk_text, split_corpus, strip_new
 from shared.curation.features import length_batches, pad_batch
 from shared.curation.ngram import gumbel_keys, hashed_ngrams, log_distribution, log_importance, stable_uniform
 from shared.curation.retrieval import block_candidates, mean_pool, purity_and_recall, select
-from shared.curation.sae import SAEShape, TopKSAE, TrainSettings, pooled_codes, train_sae
+from shared.curation.sae import SAEShape, TopKSAE, TrainSettings, idf_codes, idf_weights, pooled_codes, train_sae
 from shared.errors import DataError, ModelError
 from shared.models import load_causal_lm
 
@@ -261,3 +261,13 @@ def test_split_keeps_seed_and_heldout_documents_out_of_the_pool():
 def test_length_batches_group_similar_lengths():
     batches = length_batches([3, 10, 1, 9, 2], size=2)
     assert batches == [[1, 3], [0, 4], [2]]
+
+
+def test_idf_weights_discount_latents_that_fire_everywhere():
+    pooled = torch.tensor([[0.5, 0.2, 0.0], [0.4, 0.0, 0.0], [0.6, 0.0, 0.3], [0.5, 0.0, 0.0]])
+    idf = idf_weights(pooled)
+    assert float(idf[0]) == 0.0 and float(idf[1]) > float(idf[0])  # everywhere: no weight; rare: weight
+    assert torch.isclose(idf[1], torch.log(torch.tensor(4 / 2)))
+    weighted = idf_codes(pooled, idf)
+    assert torch.allclose(weighted[0], torch.tensor([0.0, 1.0, 0.0]))  # only the rare latent remains
+    assert torch.allclose(weighted.norm(dim=1)[[0, 2]], torch.ones(2))

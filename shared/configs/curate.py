@@ -51,6 +51,10 @@ class SAEConfig(StrictModel):
 class RetrievalConfig(StrictModel):
     """How documents are selected from their scores (the same rule for every method)."""
 
+    scoring: Literal["sae", "sae_idf"] = "sae"
+    """Which score makes the subset: sae, the cosine of mean-pooled SAE codes (FineScope's method); sae_idf, the same
+    codes with every latent weighted by its idf over the corpus sample (sqrt of the activation times log N/df), so
+    latents that fire in nearly every document weigh less. Both are always measured and reported."""
     m: int | None = Field(100, ge=1)
     """Documents to select (M). Unset: everything at or above the threshold."""
     mode: Literal["global", "per_seed"] = "global"
@@ -98,7 +102,7 @@ class CurateConfig(JobConfig):
     Coordinates of one layer are chosen by their sensitivity to the input embeddings, a TopK SAE is trained on them
     over a corpus sample, and every document is scored by the cosine between its mean-pooled SAE code and the
     nearest seed's. Random, dense (mean-pooled hidden state) and DSIR-style n-gram baselines select from the same
-    pool with the same M. Outputs: subset/ (Parquet: id, text, score, matched_seed, label), sae/, coordinates.json,
+    pool with the same M (an idf-weighted variant of the SAE score is reported too). Outputs: subset/ (Parquet: id, text, score, matched_seed, label), sae/, coordinates.json,
     scores/, metrics.json (retrieval.<method>.purity/recall when labels are known), report.html.
     """
 

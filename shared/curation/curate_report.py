@@ -45,14 +45,15 @@ def write_report(store: Storage, cfg: Any, fit: dict[str, Any], metrics: dict[st
     fig, ax = report.figure()
     centres = (bins[:-1] + bins[1:]) / 2
     ax.bar(centres, hist, width=bins[1] - bins[0], color="#4c72b0")
-    if len(subset.get("sae_score", [])):
-        cut = float(np.min(subset["sae_score"]))
+    score_column = f"{cfg.retrieval.scoring}_score"
+    if len(subset.get(score_column, [])):
+        cut = float(np.min(subset[score_column]))
         ax.axvline(cut, color="#c44e52", linestyle="--", label=f"cut {cut:.3f}")
         ax.legend()
     nonzero = np.flatnonzero(hist)
     if len(nonzero):
         ax.set_xlim(bins[nonzero[0]] - 0.02, bins[nonzero[-1] + 1] + 0.02)
-    ax.set_xlabel("max cosine to a seed (SAE codes)")
+    ax.set_xlabel(f"max cosine to a seed ({cfg.retrieval.scoring})")
     ax.set_ylabel("documents")
     report.add_figure(fig, "SAE score histogram with the selection cut")
 
@@ -65,7 +66,7 @@ def write_report(store: Storage, cfg: Any, fit: dict[str, Any], metrics: dict[st
     report.heading("First selected documents")
     preview = []
     for i in range(min(10, len(subset.get("id", [])))):
-        preview.append({"id": subset["id"][i], "score": float(subset["sae_score"][i]),
+        preview.append({"id": subset["id"][i], "score": float(subset[score_column][i]),
                         "label": subset["label"][i] if "label" in subset else "",
                         "text": str(subset["text"][i])[:160].replace("\n", " ")})
     report.table(None, preview)

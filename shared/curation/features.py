@@ -18,7 +18,8 @@ import torch
 from shared.curation.activations import (default_layer, hidden_states, jvp_sensitivity, select_coordinates,
                                          statistic_scores, token_mask, truncate_to_layer)
 from shared.curation.retrieval import mean_pool, seed_similarities
-from shared.curation.sae import SAEShape, TopKSAE, TrainSettings, pooled_codes, sae_from_state, sae_state, train_sae
+from shared.curation.sae import (SAEShape, TopKSAE, TrainSettings, idf_codes, idf_weights, pooled_codes,
+                                 sae_from_state, sae_state, train_sae)
 from shared.errors import DataError
 
 Log = Callable[[str], None]
@@ -61,6 +62,11 @@ def length_batches(lengths: list[int], size: int) -> list[list[int]]:
 # The per-worker embedder
 
 
+KINDS = ("sae", "sae_idf", "dense")
+"""Document vectors compared with the seeds': pooled SAE codes as the method defines them, the same codes
+re-weighted by latent idf, and the mean-pooled hidden state (the dense baseline)."""
+
+
 @dataclass
 class Embedder:
     """Truncated model + coordinates + SAE + seed vectors: scores token-id lists against the seeds."""
@@ -70,50 +76,49 @@ class Embedder:
     coords: torch.Tensor
     sae: TopKSAE
     skip_first: bool
-    dense_mean: torch.Tensor
-    seed_sae: torch.Tensor | None = None
-    seed_dense: torch.Tensor | None = None
+    idf: torch.Tensor
+    seeds: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @torch.inference_mode()
-    def vectors(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pooled SAE codes [B, n_latents], centred pooled hidden states [B, H]) for one micro-batch."""
+    def pooled(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean-pooled SAE codes [B, n_latents], mean-pooled hidden states [B, H]), not normalised, on the CPU."""
         device = next(self.base.parameters()).device
         input_ids, attention = (t.to(device) for t in pad_batch(ids, self.pad_id))
         hidden = hidden_states(self.base, input_ids, attention)
         mask = token_mask(attention, self.skip_first)
         mask = torch.where(mask.any(dim=1, keepdim=True), mask, attention.bool())  # one-token documents
-        sae_vec = pooled_codes(self.sae.to(device), hidden[..., self.coords.to(device)].float(), mask)
-        dense = mean_pool(hidden.float(), mask) - self.dense_mean.to(device)
-        return sae_vec.cpu(), dense.cpu()
+        codes = pooled_codes(self.sae.to(device), hidden[..., self.coords.to(device)].float(), mask, normalise=False)
+        return codes.cpu(), mean_pool(hidden.float(), mask).cpu()
+
+    def vectors(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Every kind of document vector for one micro-batch."""
+        codes, dense = self.pooled(ids)
+        return {"sae": torch.nn.functional.normalize(codes, dim=-1), "sae_idf": idf_codes(codes, self.idf),
+                "dense": dense}
 
     def score(self, ids: list[list[int]], micro_batch: int) -> dict[str, np.ndarray]:
-        """Per document: best cosine to a seed and which seed, for the SAE codes and the dense baseline, plus the
-        similarity to every seed ([B, S]) for per-seed selection."""
-        assert self.seed_sae is not None and self.seed_dense is not None
-        n, s = len(ids), self.seed_sae.shape[0]
-        out = {key: np.zeros((n, s), dtype=np.float32) for key in ("sae_seed_scores", "dense_seed_scores")}
+        """Per document and kind: the best cosine to a seed (``<kind>_score``), which seed (``<kind>_seed``) and
+        the similarity to every seed (``<kind>_seed_scores`` [B, S], for per-seed selection)."""
+        n, s = len(ids), next(iter(self.seeds.values())).shape[0]
+        out = {f"{kind}_seed_scores": np.zeros((n, s), dtype=np.float32) for kind in KINDS}
         for group in length_batches([len(x) for x in ids], micro_batch):
-            sae_vec, dense = self.vectors([ids[i] for i in group])
-            out["sae_seed_scores"][group] = seed_similarities(sae_vec, self.seed_sae).numpy()
-            out["dense_seed_scores"][group] = seed_similarities(dense, self.seed_dense).numpy()
-        for method in ("sae", "dense"):
-            sims = out[f"{method}_seed_scores"]
-            out[f"{method}_score"] = sims.max(axis=1)
-            out[f"{method}_seed"] = sims.argmax(axis=1).astype(np.int32)
+            for kind, vec in self.vectors([ids[i] for i in group]).items():
+                out[f"{kind}_seed_scores"][group] = seed_similarities(vec, self.seeds[kind]).numpy()
+        for kind in KINDS:
+            sims = out[f"{kind}_seed_scores"]
+            out[f"{kind}_score"] = sims.max(axis=1)
+            out[f"{kind}_seed"] = sims.argmax(axis=1).astype(np.int32)
         return out
 
 
 def load_embedder(model: Any, tokenizer: Any, layer: int, state: dict[str, Any]) -> Embedder:
     """Rebuild a worker's embedder from :func:`fit_curation`'s portable state."""
-    base = truncate_to_layer(model, layer)
     tensor = lambda a: torch.tensor(np.array(a))  # noqa: E731  (a writable copy of Ray's read-only arrays)
-    embedder = Embedder(base=base, pad_id=tokenizer.pad_token_id, coords=tensor(state["coords"]),
-                        sae=sae_from_state({k: v.clone() for k, v in state["sae_tensors"].items()},
-                                           state["sae_shape"]),
-                        skip_first=state["skip_first"], dense_mean=tensor(state["dense_mean"]))
-    embedder.seed_sae = tensor(state["seed_sae"])
-    embedder.seed_dense = tensor(state["seed_dense"])
-    return embedder
+    return Embedder(base=truncate_to_layer(model, layer), pad_id=tokenizer.pad_token_id,
+                    coords=tensor(state["coords"]),
+                    sae=sae_from_state({k: v.clone() for k, v in state["sae_tensors"].items()}, state["sae_shape"]),
+                    skip_first=state["skip_first"], idf=tensor(state["idf"]),
+                    seeds={kind: tensor(v) for kind, v in state["seeds"].items()})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -149,16 +154,15 @@ class FitResult:
     history: list[dict[str, float]]
     fvu: float
     dead_fraction: float
-    dense_mean: np.ndarray
-    seed_sae: np.ndarray
-    seed_dense: np.ndarray
+    idf: np.ndarray
+    seeds: dict[str, np.ndarray]
     features: list[dict[str, Any]]
     stats: dict[str, Any] = field(default_factory=dict)
 
     def portable(self, skip_first: bool) -> dict[str, Any]:
         tensors, shape = sae_state(self.sae)
         return {"coords": self.coords, "sae_tensors": tensors, "sae_shape": shape, "skip_first": skip_first,
-                "dense_mean": self.dense_mean, "seed_sae": self.seed_sae, "seed_dense": self.seed_dense}
+                "idf": self.idf, "seeds": self.seeds}
 
 
 def fit_curation(model: Any, tokenizer: Any, sample_texts: list[str], seed_texts: list[str], settings: FitSettings,
@@ -190,17 +194,14 @@ def fit_curation(model: Any, tokenizer: Any, sample_texts: list[str], seed_texts
         stats["jvp_seconds"] = round(time.perf_counter() - started, 2)
         log(f"jvp sensitivity: {len(ref_ids)} documents x {settings.probes} probes in {stats['jvp_seconds']} s")
 
-    # 2. activations of the sample (all counted tokens) and pooled hidden states for centring
-    token_acts, pooled = [], []
+    # 2. activations of the sample (all counted tokens)
+    token_acts = []
     with torch.inference_mode():
         for group in length_batches([len(x) for x in sample.ids], settings.micro_batch):
             input_ids, attention = (t.to(device) for t in pad_batch([sample.ids[i] for i in group], pad_id))
             hidden = hidden_states(base, input_ids, attention).float()
-            mask = token_mask(attention, settings.skip_first)
-            token_acts.append(hidden[mask].cpu())
-            pooled.append(mean_pool(hidden, mask).cpu())
+            token_acts.append(hidden[token_mask(attention, settings.skip_first)].cpu())
     acts = torch.cat(token_acts)
-    pooled_hidden = torch.cat(pooled)
     stats.update(sample_docs=len(sample.ids), sample_tokens=int(acts.shape[0]),
                  sample_truncated=int(sum(sample.truncated)))
     log(f"activations: {acts.shape[0]} tokens from {len(sample.ids)} sample documents at layer {layer}")
@@ -216,62 +217,59 @@ def fit_curation(model: Any, tokenizer: Any, sample_texts: list[str], seed_texts
                      dead_tokens=settings.dead_tokens)
     trained = train_sae(acts[:, coords], shape, settings.train, log=log)
 
-    # 4. seeds, through the same embedder the workers use
-    dense_mean = pooled_hidden.mean(dim=0)
+    # 4. latent idf over the sample, then the seeds, through the same embedder the workers use
     embedder = Embedder(base=base, pad_id=pad_id, coords=coords, sae=trained.sae, skip_first=settings.skip_first,
-                        dense_mean=dense_mean)
+                        idf=torch.zeros(n_latents))
+    sample_codes = torch.cat([embedder.pooled([sample.ids[i] for i in group])[0]
+                              for group in length_batches([len(x) for x in sample.ids], settings.micro_batch)])
+    embedder.idf = idf_weights(sample_codes)
     seeds = tokenize(tokenizer, seed_texts, settings.max_tokens)
-    seed_sae_t = torch.zeros(len(seeds.ids), n_latents)
-    seed_dense_t = torch.zeros(len(seeds.ids), hidden_size)
+    seed_vectors: dict[str, list[tuple[int, torch.Tensor]]] = {kind: [] for kind in KINDS}
     for group in length_batches([len(x) for x in seeds.ids], settings.micro_batch):
-        seed_sae_t[group], seed_dense_t[group] = embedder.vectors([seeds.ids[i] for i in group])
+        for kind, vec in embedder.vectors([seeds.ids[i] for i in group]).items():
+            seed_vectors[kind] += list(zip(group, vec))
+    embedder.seeds = {kind: torch.stack([v for _, v in sorted(pairs, key=lambda p: p[0])])
+                      for kind, pairs in seed_vectors.items()}
 
-    features = seed_features(embedder, tokenizer, sample.ids, seed_sae_t, settings)
+    features = seed_features(embedder, tokenizer, sample.ids, sample_codes, settings)
     return FitResult(layer=layer, coords=coords.numpy(), coordinate_scores=scores.numpy(), sae=trained.sae,
                      history=trained.history, fvu=trained.fvu, dead_fraction=trained.dead_fraction,
-                     dense_mean=dense_mean.numpy(), seed_sae=seed_sae_t.numpy(), seed_dense=seed_dense_t.numpy(),
+                     idf=embedder.idf.numpy(), seeds={k: v.numpy() for k, v in embedder.seeds.items()},
                      features=features, stats=stats)
 
 
 @torch.inference_mode()
-def seed_features(embedder: Embedder, tokenizer: Any, sample_ids: list[list[int]], seed_codes: torch.Tensor,
+def seed_features(embedder: Embedder, tokenizer: Any, sample_ids: list[list[int]], sample_codes: torch.Tensor,
                   settings: FitSettings) -> list[dict[str, Any]]:
     """The SAE latents the seeds use most (relative to the corpus sample), each with its top-activating snippets."""
-    sample_codes, token_hits = [], []  # token_hits: (activation, doc, position, latent)
-    for group in length_batches([len(x) for x in sample_ids], settings.micro_batch):
-        ids = [sample_ids[i] for i in group]
-        device = next(embedder.base.parameters()).device
-        input_ids, attention = (t.to(device) for t in pad_batch(ids, embedder.pad_id))
-        hidden = hidden_states(embedder.base, input_ids, attention)
-        mask = token_mask(attention, embedder.skip_first)
-        mask = torch.where(mask.any(dim=1, keepdim=True), mask, attention.bool())
-        codes = (embedder.sae.to(device).dense_codes(hidden[..., embedder.coords.to(device)].float())
-                 * mask.unsqueeze(-1)).cpu()
-        embedder.sae.cpu()
-        sample_codes.append(codes.sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp_min(1))
-        token_hits.append((group, codes))
-    corpus_mean = torch.cat(sample_codes).mean(dim=0)
+    seed_codes = embedder.seeds["sae"]
+    corpus_mean = sample_codes.mean(dim=0)
     seed_mean = seed_codes.mean(dim=0)
     lift = seed_mean / (corpus_mean + 1e-3 * float(corpus_mean.max().clamp_min(1e-6)))
     chosen = [int(i) for i in torch.topk(seed_mean * torch.log1p(lift), settings.top_features).indices
               if seed_mean[i] > 0]
-    features = []
-    for latent in chosen:
-        best: list[tuple[float, int, int]] = []
-        for group, codes in token_hits:
+    best: dict[int, list[tuple[float, int, int]]] = {latent: [] for latent in chosen}
+    device = next(embedder.base.parameters()).device
+    for group in length_batches([len(x) for x in sample_ids], settings.micro_batch):
+        input_ids, attention = (t.to(device) for t in pad_batch([sample_ids[i] for i in group], embedder.pad_id))
+        hidden = hidden_states(embedder.base, input_ids, attention)
+        mask = token_mask(attention, embedder.skip_first).cpu()
+        codes = embedder.sae.to(device).dense_codes(hidden[..., embedder.coords.to(device)].float()).cpu()
+        codes = codes * mask.unsqueeze(-1)
+        for latent in chosen:
             acts = codes[..., latent]
             top = torch.topk(acts.flatten(), min(settings.snippets_per_feature, acts.numel()))
             for value, flat in zip(top.values.tolist(), top.indices.tolist()):
                 if value > 0:
-                    best.append((value, group[flat // acts.shape[1]], flat % acts.shape[1]))
-        best.sort(reverse=True)
+                    best[latent].append((value, group[flat // acts.shape[1]], flat % acts.shape[1]))
+    features = []
+    for latent in chosen:
         snippets = []
-        for value, doc, pos in best[: settings.snippets_per_feature]:
+        for value, doc, pos in sorted(best[latent], reverse=True)[: settings.snippets_per_feature]:
             ids = sample_ids[doc]
-            left = tokenizer.decode(ids[max(0, pos - 8): pos])
-            token = tokenizer.decode(ids[pos: pos + 1])
-            right = tokenizer.decode(ids[pos + 1: pos + 5])
-            snippets.append({"activation": round(value, 3), "left": left, "token": token, "right": right})
+            snippets.append({"activation": round(value, 3), "left": tokenizer.decode(ids[max(0, pos - 8): pos]),
+                             "token": tokenizer.decode(ids[pos: pos + 1]),
+                             "right": tokenizer.decode(ids[pos + 1: pos + 5])})
         features.append({"latent": latent, "seed_mean": float(seed_mean[latent]),
                          "corpus_mean": float(corpus_mean[latent]), "snippets": snippets})
     return features

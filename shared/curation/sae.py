@@ -204,12 +204,25 @@ def sae_from_state(tensors: dict[str, torch.Tensor], shape: dict[str, Any]) -> T
     return sae.eval()
 
 
-def pooled_codes(sae: TopKSAE, acts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, n_latents]: SAE codes of every counted token ([B, T, d_in] with [B, T] mask), mean-pooled, L2-normalised."""
+def pooled_codes(sae: TopKSAE, acts: torch.Tensor, mask: torch.Tensor, normalise: bool = True) -> torch.Tensor:
+    """[B, n_latents]: SAE codes of every counted token ([B, T, d_in] with [B, T] mask), mean-pooled, L2-normalised
+    (unless ``normalise`` is False)."""
     values, indices = sae.encode(acts.float())  # [B, T, k] each
     values = values * mask.unsqueeze(-1)
     batch = acts.shape[0]
     pooled = torch.zeros(batch, sae.shape.n_latents, dtype=values.dtype, device=values.device)
     pooled.scatter_add_(1, indices.reshape(batch, -1), values.reshape(batch, -1))
     pooled = pooled / mask.sum(dim=1, keepdim=True).clamp_min(1)
-    return F.normalize(pooled, dim=-1)
+    return F.normalize(pooled, dim=-1) if normalise else pooled
+
+
+def idf_weights(pooled: torch.Tensor) -> torch.Tensor:
+    """[n_latents] log(N / (1 + documents where the latent fires)) from [N, n_latents] pooled codes of a sample."""
+    documents = (pooled > 0).sum(dim=0).float()
+    return torch.log(pooled.shape[0] / (1.0 + documents)).clamp_min(0.0)
+
+
+def idf_codes(pooled: torch.Tensor, idf: torch.Tensor) -> torch.Tensor:
+    """Pooled codes re-weighted like tf-idf (sqrt of the mean activation times the latent's idf), L2-normalised.
+    Latents that fire in almost every document (formatting, position) stop dominating the cosine."""
+    return F.normalize(pooled.clamp_min(0).sqrt() * idf, dim=-1)
