@@ -163,6 +163,12 @@ def train_sae(activations: torch.Tensor, shape: SAEShape, settings: TrainSetting
     with torch.no_grad():
         sae.input_scale.fill_(float((shape.d_in / x_all.pow(2).sum(dim=1).mean().clamp_min(1e-12)).sqrt()))
         sae.b_pre.copy_((x_all * sae.input_scale).mean(dim=0))
+        # k unit-norm atoms with activations of the input's size overshoot the input by about sqrt(k): scale the
+        # encoder (TopK-ReLU codes are linear in it) so that the first reconstructions have the inputs' size
+        probe = x_all[torch.randperm(x_all.shape[0], generator=gen)[: settings.batch_size]]
+        centred = probe * sae.input_scale - sae.b_pre
+        recon = sae.decode(*sae.encode(probe)) - sae.b_pre
+        sae.encoder.weight.mul_(float(centred.norm(dim=1).mean() / recon.norm(dim=1).mean().clamp_min(1e-12)))
     optimizer = torch.optim.Adam(sae.parameters(), lr=settings.lr)
     result = TrainResult(sae=sae)
     n = x_all.shape[0]
