@@ -6,12 +6,18 @@ A job named ``foo-bar`` has its config here and its Ray glue in ``ray_jobs/foo_b
 from __future__ import annotations
 
 from shared.config import JobConfig
+from shared.configs.evaluate_detector import EvaluateDetectorConfig
 from shared.configs.inspect_model import InspectModelConfig
+from shared.configs.standin_faces import StandinFacesConfig
+from shared.configs.train_detector import DetectorConfig
 
 JOB_CONFIGS: dict[str, type[JobConfig]] = {
     cls.JOB: cls
     for cls in (
         InspectModelConfig,
+        DetectorConfig,
+        EvaluateDetectorConfig,
+        StandinFacesConfig,
     )
 }
 
