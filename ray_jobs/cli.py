@@ -174,7 +174,7 @@ def _load_extensions() -> None:
         importlib.import_module(module)
 
 
-EXTENSION_MODULES: list[str] = []
+EXTENSION_MODULES: list[str] = ["ray_jobs.demos"]
 
 if __name__ == "__main__":
     sys.exit(main())
