@@ -32,6 +32,9 @@ test: install
 demo: install
 	$(VENV)/bin/scopeforge run inspect-model --config ray_jobs/configs/inspect-demo.yaml
 
+demo-deepfake: install
+	$(VENV)/bin/scopeforge demo deepfake
+
 bench: install
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
 
