@@ -1,7 +1,7 @@
 """Ray Data glue shared by train-detector and evaluate-detector: read the planned rows of each source, decode them once
 in parallel, drop (and list) the images that cannot be decoded.
 
-    decoded, dropped = decode_mixture(plan, options, what="training mixture")
+    decoded, dropped = decode_mixture(plan, options)      # dropped: [{dataset, id, index, label, reason}]
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def read_images(uri: str, options: StorageConfig | None) -> ray.data.Dataset:
 
 def decode_mixture(plan: MixturePlan, options: StorageConfig | None, blocks: int = 8
                    ) -> tuple[ray.data.Dataset, list[dict[str, Any]]]:
-    """(materialised dataset of the decodable planned rows, the dropped rows with their reasons)."""
+    """(the decodable planned rows, over a materialised decode; the dropped rows with their reasons)."""
     quiet_progress()
     parts = []
     for name, uri in plan.datasets.items():
@@ -82,8 +82,9 @@ def decode_mixture(plan: MixturePlan, options: StorageConfig | None, blocks: int
     dropped = everything.filter(expr=col("ok") == False).select_columns(  # noqa: E712 (an expression, not a test)
         ["dataset", "id", "index", "label", "reason"]).take_all()
     good = everything.filter(expr=col("ok") == True).drop_columns(["ok", "reason", "dataset", "id"])  # noqa: E712
-    return good.materialize(), [{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()} for row in dropped]
+    return good, [{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()} for row in dropped]
 
 
 def split_of(ds: ray.data.Dataset, split: str) -> ray.data.Dataset:
+    """The rows of one split, materialised (every epoch reads them again)."""
     return ds.filter(expr=col("split") == split).drop_columns(["split"]).materialize()

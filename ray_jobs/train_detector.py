@@ -58,8 +58,8 @@ def _gather(values: torch.Tensor) -> torch.Tensor:
     return torch_all_gather(values) if dist.is_initialized() and dist.get_world_size() > 1 else values
 
 
-def validate(model: torch.nn.Module, val_iter: Any, spec: dict[str, Any], batch_size: int, rank: int, world: int
-             ) -> dict[str, float]:
+def validate(model: torch.nn.Module, val_iter: Any, spec: dict[str, Any], batch_size: int, rank: int, world: int,
+             device: torch.device) -> dict[str, float]:
     """AUC / AP / ACC on the whole validation split: each worker scores the rows with index % world == rank, then
     every worker gathers all scores (so every worker returns the same figures)."""
     net = unwrap(model).eval()  # no DDP forward: ranks score different numbers of batches
@@ -69,7 +69,7 @@ def validate(model: torch.nn.Module, val_iter: Any, spec: dict[str, Any], batch_
         if not mine.any():
             continue
         x = to_tensor(resize_batch(batch["image"][mine], spec["input_size"]), spec["mean"], spec["std"])
-        score_l.append(fake_probability(net, x).double())
+        score_l.append(fake_probability(net, x.to(device)).double().cpu())
         idx_l.append(torch.from_numpy(batch["index"][mine]).double())
         label_l.append(torch.from_numpy(batch["label"][mine]).double())
     local = torch.stack([torch.cat(idx_l or [torch.zeros(0, dtype=torch.float64)]),
@@ -91,6 +91,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     # --- setup: model, optimiser, booster; state from the latest checkpoint (a crashed run) or resume_from
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng([cfg.seed, rank])
+    device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(build_detector(spec, pretrained=True, options=cfg.storage))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
@@ -102,7 +103,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         with checkpoint.as_directory() as folder:
             state = load_training_state(folder, fingerprint, config["checkpoint_where"] or checkpoint.path)
         unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(state["optimizer"])  # moves the moments to the parameters' device
         booster.load_state_dict(state["booster"])
         start_epoch, history = state["epoch"] + 1, list(state["history"])
         best_auc = max((h["val_auc"] for h in history), default=None)
@@ -120,13 +121,13 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         for batch in train_shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
                                               local_shuffle_buffer_size=cfg.shuffle_buffer or None,
                                               local_shuffle_seed=cfg.seed * 10_007 + epoch * 101 + rank):
-            loss, n = train_step(model, optimizer, booster, batch, epoch, spec, cfg.augment, rng)
+            loss, n = train_step(model, optimizer, booster, batch, epoch, spec, cfg.augment, rng, device)
             loss_sum += torch.tensor([loss * n, n], dtype=torch.float64)
             if progress is not None:
                 progress.report(loss, (epoch + 1) / cfg.epochs)
         totals = _gather(loss_sum).reshape(-1, 2).sum(dim=0)
         train_seconds = time.perf_counter() - started
-        val = validate(model, val_iter, spec, cfg.batch_size, rank, world)
+        val = validate(model, val_iter, spec, cfg.batch_size, rank, world, device)
         groups = booster.end_epoch(epoch)["groups"]
         checksums = [None] * world
         if world > 1:
