@@ -89,6 +89,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
 
     # --- setup: model, optimiser, booster; state from the latest checkpoint (a crashed run) or resume_from
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))  # as many compute threads as reserved CPUs
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng([cfg.seed, rank])
     device = ray.train.torch.get_device()
@@ -115,7 +116,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     # --- the loop: one epoch of weighted training, validation, a checkpoint
     for epoch in range(start_epoch, cfg.epochs):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         model.train()
         loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of batch losses x batch size, samples)
         for batch in train_shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
@@ -126,7 +127,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             if progress is not None:
                 progress.report(loss, (epoch + 1) / cfg.epochs)
         totals = _gather(loss_sum).reshape(-1, 2).sum(dim=0)
-        train_seconds = time.perf_counter() - started
+        train_seconds, train_cpu = time.perf_counter() - started, time.process_time() - cpu_started
         val = validate(model, val_iter, spec, cfg.batch_size, rank, world, device)
         groups = booster.end_epoch(epoch)["groups"]
         checksums = [None] * world
@@ -136,6 +137,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 raise RuntimeError(f"difficulty state diverged across workers: {checksums}")
         metrics = {"epoch": epoch, "train_loss": float(totals[0] / totals[1]), **val,
                    "train_samples": int(totals[1]), "samples_per_second": float(totals[1] / train_seconds),
+                   "train_cpu_seconds_rank0": train_cpu,
                    "epoch_seconds": time.perf_counter() - started, "state_checksum": booster.state.checksum()}
         history.append(metrics)
         best_auc = val["val_auc"] if best_auc is None else max(best_auc, val["val_auc"])

@@ -35,26 +35,26 @@ def _random_state(seed: int = 0, n: int = 200, groups: int = 4, steps: int = 30)
     st = DifficultyState(rng.integers(0, groups, n), [f"g{i}" for i in range(groups)], beta=0.8)
     for _ in range(steps):
         idx = rng.choice(n, size=16, replace=False)
-        st.update(torch.from_numpy(idx), torch.from_numpy(rng.gamma(2.0, 0.5, 16) * (1 + st.groups[idx].numpy())))
+        st.update(torch.from_numpy(idx), torch.from_numpy(rng.gamma(2.0, 0.5, 16) * (1 + st.groups[idx])))
     return st
 
 
 def test_zscores_match_numpy_globally_and_per_group():
     st = _random_state()
-    m, seen, groups = st.m.numpy(), st.seen.numpy(), st.groups.numpy()
+    m, seen, groups = st.m, st.seen, st.groups
     assert 0 < seen.sum() < len(m)  # some samples never seen: they must not count
     idx = np.flatnonzero(seen)[:40]
     tracked = m[seen]
     expected = (m[idx] - tracked.mean()) / tracked.std()
-    np.testing.assert_allclose(st.zscores(torch.from_numpy(idx), "global").numpy(), expected, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(st.zscores(torch.from_numpy(idx), "global"), expected, rtol=1e-9, atol=1e-9)
     per_group = []
     for i in idx:
         peers = m[seen & (groups == groups[i])]
         per_group.append((m[i] - peers.mean()) / peers.std())
-    np.testing.assert_allclose(st.zscores(torch.from_numpy(idx), "group").numpy(), per_group, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(st.zscores(torch.from_numpy(idx), "group"), per_group, rtol=1e-9, atol=1e-9)
     # group normalisation removes the group offset that global normalisation keeps
-    z_global = st.zscores(torch.from_numpy(np.flatnonzero(seen)), "global").numpy()
-    z_group = st.zscores(torch.from_numpy(np.flatnonzero(seen)), "group").numpy()
+    z_global = st.zscores(np.flatnonzero(seen), "global")
+    z_group = st.zscores(np.flatnonzero(seen), "group")
     g = groups[seen]
     assert z_global[g == 3].mean() > 0.5 > abs(z_group[g == 3].mean())
 
@@ -64,10 +64,10 @@ def test_zero_spread_gives_zero_z_and_incremental_sums_stay_exact():
     st.update(torch.tensor([0, 2]), torch.tensor([0.7, 0.3]))
     assert st.zscores(torch.tensor([0, 2]), "group").tolist() == [0.0, 0.0]  # one tracked sample per group
     st = _random_state(seed=3, steps=300)
-    before = (st.count.clone(), st.total.clone(), st.total_sq.clone())
+    before = (st.count.copy(), st.total.copy(), st.total_sq.copy())
     st.refresh()
     for a, b in zip(before, (st.count, st.total, st.total_sq)):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
 
 
 def _booster(**kw) -> Booster:
@@ -80,7 +80,7 @@ def test_weights_are_exp_of_alpha_z_clipped():
     idx = torch.arange(6)
     z = b.state.zscores(idx, "global")
     w = b.weights(idx, epoch=0)
-    np.testing.assert_allclose(w.numpy(), np.clip(np.exp(2.0 * z.numpy()), 0.5, 3.0))
+    np.testing.assert_allclose(w.numpy(), np.clip(np.exp(2.0 * z), 0.5, 3.0))
     assert w.max().item() == 3.0 and w.min().item() == 0.5  # both clips bind on these inputs
 
 

@@ -69,96 +69,108 @@ def default_gather() -> Gather:
     return local_gather
 
 
+def _np(x: Any, dtype: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=dtype)
+
+
 class DifficultyState:
-    """m_i and its running per-group sums, for ``num_samples`` global indices in ``len(group_names)`` groups."""
+    """m_i and its running per-group sums, for ``num_samples`` global indices in ``len(group_names)`` groups.
+
+    Kept in numpy (float64): a step touches a few dozen entries, where numpy's per-call cost is a fraction of
+    torch's. ``state_dict`` hands out torch tensors (for checkpoints).
+    """
 
     def __init__(self, groups: Sequence[int] | np.ndarray | torch.Tensor, group_names: Sequence[str], beta: float):
-        self.groups = torch.as_tensor(np.array(groups, dtype=np.int64))
+        self.groups = _np(groups, np.int64).copy()
         self.group_names = list(group_names)
-        if self.groups.ndim != 1 or self.groups.numel() == 0:
+        if self.groups.ndim != 1 or self.groups.size == 0:
             raise ValueError("groups must be a non-empty 1-D sequence (one group id per sample)")
         if int(self.groups.min()) < 0 or int(self.groups.max()) >= len(self.group_names):
             raise ValueError(f"group ids must be in 0..{len(self.group_names) - 1}")
         self.beta = float(beta)
-        n, g = self.groups.numel(), len(self.group_names)
-        self.m = torch.zeros(n, dtype=torch.float64)
-        self.seen = torch.zeros(n, dtype=torch.bool)
-        self.count = torch.zeros(g, dtype=torch.float64)
-        self.total = torch.zeros(g, dtype=torch.float64)
-        self.total_sq = torch.zeros(g, dtype=torch.float64)
+        n, g = self.groups.size, len(self.group_names)
+        self.m = np.zeros(n, dtype=np.float64)
+        self.seen = np.zeros(n, dtype=bool)
+        self.count = np.zeros(g, dtype=np.float64)
+        self.total = np.zeros(g, dtype=np.float64)
+        self.total_sq = np.zeros(g, dtype=np.float64)
 
     @property
     def num_samples(self) -> int:
-        return self.groups.numel()
+        return self.groups.size
 
-    def update(self, idx: torch.Tensor, d: torch.Tensor) -> None:
+    def _per_group(self, g: np.ndarray, values: np.ndarray) -> np.ndarray:
+        return np.bincount(g, weights=values, minlength=len(self.group_names))
+
+    def update(self, idx: Any, d: Any) -> None:
         """EMA update of the samples ``idx`` with difficulties ``d`` (duplicates are averaged first)."""
-        idx = idx.to(torch.int64).cpu()
-        d = d.detach().to(torch.float64).cpu()
-        if idx.numel() == 0:
+        idx, d = _np(idx, np.int64), _np(d, np.float64)
+        if idx.size == 0:
             return
         if int(idx.min()) < 0 or int(idx.max()) >= self.num_samples:
             raise IndexError(f"sample index out of range 0..{self.num_samples - 1}")
-        uniq, inverse = torch.unique(idx, return_inverse=True)
-        if uniq.numel() != idx.numel():
-            sums = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inverse, d)
-            counts = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inverse, torch.ones_like(d))
-            idx, d = uniq, sums / counts
+        ordered = np.sort(idx)
+        if (ordered[1:] == ordered[:-1]).any():  # rare (one index twice in a step): average its difficulties
+            uniq, inverse, counts = np.unique(idx, return_inverse=True, return_counts=True)
+            d = np.bincount(inverse, weights=d, minlength=uniq.size) / counts
+            idx = uniq
         old = self.m[idx]
         was = self.seen[idx]
-        new = torch.where(was, self.beta * old + (1.0 - self.beta) * d, d)
+        new = np.where(was, self.beta * old + (1.0 - self.beta) * d, d)
         g = self.groups[idx]
-        self.count.index_add_(0, g, (~was).to(torch.float64))
-        self.total.index_add_(0, g, new - torch.where(was, old, torch.zeros_like(old)))
-        self.total_sq.index_add_(0, g, new * new - torch.where(was, old * old, torch.zeros_like(old)))
+        self.count += self._per_group(g, (~was).astype(np.float64))
+        self.total += self._per_group(g, new - np.where(was, old, 0.0))
+        self.total_sq += self._per_group(g, new * new - np.where(was, old * old, 0.0))
         self.m[idx] = new
         self.seen[idx] = True
 
     def refresh(self) -> None:
         """Recompute the per-group sums exactly from m (bounds the drift of the incremental updates)."""
-        g = len(self.group_names)
-        w = self.seen.to(torch.float64)
-        self.count = torch.zeros(g, dtype=torch.float64).index_add_(0, self.groups, w)
-        self.total = torch.zeros(g, dtype=torch.float64).index_add_(0, self.groups, self.m * w)
-        self.total_sq = torch.zeros(g, dtype=torch.float64).index_add_(0, self.groups, self.m * self.m * w)
+        w = self.seen.astype(np.float64)
+        self.count = self._per_group(self.groups, w)
+        self.total = self._per_group(self.groups, self.m * w)
+        self.total_sq = self._per_group(self.groups, self.m * self.m * w)
 
-    def zscores(self, idx: torch.Tensor, normalize: str) -> torch.Tensor:
+    def zscores(self, idx: Any, normalize: str) -> np.ndarray:
         """z of the samples ``idx`` over the tracked samples (``global``) or within their group (``group``);
         0 where the spread is zero (a group with one tracked sample, or all equal)."""
-        idx = idx.to(torch.int64).cpu()
+        idx = _np(idx, np.int64)
         if normalize == "global":
-            n = self.count.sum().clamp(min=1.0)
-            mean = (self.total.sum() / n).expand(idx.numel())
-            var = (self.total_sq.sum() / n).expand(idx.numel()) - mean * mean
+            n = max(self.count.sum(), 1.0)
+            mean = np.full(idx.size, self.total.sum() / n)
+            var = self.total_sq.sum() / n - mean * mean
         elif normalize == "group":
             g = self.groups[idx]
-            n = self.count[g].clamp(min=1.0)
+            n = np.maximum(self.count[g], 1.0)
             mean = self.total[g] / n
             var = self.total_sq[g] / n - mean * mean
         else:
             raise ValueError(f"normalize {normalize!r}: use global or group")
-        std = var.clamp(min=0.0).sqrt()
-        tiny = 1e-9 * (mean.abs() + 1.0)
-        z = (self.m[idx] - mean) / torch.where(std > tiny, std, torch.ones_like(std))
-        return torch.where(std > tiny, z, torch.zeros_like(z))
+        std = np.sqrt(np.maximum(var, 0.0))
+        spread = std > 1e-9 * (np.abs(mean) + 1.0)
+        return np.where(spread, (self.m[idx] - mean) / np.where(spread, std, 1.0), 0.0)
 
     def checksum(self) -> str:
         h = hashlib.sha256()
-        h.update(self.m.numpy().tobytes())
-        h.update(self.seen.numpy().tobytes())
+        h.update(self.m.tobytes())
+        h.update(self.seen.tobytes())
         return h.hexdigest()[:16]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"m": self.m.clone(), "seen": self.seen.clone(), "groups": self.groups.clone(),
-                "group_names": list(self.group_names), "beta": self.beta}
+        return {"m": torch.from_numpy(self.m.copy()), "seen": torch.from_numpy(self.seen.copy()),
+                "groups": torch.from_numpy(self.groups.copy()), "group_names": list(self.group_names),
+                "beta": self.beta}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["m"].numel() != self.num_samples or list(state["group_names"]) != self.group_names \
-                or not torch.equal(state["groups"], self.groups):
-            raise ModelError(f"difficulty state of {state['m'].numel()} samples in groups {state['group_names']} does "
+        groups = _np(state["groups"], np.int64)
+        if groups.size != self.num_samples or list(state["group_names"]) != self.group_names \
+                or not np.array_equal(groups, self.groups):
+            raise ModelError(f"difficulty state of {groups.size} samples in groups {state['group_names']} does "
                              f"not match this mixture ({self.num_samples} samples in groups {self.group_names})")
-        self.m = state["m"].to(torch.float64).clone()
-        self.seen = state["seen"].to(torch.bool).clone()
+        self.m = _np(state["m"], np.float64).copy()
+        self.seen = _np(state["seen"], bool).copy()
         self.refresh()
 
 
@@ -184,31 +196,37 @@ class Booster:
         self.state = DifficultyState(groups, group_names, settings.beta)
         self.gather = gather
         self.history: list[dict[str, Any]] = []
-        self._weight_sum = torch.zeros(len(group_names), dtype=torch.float64)
-        self._weight_n = torch.zeros(len(group_names), dtype=torch.float64)
+        self._weight_sum = np.zeros(len(group_names), dtype=np.float64)
+        self._weight_n = np.zeros(len(group_names), dtype=np.float64)
 
     def boosting_active(self, epoch: int) -> bool:
         return self.s.method == "momentum" and epoch >= self.s.warmup_epochs
 
-    def weights(self, idx: torch.Tensor, epoch: int) -> torch.Tensor:
+    def weights(self, idx: Any, epoch: int) -> torch.Tensor:
         """w_i for the samples ``idx`` from the current state (ones unless momentum boosting is past warm-up)."""
+        idx = _np(idx, np.int64)
         if not self.boosting_active(epoch):
-            return torch.ones(idx.numel(), dtype=torch.float64)
+            return torch.ones(idx.size, dtype=torch.float64)
         z = self.state.zscores(idx, self.s.normalize)
-        return torch.exp(self.s.alpha * z).clamp(self.s.w_min, self.s.w_max)
+        return torch.from_numpy(np.clip(np.exp(self.s.alpha * z), self.s.w_min, self.s.w_max))
 
-    def track(self, idx: torch.Tensor, d: torch.Tensor) -> None:
+    def track(self, idx: Any, d: Any) -> None:
         """Gather (index, difficulty) from every worker and update m with all of them."""
         gather = self.gather or default_gather()
-        packed = torch.stack([idx.detach().to(torch.float64).cpu(), d.detach().to(torch.float64).cpu()], dim=1)
-        everyone = gather(packed.reshape(-1)).reshape(-1, 2)
-        self.state.update(everyone[:, 0].round().to(torch.int64), everyone[:, 1])
+        if gather is local_gather:  # one worker: nothing to exchange
+            self.state.update(idx, d)
+            return
+        packed = torch.stack([torch.as_tensor(_np(idx, np.float64)), torch.as_tensor(_np(d, np.float64))], dim=1)
+        everyone = gather(packed.reshape(-1)).reshape(-1, 2).numpy()
+        self.state.update(np.rint(everyone[:, 0]).astype(np.int64), everyone[:, 1])
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, epoch: int
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, idx: Any, epoch: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss to backpropagate, the weights used) for one batch on this worker."""
+        """(loss to backpropagate, the weights used) for one batch on this worker; ``idx`` are the samples' global
+        indices (a tensor or an array)."""
         ce = F.cross_entropy(logits, labels, reduction="none")
         d = ce.detach() if self.s.difficulty == "loss" else per_sample_difficulty(logits, labels, self.s.difficulty)
+        idx = _np(idx, np.int64)
         self.track(idx, d)
         method = self.s.method
         if method == "focal":
@@ -220,12 +238,13 @@ class Booster:
             w = torch.zeros_like(ce)
             w[top] = 1.0
             return ce[top].mean(), w
-        w = self.weights(idx, epoch).to(ce.dtype).to(ce.device)
-        g = self.state.groups[idx.cpu().to(torch.int64)]
-        self._weight_sum.index_add_(0, g, w.detach().cpu().to(torch.float64))
-        self._weight_n.index_add_(0, g, torch.ones(g.numel(), dtype=torch.float64))
+        w64 = self.weights(idx, epoch)
+        g = self.state.groups[idx]
+        self._weight_sum += np.bincount(g, weights=w64.numpy(), minlength=len(self.group_names))
+        self._weight_n += np.bincount(g, minlength=len(self.group_names))
         if method == "uniform" or not self.boosting_active(epoch):
-            return ce.mean(), w
+            return ce.mean(), w64.to(ce.dtype)
+        w = w64.to(device=ce.device, dtype=ce.dtype)
         return (w * ce).sum() / w.sum(), w
 
     def end_epoch(self, epoch: int) -> dict[str, Any]:
@@ -238,14 +257,14 @@ class Booster:
             values = st.m[mask]
             groups.append({
                 "group": name, "tracked": int(mask.sum()), "size": int((st.groups == g).sum()),
-                "mean_difficulty": float(values.mean()) if values.numel() else None,
-                "std_difficulty": float(values.std(unbiased=False)) if values.numel() else None,
+                "mean_difficulty": float(values.mean()) if values.size else None,
+                "std_difficulty": float(values.std()) if values.size else None,
                 "mean_weight": float(self._weight_sum[g] / self._weight_n[g]) if self._weight_n[g] > 0 else None,
             })
         record = {"epoch": epoch, "boosting": self.boosting_active(epoch), "groups": groups}
         self.history.append(record)
-        self._weight_sum.zero_()
-        self._weight_n.zero_()
+        self._weight_sum[:] = 0.0
+        self._weight_n[:] = 0.0
         return record
 
     @property

@@ -26,7 +26,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, booster
     if booster is None:
         loss = F.cross_entropy(logits, labels)
     else:
-        loss, _ = booster(logits, labels, torch.tensor(batch["index"], dtype=torch.int64), epoch)
+        loss, _ = booster(logits, labels, batch["index"], epoch)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
