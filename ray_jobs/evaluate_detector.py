@@ -31,7 +31,7 @@ from shared.detection.augment import perturb_batch, resize_batch, to_tensor
 from shared.detection.backbones import fake_probability, load_detector
 from shared.detection.evaluation import conditions, evaluation_matrix, markdown_report, roc_curves
 from shared.detection.mixture import SPLITS, plan_mixture
-from shared.detection.report import roc_figure
+from shared.detection.report import difficulty_figure, roc_figure
 from shared.errors import ConfigError
 from shared.report import Report
 from shared.storage import Stage, Storage
@@ -142,6 +142,11 @@ def run(cfg: EvaluateDetectorConfig, stage: Stage) -> dict[str, Any]:
         curves = roc_curves(label, by_key[(d, "clean")], columns)
         png = report.add_figure(roc_figure(report, d, curves), f"ROC curves of {d} (clean test images)")
         stage.store.write_bytes(png, "roc", f"{d}.png")
+    for d in cfg.detectors:  # which sources were hard to learn, for detectors that are train-detector stages
+        folder = Storage(d.uri, cfg.storage)
+        if folder.exists("difficulty", "history.json"):
+            report.add_figure(difficulty_figure(report, folder.read_json("difficulty", "history.json")),
+                              f"{d.name}: mean difficulty (EMA of the loss) and loss weight per training group")
     if dropped:
         report.table(f"Dropped: {len(dropped)} undecodable test image(s)", dropped[:50])
     report.save(stage.store, "report.html")

@@ -54,7 +54,7 @@ def test_an_existing_dataset_replaces_the_data_pipeline_and_bad_demo_configs_fai
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_demo_on_a_tiny_config_writes_results_and_heldout_aucs(tmp_path):
+def test_demo_on_a_tiny_config_writes_results_and_heldout_aucs(ray_session, tmp_path):
     data_pipeline = tmp_path / "data.yaml"
     data_pipeline.write_text(yaml.safe_dump({"stages": [{"name": "data", "job": "standin-faces", "config": {
         "size": 16, "reals": 40, "fakes_per_generator": 16, "generators": ["pca", "blur", "noise"]}}]}))
@@ -63,10 +63,13 @@ def test_demo_on_a_tiny_config_writes_results_and_heldout_aucs(tmp_path):
         "output_root": str(tmp_path / "demo"), "data_pipeline": str(data_pipeline),
         "single_generator": "standin-pca", "heldout_generator": "standin-noise",
         "train": {"model": {"kind": "small-cnn", "width": 4}, "epochs": 2, "batch_size": 16, "max_failures": 0,
+                  "num_workers": 1,
                   "split": {"seed": 0, "val_fraction": 0.25, "test_fraction": 0.3}},
         "boost": {"method": "momentum", "warmup_epochs": 1},
         "evaluate": {"num_actors": 1, "robustness": {"jpeg_quality": [60], "blur_sigma": [1.0]}}}))
-    result = run_cli("demo", "deepfake", "--config", str(config), timeout=900)
+    # the CLI as a user runs it, on the session's Ray (RAY_ADDRESS) to spare a Ray start
+    result = run_cli("demo", "deepfake", "--config", str(config), timeout=900,
+                     env={"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = tmp_path / "demo"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -79,3 +82,21 @@ def test_demo_on_a_tiny_config_writes_results_and_heldout_aucs(tmp_path):
     for variant in VARIANTS:
         assert f"| {variant} |" in md and (out / variant / "_SUCCESS").exists()
     assert (out / "evaluate" / "results.md").exists() and (out / "demo-pipeline.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["run", "train-detector", "--set", "sources=[{name: d, uri: x}]", "--set", "boosting.w_min=2"],
+         "need w_min <= 1 <= w_max"),
+        (["run", "train-detector", "--set", "sources=[{name: d, uri: x}, {name: d, uri: y}]"],
+         "source name 'd' is used twice"),
+        (["run", "evaluate-detector", "--set", "detectors=[{name: a, uri: x}]", "--set", "test_sets=[]"],
+         "test_sets"),
+        (["demo", "deepfake", "--set", "heldout_generator=standin-pca"], "must differ"),
+    ],
+)
+def test_detector_config_errors_are_one_line_and_exit_2(args, expected):
+    result = run_cli(*args)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], result.stderr

@@ -117,6 +117,7 @@ def test_train_and_evaluate_on_s3_with_two_workers(ray_session, s3_root):
     md = out.read_text("results.md")
     assert "## AUC (clean)" in md and "| boost |" in md and "## AUC under jpeg50" in md
     assert out.read_bytes("roc", "boost.png").startswith(b"\x89PNG")
+    assert "boost: mean difficulty (EMA of the loss)" in out.read_text("report.html")
     scores = pq.read_table(io.BytesIO(out.read_bytes("scores.parquet")))
     assert scores.num_rows == result["test_images"] and "boost|clean" in scores.column_names
     assert corrupt["test"] not in scores.column("id").to_pylist()
@@ -131,7 +132,7 @@ def _registered(run_dir: Path) -> list[dict]:
 
 
 def _kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver and every process of its session (the local Ray it started), like a lost node."""
+    """SIGKILL the driver and every process of its session, like a lost client machine."""
     import psutil
 
     members = [p for p in psutil.process_iter(["pid"]) if _sid(p.pid) == proc.pid]
@@ -152,7 +153,9 @@ def _sid(pid: int) -> int | None:
 
 
 @pytest.mark.slow
-def test_killed_after_a_checkpoint_then_rerun_resumes_with_the_difficulty_state(tmp_path):
+def test_killed_after_a_checkpoint_then_rerun_resumes_with_the_difficulty_state(ray_session, tmp_path):
+    """The driver is SIGKILLed once Ray Train has registered a checkpoint; its Train workers die with it (they are
+    owned by its job). A rerun of the same command resumes from the latest registered checkpoint."""
     data = Storage(str(tmp_path)).child("faces")
     write_parquet(standin_table(FACES), data, "part-0.parquet")
     epochs = 6
@@ -162,9 +165,10 @@ def test_killed_after_a_checkpoint_then_rerun_resumes_with_the_difficulty_state(
     exe = str(Path(sys.executable).with_name("scopeforge"))
     stage = tmp_path / "runs" / "train-detector"
     run_dir = stage / "ray_train" / "run"
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen([exe, "run", "train-detector", "--config", str(config)], stdout=log,
-                            stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+                            stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True, env=env)
     try:
         deadline = time.time() + 400
         while time.time() < deadline and proc.poll() is None and not _registered(run_dir):
@@ -181,7 +185,7 @@ def test_killed_after_a_checkpoint_then_rerun_resumes_with_the_difficulty_state(
     assert at_kill["epoch"] == latest["metrics"]["epoch"] < epochs - 1
 
     rerun = subprocess.run([exe, "run", "train-detector", "--config", str(config)], capture_output=True, text=True,
-                           cwd=ROOT, timeout=600)
+                           cwd=ROOT, timeout=600, env=env)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     (tmp_path / "rerun.log").write_text(rerun.stdout + rerun.stderr)
     metrics = Storage(str(stage)).read_json("metrics.json")
