@@ -66,9 +66,13 @@ def read_images(uri: str, options: StorageConfig | None) -> ray.data.Dataset:
     return ray.data.read_parquet([split_uri(f)[1] for f in source.files], filesystem=fs, columns=["id", "image"])
 
 
-def decode_mixture(plan: MixturePlan, options: StorageConfig | None, blocks: int = 8
+def decode_mixture(plan: MixturePlan, options: StorageConfig | None, blocks: int = 8, shuffle_seed: int | None = None
                    ) -> tuple[ray.data.Dataset, list[dict[str, Any]]]:
-    """(the decodable planned rows, over a materialised decode; the dropped rows with their reasons)."""
+    """(the decodable planned rows, over a materialised decode; the dropped rows with their reasons).
+
+    With ``shuffle_seed`` the rows are shuffled once before they are cut into blocks, so every block (hence every
+    Train worker's shard) is a mixture of all sources rather than a run of one source.
+    """
     quiet_progress()
     parts = []
     for name, uri in plan.datasets.items():
@@ -78,6 +82,8 @@ def decode_mixture(plan: MixturePlan, options: StorageConfig | None, blocks: int
             fn_kwargs={"dataset": name, "lookup": [ref], "height": plan.height, "width": plan.width})
             .filter(expr=col("planned") == True).drop_columns(["planned"]))  # noqa: E712 (an expression)
     everything = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    if shuffle_seed is not None:
+        everything = everything.random_shuffle(seed=shuffle_seed)
     everything = everything.repartition(blocks).materialize()
     dropped = everything.filter(expr=col("ok") == False).select_columns(  # noqa: E712 (an expression, not a test)
         ["dataset", "id", "index", "label", "reason"]).take_all()

@@ -201,7 +201,7 @@ def run(cfg: DetectorConfig, stage: Stage) -> dict[str, Any]:
         print(f"  {row['dataset']}: {row['source']} ({row['label']}) {row['split']}: {row['rows']}")
     fingerprint = {"config": cfg.fingerprint(), "mixture": plan.fingerprint}
     resume_from = _resume_checkpoint(cfg, fingerprint)
-    decoded, dropped = decode_mixture(plan, cfg.storage)
+    decoded, dropped = decode_mixture(plan, cfg.storage, blocks=max(8, 4 * cfg.num_workers), shuffle_seed=cfg.seed)
     if dropped:
         print(f"dropped {len(dropped)} undecodable image(s), e.g. {dropped[0]['dataset']}/{dropped[0]['id']}: "
               f"{dropped[0]['reason']}", flush=True)
@@ -236,7 +236,7 @@ def run(cfg: DetectorConfig, stage: Stage) -> dict[str, Any]:
                                                                 checkpoint_score_order="max"),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              logging_config=LoggingConfig(log_level="WARNING")),
-        datasets={"train": train_ds, "val": val_ds},
+        datasets={"train": train_ds.randomize_block_order(), "val": val_ds},  # block order redrawn every epoch
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     started = time.time()

@@ -37,8 +37,16 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(8, channels // 2) or 1, channels)
+
+
 class SmallCNN(nn.Module):
-    """Three conv blocks (conv-BN-ReLU x2, max-pool), global average pooling, a linear head."""
+    """Three conv blocks (conv-GroupNorm-ReLU x2, max-pool), global average pooling, a linear head.
+
+    GroupNorm rather than BatchNorm: the same computation in training and evaluation (no running statistics that
+    lag behind on small data or differ between DDP workers) and independent of the batch size.
+    """
 
     def __init__(self, width: int = 32, dropout: float = 0.1):
         super().__init__()
@@ -46,8 +54,8 @@ class SmallCNN(nn.Module):
         c_in = 3
         for i in range(3):
             c_out = width * 2**i
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-                       nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), _norm(c_out), nn.ReLU(inplace=True),
+                       nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), _norm(c_out), nn.ReLU(inplace=True),
                        nn.MaxPool2d(2)]
             c_in = c_out
         self.features = nn.Sequential(*layers)
