@@ -99,10 +99,12 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     booster = Booster(cfg.boosting, config["groups"], config["group_names"])
     progress = TrainingProgress("train-detector", cfg.stage_name) if rank == 0 else None
     start_epoch, history, best_auc = 0, [], None
-    checkpoint = ray.train.get_checkpoint() or config["resume_from"]
+    checkpoint, where = ray.train.get_checkpoint(), None  # this run's latest (after a crash), else resume_from
+    if checkpoint is None and config["resume_from"] is not None:
+        checkpoint, where = config["resume_from"], cfg.resume_from
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            state = load_training_state(folder, fingerprint, config["checkpoint_where"] or checkpoint.path)
+            state = load_training_state(folder, fingerprint, where or checkpoint.path)
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])  # moves the moments to the parameters' device
         booster.load_state_dict(state["booster"])
@@ -227,8 +229,7 @@ def run(cfg: DetectorConfig, stage: Stage) -> dict[str, Any]:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg, "spec": spec, "fingerprint": fingerprint, "groups": plan.column("group"),
-                           "group_names": plan.group_names, "resume_from": resume_from,
-                           "checkpoint_where": cfg.resume_from},
+                           "group_names": plan.group_names, "resume_from": resume_from},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(name=RUN_NAME, storage_path=storage_path, storage_filesystem=storage_fs,

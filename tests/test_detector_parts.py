@@ -130,13 +130,14 @@ def test_augmentations_shapes_determinism_and_perturbations():
 
 @pytest.mark.parametrize(
     ("kind", "config"),
-    [("small-cnn", {}), ("resnet", {}), ("convnext", {}),
+    [("small-cnn", {}), ("small-cnn", {"norm": "group"}), ("resnet", {}), ("convnext", {}),
      ("vit", {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}),
      ("clip-probe", {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
                      "projection_dim": 8})],
 )
 def test_backbones_build_score_and_round_trip(kind, config, tmp_path):
-    spec = make_spec(BackboneConfig(kind=kind, config=config, width=4), 16)
+    options = config if kind == "small-cnn" else {"config": config}
+    spec = make_spec(BackboneConfig(kind=kind, width=4, **options), 16)
     torch.manual_seed(0)
     model = build_detector(spec).eval()
     x = torch.randn(3, 3, 16, 16)

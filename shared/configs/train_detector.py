@@ -71,6 +71,9 @@ class BackboneConfig(StrictModel):
     on top of small defaults fit for CPUs."""
     width: int = Field(32, ge=4, le=512)
     """small-cnn: channels of the first block (doubled at each of the 3 blocks)."""
+    norm: Literal["batch", "group"] = "batch"
+    """small-cnn: BatchNorm (fastest to train; evaluation-mode scores need a few dozen steps of running statistics)
+    or GroupNorm (identical in training and evaluation)."""
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     """small-cnn and clip-probe: dropout before the classifier."""
 

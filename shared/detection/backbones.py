@@ -5,7 +5,8 @@ A detector is described by a JSON *spec* (saved beside its weights as ``detector
 rebuilt offline without its original reference:
 
     {"format": 1, "kind": "small-cnn" | "resnet" | "convnext" | "vit" | "clip-probe", "input_size": 32,
-     "mean": [...], "std": [...], "width": 32, "dropout": 0.1, "hf_config": {...} | null, "reference": str | null}
+     "mean": [...], "std": [...], "width": 32, "norm": "batch", "dropout": 0.1, "hf_config": {...} | null,
+     "reference": str | null}
 """
 
 from __future__ import annotations
@@ -37,25 +38,27 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(8, channels // 2) or 1, channels)
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels // 2) or 1, channels)
+    return nn.BatchNorm2d(channels)
 
 
 class SmallCNN(nn.Module):
-    """Three conv blocks (conv-GroupNorm-ReLU x2, max-pool), global average pooling, a linear head.
+    """Three conv blocks (conv-norm-ReLU x2, max-pool), global average pooling, a linear head.
 
-    GroupNorm rather than BatchNorm: the same computation in training and evaluation (no running statistics that
-    lag behind on small data or differ between DDP workers) and independent of the batch size.
+    ``norm``: BatchNorm (trains fastest here; its running statistics need a few dozen steps before evaluation-mode
+    scores mean anything) or GroupNorm (the same computation in training and evaluation, any batch size).
     """
 
-    def __init__(self, width: int = 32, dropout: float = 0.1):
+    def __init__(self, width: int = 32, dropout: float = 0.1, norm: str = "batch"):
         super().__init__()
         layers: list[nn.Module] = []
         c_in = 3
         for i in range(3):
             c_out = width * 2**i
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), _norm(c_out), nn.ReLU(inplace=True),
-                       nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), _norm(c_out), nn.ReLU(inplace=True),
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), _norm(norm, c_out), nn.ReLU(inplace=True),
+                       nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), _norm(norm, c_out), nn.ReLU(inplace=True),
                        nn.MaxPool2d(2)]
             c_in = c_out
         self.features = nn.Sequential(*layers)
@@ -121,6 +124,7 @@ def _hf_classes(kind: str):
 def make_spec(model: Any, input_size: int, options: StorageConfig | None = None) -> dict[str, Any]:
     """The spec of a new detector from a BackboneConfig; a reference is resolved here (its config is read)."""
     spec: dict[str, Any] = {"format": 1, "kind": model.kind, "input_size": int(input_size), "width": model.width,
+                            "norm": model.norm,
                             "dropout": model.dropout, "hf_config": None, "reference": model.reference,
                             "mean": list(CLIP_MEAN if model.kind == "clip-probe" else IMAGENET_MEAN),
                             "std": list(CLIP_STD if model.kind == "clip-probe" else IMAGENET_STD)}
@@ -161,7 +165,7 @@ def build_detector(spec: dict[str, Any], pretrained: bool = False, options: Stor
     """The network of a spec: random weights, or (``pretrained``) the reference's weights where there is one."""
     kind = spec["kind"]
     if kind == "small-cnn":
-        return SmallCNN(spec["width"], spec["dropout"])
+        return SmallCNN(spec["width"], spec["dropout"], spec.get("norm", "batch"))
     config_cls, model_cls = _hf_classes(kind)
     cfg = config_cls.from_dict(dict(spec["hf_config"]))
     native = getattr(cfg, "image_size", None) if kind in ("vit", "clip-probe") else None
