@@ -37,6 +37,9 @@ demo: install
 manifests: install
 	$(PY) -m operators.generate
 
+demo-deepfake: install
+	$(VENV)/bin/scopeforge demo deepfake
+
 bench: install
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
 

@@ -176,7 +176,7 @@ def _load_extensions() -> None:
         importlib.import_module(module)
 
 
-EXTENSION_MODULES: list[str] = ["ray_jobs.submit"]  # submit, status, logs, render
+EXTENSION_MODULES: list[str] = ["ray_jobs.submit", "ray_jobs.demos"]  # submit, status, logs, render; demo
 
 if __name__ == "__main__":
     sys.exit(main())

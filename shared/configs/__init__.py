@@ -10,7 +10,10 @@ from shared.configs.build_corpus import BuildCorpusConfig
 from shared.configs.curate import CurateConfig
 from shared.configs.distill import DistillConfig
 from shared.configs.evaluate import EvaluateConfig
+from shared.configs.evaluate_detector import EvaluateDetectorConfig
 from shared.configs.inspect_model import InspectModelConfig
+from shared.configs.standin_faces import StandinFacesConfig
+from shared.configs.train_detector import DetectorConfig
 
 JOB_CONFIGS: dict[str, type[JobConfig]] = {
     cls.JOB: cls
@@ -20,6 +23,9 @@ JOB_CONFIGS: dict[str, type[JobConfig]] = {
         CurateConfig,
         DistillConfig,
         EvaluateConfig,
+        DetectorConfig,
+        EvaluateDetectorConfig,
+        StandinFacesConfig,
     )
 }
 

@@ -1,0 +1,210 @@
+"""Config of ``train-detector`` (and the pieces ``evaluate-detector`` shares: sources, splits, backbones)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from shared.config import JobConfig, StrictModel
+
+Label = Literal["real", "fake"]
+
+
+class SplitConfig(StrictModel):
+    """A deterministic train / val / test split by hashing each image's group key with a seed.
+
+    The group key is the id of the real photo an image derives from (``source_image_id`` for img2img fakes, the id
+    itself otherwise), so an img2img fake always lands in the same split as the real photo it was made from.
+    ``evaluate-detector`` must use the same split as training to keep its test images unseen.
+    """
+
+    seed: int = 0
+    """Seed of the split hash (not of training)."""
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    """Fraction of group keys in the validation split (per-epoch AUC, best checkpoint)."""
+    test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    """Fraction of group keys held out for evaluate-detector; never used by train-detector."""
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SplitConfig:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} leaves no "
+                             "training data; keep the sum below 1")
+        return self
+
+
+class SourceConfig(StrictModel):
+    """One image dataset of the mixture (IMAGE_SCHEMA Parquet: a generate stage, a folder or file, local or s3://)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """Short name of this dataset in logs and reports."""
+    uri: str
+    """Dataset URI: a stage with a 'dataset' output, a folder of Parquet shards or one file."""
+    include: list[str] = Field(default_factory=list)
+    """Values of the 'source' column to keep (generator names for fakes, collection names for reals); empty: all."""
+    exclude: list[str] = Field(default_factory=list)
+    """Values of the 'source' column to drop (e.g. the generator held out for evaluation)."""
+    labels: list[Label] = Field(default_factory=lambda: ["real", "fake"], min_length=1)
+    """Which classes to take from this dataset."""
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> SourceConfig:
+        both = sorted(set(self.include) & set(self.exclude))
+        if both:
+            raise ValueError(f"source '{self.name}': '{both[0]}' is both included and excluded")
+        return self
+
+
+class BackboneConfig(StrictModel):
+    """The detector network. Two-way output (real, fake); the score is the probability of 'fake'."""
+
+    kind: Literal["small-cnn", "resnet", "convnext", "vit", "clip-probe"] = "small-cnn"
+    """small-cnn: a compact CNN defined in the project. resnet / convnext / vit: a transformers image classifier built
+    from a config (random init) or loaded from 'reference'. clip-probe: a linear probe on a frozen CLIP vision tower
+    (UnivFD-style)."""
+    reference: str | None = None
+    """Pretrained weights for resnet / convnext / vit / clip-probe: a save_pretrained folder, an s3:// prefix or a hub
+    id. Unset: built from 'config' with random weights."""
+    config: dict[str, Any] = Field(default_factory=dict)
+    """Keys of the transformers config when building from scratch (e.g. hidden_sizes, depths, num_hidden_layers);
+    on top of small defaults fit for CPUs."""
+    width: int = Field(32, ge=4, le=512)
+    """small-cnn: channels of the first block (doubled at each of the 3 blocks)."""
+    norm: Literal["batch", "group"] = "batch"
+    """small-cnn: BatchNorm (fastest to train; evaluation-mode scores need a few dozen steps of running statistics)
+    or GroupNorm (identical in training and evaluation)."""
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    """small-cnn and clip-probe: dropout before the classifier."""
+
+    @model_validator(mode="after")
+    def _checks(self) -> BackboneConfig:
+        if self.kind == "small-cnn" and (self.reference or self.config):
+            raise ValueError("model.kind small-cnn takes no 'reference' or 'config' (use 'width')")
+        if self.reference and self.config:
+            raise ValueError("model: give either 'reference' (pretrained) or 'config' (from scratch), not both")
+        return self
+
+
+class AugmentConfig(StrictModel):
+    """Training augmentations, applied per image (a fresh draw at every epoch)."""
+
+    hflip: float = Field(0.5, ge=0.0, le=1.0)
+    """Probability of a horizontal flip."""
+    crop_scale_min: float = Field(0.7, gt=0.0, le=1.0)
+    """Random resized crop: smallest area fraction kept (1.0: no cropping, only the resize to input_size)."""
+    blur_prob: float = Field(0.1, ge=0.0, le=1.0)
+    """Probability of a Gaussian blur."""
+    blur_sigma_max: float = Field(2.0, gt=0.0, le=10.0)
+    """Blur sigma drawn uniformly in [0.1, blur_sigma_max] pixels."""
+    jpeg_prob: float = Field(0.1, ge=0.0, le=1.0)
+    """Probability of a JPEG re-compression."""
+    jpeg_quality: tuple[int, int] = (30, 95)
+    """JPEG quality drawn uniformly in [low, high]."""
+
+    @model_validator(mode="after")
+    def _quality(self) -> AugmentConfig:
+        low, high = self.jpeg_quality
+        if not 1 <= low <= high <= 100:
+            raise ValueError(f"augment.jpeg_quality {list(self.jpeg_quality)}: need 1 <= low <= high <= 100")
+        return self
+
+
+class BoostingConfig(StrictModel):
+    """Per-sample weighting of the loss. 'momentum' is momentum difficulty boosting (a reconstruction of the Diffusion
+    Deepfake paper's description): d_i = the detached per-sample loss, m_i <- beta*m_i + (1-beta)*d_i (m_i = d_i on
+    first sight), z_i = m_i normalised over the tracked samples (globally or within its (source, label) group),
+    w_i = clip(exp(alpha*z_i), w_min, w_max), loss = sum(w_i*l_i)/sum(w_i); uniform weights during the warm-up.
+    Baselines: 'uniform' (plain mean), 'focal' (focal loss, Lin et al. 2017), 'ohem' (mean of the hardest fraction of
+    each worker's batch, Shrivastava et al. 2016). Every method tracks m_i, so the difficulty history exists for all."""
+
+    method: Literal["uniform", "momentum", "focal", "ohem"] = "momentum"
+    """Weighting method (see above)."""
+    difficulty: Literal["loss", "one_minus_p"] = "loss"
+    """d_i: the per-sample cross-entropy, or 1 - p(true class)."""
+    beta: float = Field(0.9, ge=0.0, lt=1.0)
+    """EMA momentum of m_i."""
+    alpha: float = Field(1.0, ge=0.0, le=10.0)
+    """Sharpness of w_i = exp(alpha * z_i)."""
+    w_min: float = Field(0.25, gt=0.0)
+    """Lower clip of w_i."""
+    w_max: float = Field(4.0, gt=0.0)
+    """Upper clip of w_i."""
+    normalize: Literal["global", "group"] = "group"
+    """z_i over all tracked samples, or within the sample's (source, label) group (heterogeneous sources)."""
+    warmup_epochs: int = Field(1, ge=0)
+    """Epochs with uniform weights (m_i is tracked meanwhile)."""
+    focal_gamma: float = Field(2.0, ge=0.0, le=10.0)
+    """focal: the focusing parameter gamma."""
+    ohem_fraction: float = Field(0.5, gt=0.0, le=1.0)
+    """ohem: fraction of each batch (hardest first) that carries the loss."""
+
+    @model_validator(mode="after")
+    def _clip(self) -> BoostingConfig:
+        if self.w_min > 1.0 or self.w_max < 1.0:
+            raise ValueError(f"boosting: need w_min <= 1 <= w_max (got {self.w_min:g}, {self.w_max:g})")
+        return self
+
+
+class DetectorConfig(JobConfig):
+    """Train a real/fake image detector on a mixture of image datasets with Ray Train (DDP).
+
+    Per-epoch validation AUC, the best checkpoint by that AUC exported as the stage's model, checkpoints (model,
+    optimizer, difficulty state) in Ray Train storage under the stage, resumed after a crash.
+    """
+
+    JOB: ClassVar[str] = "train-detector"
+
+    sources: list[SourceConfig] = Field(min_length=1)
+    """The datasets of the mixture and what to take from each."""
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    """The train / val / test split (train-detector uses train and val)."""
+    model: BackboneConfig = Field(default_factory=BackboneConfig)
+    """The detector network."""
+    input_size: int | None = Field(None, ge=8, le=1024)
+    """Side of the square network input. Unset: the images' own size."""
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    """Training augmentations."""
+    boosting: BoostingConfig = Field(default_factory=BoostingConfig)
+    """Per-sample loss weighting."""
+    epochs: int = Field(10, ge=1, le=10000)
+    """Training epochs."""
+    batch_size: int = Field(32, ge=1, le=4096)
+    """Batch size per worker."""
+    lr: float = Field(1e-3, gt=0.0)
+    """AdamW learning rate."""
+    weight_decay: float = Field(1e-4, ge=0.0)
+    """AdamW weight decay."""
+    seed: int = 0
+    """Seed of initialisation, augmentations and shuffling (each worker adds its rank)."""
+    num_workers: int = Field(2, ge=1, le=1024)
+    """Ray Train workers (DDP ranks)."""
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    """CPUs reserved per worker."""
+    use_gpu: bool = False
+    """One GPU per worker."""
+    max_failures: int = Field(1, ge=0, le=100)
+    """Worker-group failures Ray Train recovers from (restarting from the latest checkpoint)."""
+    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    """Undecodable images are dropped, counted and reported; above this fraction of the mixture the job fails."""
+    shuffle_buffer: int = Field(2048, ge=0)
+    """Rows in each worker's local shuffle buffer (0: no shuffle)."""
+    resume_from: str | None = None
+    """A checkpoint folder (from another stage's ray_train/ folder) to continue from; it must come from the same
+    model, mixture, boosting and optimiser settings. A crashed run of this stage resumes on its own without it."""
+
+    def input_uris(self) -> list[str]:
+        return [s.uri for s in self.sources]
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> DetectorConfig:
+        names = [s.name for s in self.sources]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"source name '{dup[0]}' is used twice")
+        return self
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint must share with this config to be resumed (epochs, workers and storage may change)."""
+        return self.model_dump(mode="json", include={"sources", "split", "model", "input_size", "augment", "boosting",
+                                                     "batch_size", "lr", "weight_decay", "seed"})

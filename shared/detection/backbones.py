@@ -1,0 +1,227 @@
+"""Detector networks: (B, 3, H, W) normalised images -> (B, 2) logits (index 0 real, 1 fake); the score is
+softmax(logits)[:, 1].
+
+A detector is described by a JSON *spec* (saved beside its weights as ``detector.json``), so a saved detector is
+rebuilt offline without its original reference:
+
+    {"format": 1, "kind": "small-cnn" | "resnet" | "convnext" | "vit" | "clip-probe", "input_size": 32,
+     "mean": [...], "std": [...], "width": 32, "norm": "batch", "dropout": 0.1, "hf_config": {...} | null,
+     "reference": str | null}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from shared.config import StorageConfig
+from shared.detection.augment import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from shared.errors import ModelError
+from shared.storage import Storage, stage_output
+
+SPEC_FILE = "detector.json"
+WEIGHTS_FILE = "model.safetensors"
+HF_KINDS = ("resnet", "convnext", "vit")
+
+# Small from-scratch defaults, fit for CPUs and small images; 'config' keys override them.
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "resnet": {"embedding_size": 16, "hidden_sizes": [16, 32, 64, 128], "depths": [1, 1, 1, 1], "layer_type": "basic"},
+    "convnext": {"hidden_sizes": [16, 32, 64, 128], "depths": [1, 1, 1, 1]},
+    "vit": {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 128,
+            "patch_size": 4},
+    "clip-probe": {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 128,
+                   "patch_size": 4, "projection_dim": 64},
+}
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels // 2) or 1, channels)
+    return nn.BatchNorm2d(channels)
+
+
+class SmallCNN(nn.Module):
+    """Three conv blocks (conv-norm-ReLU x2, max-pool), global average pooling, a linear head.
+
+    ``norm``: BatchNorm (trains fastest here; its running statistics need a few dozen steps before evaluation-mode
+    scores mean anything) or GroupNorm (the same computation in training and evaluation, any batch size).
+    """
+
+    def __init__(self, width: int = 32, dropout: float = 0.1, norm: str = "batch"):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for i in range(3):
+            c_out = width * 2**i
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), _norm(norm, c_out), nn.ReLU(inplace=True),
+                       nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), _norm(norm, c_out), nn.ReLU(inplace=True),
+                       nn.MaxPool2d(2)]
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(c_in, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, 2)
+        h = self.features(x)  # (B, 4*width, H/8, W/8)
+        return self.head(h.mean(dim=(2, 3), keepdim=True))
+
+
+class HFClassifier(nn.Module):
+    """A transformers ...ForImageClassification with two labels; returns plain logits."""
+
+    def __init__(self, net: nn.Module, native_size: int | None):
+        super().__init__()
+        self.net = net
+        self.native_size = native_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native_size and x.shape[-1] != self.native_size:
+            x = nn.functional.interpolate(x, size=(self.native_size, self.native_size), mode="bilinear",
+                                          align_corners=False)
+        return self.net(pixel_values=x).logits
+
+
+class ClipProbe(nn.Module):
+    """A linear probe on a frozen CLIP vision tower's projected image embedding (UnivFD, Ojha et al. 2023)."""
+
+    def __init__(self, tower: nn.Module, native_size: int, dropout: float):
+        super().__init__()
+        self.tower = tower
+        for p in self.tower.parameters():
+            p.requires_grad_(False)
+        self.tower.eval()
+        self.native_size = native_size
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(tower.config.projection_dim, 2))
+
+    def train(self, mode: bool = True) -> ClipProbe:
+        super().train(mode)
+        self.tower.eval()  # frozen, always in inference mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.native_size:
+            x = nn.functional.interpolate(x, size=(self.native_size, self.native_size), mode="bilinear",
+                                          align_corners=False)
+        with torch.no_grad():
+            emb = self.tower(pixel_values=x).image_embeds  # (B, projection_dim)
+        return self.head(emb)
+
+
+def _hf_classes(kind: str):
+    import transformers as tf
+
+    return {
+        "resnet": (tf.ResNetConfig, tf.ResNetForImageClassification),
+        "convnext": (tf.ConvNextConfig, tf.ConvNextForImageClassification),
+        "vit": (tf.ViTConfig, tf.ViTForImageClassification),
+        "clip-probe": (tf.CLIPVisionConfig, tf.CLIPVisionModelWithProjection),
+    }[kind]
+
+
+def make_spec(model: Any, input_size: int, options: StorageConfig | None = None) -> dict[str, Any]:
+    """The spec of a new detector from a BackboneConfig; a reference is resolved here (its config is read)."""
+    spec: dict[str, Any] = {"format": 1, "kind": model.kind, "input_size": int(input_size), "width": model.width,
+                            "norm": model.norm,
+                            "dropout": model.dropout, "hf_config": None, "reference": model.reference,
+                            "mean": list(CLIP_MEAN if model.kind == "clip-probe" else IMAGENET_MEAN),
+                            "std": list(CLIP_STD if model.kind == "clip-probe" else IMAGENET_STD)}
+    if model.kind == "small-cnn":
+        return spec
+    config_cls, _ = _hf_classes(model.kind)
+    if model.reference:
+        from shared.models import resolve_model
+
+        where = resolve_model(model.reference, options)
+        try:
+            cfg = config_cls.from_pretrained(where)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"model reference {model.reference!r}: cannot read a {model.kind} config "
+                             f"({str(exc).strip().splitlines()[0]})") from None
+    else:
+        keys = {**HF_DEFAULTS[model.kind], **model.config}
+        if model.kind in ("resnet", "convnext") and not {"hidden_sizes", "depths"} & set(model.config):
+            # a stride-4 stem, then one stride-2 stage per extra level: keep the last feature map >= 1 x 1
+            stages = max(1, min(4, int(math.log2(max(input_size // 4, 1))) + 1))
+            keys.update(hidden_sizes=keys["hidden_sizes"][:stages], depths=keys["depths"][:stages])
+            if model.kind == "convnext":
+                keys["num_stages"] = stages
+        if model.kind in ("vit", "clip-probe"):
+            keys.setdefault("image_size", int(input_size))
+        try:
+            cfg = config_cls(**keys)
+        except (TypeError, ValueError) as exc:
+            raise ModelError(f"model.config for {model.kind}: {exc}") from None
+    if model.kind != "clip-probe":
+        cfg.num_labels = 2
+        cfg.id2label, cfg.label2id = {0: "real", 1: "fake"}, {"real": 0, "fake": 1}
+    spec["hf_config"] = cfg.to_dict()
+    return spec
+
+
+def build_detector(spec: dict[str, Any], pretrained: bool = False, options: StorageConfig | None = None) -> nn.Module:
+    """The network of a spec: random weights, or (``pretrained``) the reference's weights where there is one."""
+    kind = spec["kind"]
+    if kind == "small-cnn":
+        return SmallCNN(spec["width"], spec["dropout"], spec.get("norm", "batch"))
+    config_cls, model_cls = _hf_classes(kind)
+    cfg = config_cls.from_dict(dict(spec["hf_config"]))
+    native = getattr(cfg, "image_size", None) if kind in ("vit", "clip-probe") else None
+    if pretrained and spec.get("reference"):
+        from shared.models import resolve_model
+
+        where = resolve_model(spec["reference"], options)
+        kwargs = {} if kind == "clip-probe" else {"config": cfg, "ignore_mismatched_sizes": True}
+        try:
+            net = model_cls.from_pretrained(where, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"model reference {spec['reference']!r}: cannot load "
+                             f"({str(exc).strip().splitlines()[0]})") from None
+    else:
+        net = model_cls(cfg)
+    if kind == "clip-probe":
+        return ClipProbe(net, int(native), spec["dropout"])
+    return HFClassifier(net, int(native) if native else None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper."""
+    return model.module if hasattr(model, "module") else model
+
+
+def save_detector(model: nn.Module, spec: dict[str, Any], store: Storage, *parts: str) -> str:
+    """detector.json + model.safetensors under ``parts``; returns the folder URI."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+    store.write_bytes(save(state), *parts, WEIGHTS_FILE)
+    store.write_text(json.dumps(spec, indent=2) + "\n", *parts, SPEC_FILE)
+    return store.uri(*parts)
+
+
+def load_detector(uri: str, options: StorageConfig | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """(network in eval mode, spec) from a train-detector stage or a detector folder, local or s3://."""
+    from safetensors.torch import load
+
+    folder = stage_output(uri, "model", options) or uri
+    store = Storage(folder, options)
+    if not store.exists(SPEC_FILE):
+        raise ModelError(f"detector {uri}: no {SPEC_FILE} there (expected a train-detector stage or its model folder)")
+    spec = store.read_json(SPEC_FILE)
+    if spec.get("format") != 1:
+        raise ModelError(f"detector {uri}: unknown {SPEC_FILE} format {spec.get('format')!r}")
+    model = build_detector(spec)
+    try:
+        model.load_state_dict(load(store.read_bytes(WEIGHTS_FILE)))
+    except RuntimeError as exc:
+        raise ModelError(f"detector {uri}: weights do not fit its spec ({str(exc).splitlines()[0]})") from None
+    model.eval()
+    return model, spec
+
+
+@torch.no_grad()
+def fake_probability(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Probability of 'fake' for a normalised batch (B, 3, H, W) -> (B,)."""
+    return torch.softmax(model(x).float(), dim=-1)[:, 1]
