@@ -25,7 +25,7 @@ from ray_jobs.metrics import Throughput
 from shared.configs.curate import CurateConfig
 from shared.curation.curate_report import write_report
 from shared.curation.features import KINDS, fit_curation, load_embedder, settings_from, tokenize
-from shared.curation.ngram import gumbel_keys, hashed_ngrams, log_distribution, log_importance, stable_uniform
+from shared.curation.ngram import gumbel_keys, hashed_ngrams, log_distribution, stable_uniform
 from shared.curation.retrieval import block_candidates, purity_and_recall, select
 from shared.data import read_table, write_parquet
 from shared.errors import DataError
@@ -278,7 +278,7 @@ def run(cfg: CurateConfig, stage: Stage) -> dict[str, Any]:
 def score_corpus(cfg: CurateConfig, corpus: ray.data.Dataset, fit: dict[str, Any], ngram_weights: np.ndarray,
                  stage_name: str, rows: int) -> ray.data.Dataset:
     """read -> tokenise (tasks) -> embed and score (actor pool, the model loaded once per actor); lazy."""
-    threads = cfg.runtime.threads_per_actor or max(1, (os.cpu_count() or 1) // cfg.runtime.num_actors)
+    threads = cfg.runtime.torch_threads()
     blocks = max(cfg.runtime.num_actors * 4, -(-rows // cfg.runtime.batch_docs))
     return (
         corpus.repartition(blocks)

@@ -76,7 +76,7 @@ class TeacherActor:
 def teacher_outputs(cfg: DistillConfig, examples: list[Example], stage: Stage) -> dict[str, tuple[str, bool]]:
     """id -> (teacher text, finished) for every example, from an actor pool over a Ray Dataset."""
     rows = [{"id": e.id, "prompt": e.prompt, "answer": e.answer, "kind": e.kind} for e in examples]
-    threads = cfg.runtime.threads or max(1, (os.cpu_count() or 1) // cfg.runtime.num_actors)
+    threads = cfg.runtime.torch_threads()
     ds = ray.data.from_items(rows).repartition(max(cfg.runtime.num_actors * 2,
                                                    -(-len(rows) // cfg.generation.batch_size)))
     generated = ds.map_batches(TeacherActor, fn_constructor_kwargs={"cfg": cfg, "threads": threads,
@@ -170,7 +170,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 def fine_tune(cfg: DistillConfig, stage: Stage, examples: list[Any]) -> list[dict[str, Any]]:
-    threads = cfg.runtime.threads or max(1, (os.cpu_count() or 1) // cfg.runtime.num_workers)
+    threads = cfg.runtime.torch_threads(cfg.runtime.num_workers)
     fs, path = stage.store.pyarrow_filesystem("checkpoints")
     trainer = TorchTrainer(
         train_loop,

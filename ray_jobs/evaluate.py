@@ -9,7 +9,6 @@ driver sums token NLLs and counts into one table row per model (results.md, metr
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from typing import Any
@@ -111,7 +110,7 @@ class EvalActor:
 
 
 def evaluate_model(cfg: EvaluateConfig, ref: str, rows: list[dict[str, Any]], stage: Stage) -> list[dict]:
-    threads = cfg.runtime.threads or max(1, (os.cpu_count() or 1) // cfg.runtime.num_actors)
+    threads = cfg.runtime.torch_threads()
     ds = ray.data.from_items(rows).repartition(max(cfg.runtime.num_actors * 2, -(-len(rows) // cfg.batch_size)))
     scored = ds.map_batches(EvalActor, fn_constructor_kwargs={"cfg": cfg, "ref": ref, "threads": threads,
                                                               "stage_name": stage.name},

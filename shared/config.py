@@ -44,6 +44,25 @@ class StorageConfig(StrictModel):
     """Anonymous access (public buckets only)."""
 
 
+class ActorPoolConfig(StrictModel):
+    """Resources of a Ray Data actor pool. None of them changes a job's results (they are not in its config hash)."""
+
+    num_actors: int = Field(1, ge=1)
+    """Actors in the pool; each loads its model once."""
+    cpus_per_actor: float = Field(0.5, gt=0)
+    """Logical CPUs reserved per actor (fractional, so read and preprocessing tasks always find a slot)."""
+    gpus_per_actor: float = Field(0, ge=0)
+    """GPUs per actor (0 on CPU machines; fractions share a GPU)."""
+    threads: int | None = None
+    """torch threads per actor. Unset: the machine's cores divided by the number of actors."""
+
+    def torch_threads(self, parallel: int | None = None) -> int:
+        """Threads for one of ``parallel`` processes sharing this machine (default: the actors)."""
+        import os
+
+        return self.threads or max(1, (os.cpu_count() or 1) // (parallel or self.num_actors))
+
+
 class JobConfig(StrictModel):
     """Fields shared by every job: where the stage writes and how storage is reached."""
 

@@ -4,7 +4,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from shared.config import JobConfig, StrictModel
+from shared.config import ActorPoolConfig, JobConfig, StrictModel
 
 
 class CoordinateConfig(StrictModel):
@@ -79,17 +79,9 @@ class NgramConfig(StrictModel):
     """Add-alpha smoothing of the bucket distributions."""
 
 
-class CurateRuntime(StrictModel):
-    """Resources; none of these change the results."""
+class CurateRuntime(ActorPoolConfig):
+    """Resources of the embedding pass; none of these change the results."""
 
-    num_actors: int = Field(1, ge=1)
-    """Actors in the embedding pool."""
-    cpus_per_actor: float = Field(0.5, gt=0)
-    """Logical CPUs reserved per actor (fractional, so the read and tokenise tasks always find a slot)."""
-    gpus_per_actor: float = Field(0, ge=0)
-    """GPUs per actor (0 on CPU machines)."""
-    threads_per_actor: int | None = None
-    """torch threads per actor. Unset: the machine's cores divided by the number of actors."""
     batch_docs: int = Field(64, ge=1)
     """Documents per Ray Data batch handed to an actor."""
     micro_batch: int = Field(8, ge=1)

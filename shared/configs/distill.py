@@ -4,7 +4,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from shared.config import JobConfig, StrictModel
+from shared.config import ActorPoolConfig, JobConfig, StrictModel
 
 
 class GenerationConfig(StrictModel):
@@ -62,23 +62,15 @@ class TrainingConfig(StrictModel):
     """Adapter settings (method lora)."""
 
 
-class DistillRuntime(StrictModel):
-    """Resources; none of these change the results."""
+class DistillRuntime(ActorPoolConfig):
+    """Resources: the teacher's actor pool, then the training workers. None of these change the results."""
 
-    num_actors: int = Field(1, ge=1)
-    """Teacher generation actors."""
-    cpus_per_actor: float = Field(0.5, gt=0)
-    """Logical CPUs per generation actor."""
-    gpus_per_actor: float = Field(0, ge=0)
-    """GPUs per generation actor."""
     num_workers: int = Field(1, ge=1)
-    """Ray Train workers (DDP) for fine-tuning."""
+    """Ray Train workers (DDP) for fine-tuning; torch threads per worker default to the cores divided by them."""
     cpus_per_worker: float = Field(1, gt=0)
     """Logical CPUs per training worker."""
     use_gpu: bool = False
     """Train on GPUs (one per worker)."""
-    threads: int | None = None
-    """torch threads per actor / worker. Unset: the machine's cores divided by the actors or workers."""
 
 
 class DistillConfig(JobConfig):

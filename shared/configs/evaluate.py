@@ -4,20 +4,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from shared.config import JobConfig, StrictModel
-
-
-class EvaluateRuntime(StrictModel):
-    """Resources; none of these change the results."""
-
-    num_actors: int = Field(1, ge=1)
-    """Actors per model (each loads the model once)."""
-    cpus_per_actor: float = Field(0.5, gt=0)
-    """Logical CPUs per actor."""
-    gpus_per_actor: float = Field(0, ge=0)
-    """GPUs per actor."""
-    threads: int | None = None
-    """torch threads per actor. Unset: the machine's cores divided by the actors."""
+from shared.config import ActorPoolConfig, JobConfig
 
 
 class EvaluateConfig(JobConfig):
@@ -46,7 +33,7 @@ class EvaluateConfig(JobConfig):
     """Generation length for exact-match questions."""
     seed: int = 0
     """Sampling seed for max_examples."""
-    runtime: EvaluateRuntime = EvaluateRuntime()
+    runtime: ActorPoolConfig = ActorPoolConfig()
     """Resources (not part of the config hash)."""
 
     def input_uris(self) -> list[str]:
