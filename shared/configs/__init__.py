@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from shared.config import JobConfig
 from shared.configs.inspect_model import InspectModelConfig
+from shared.configs.prune import PruneConfig
 
 JOB_CONFIGS: dict[str, type[JobConfig]] = {
     cls.JOB: cls
     for cls in (
         InspectModelConfig,
+        PruneConfig,
     )
 }
 
