@@ -227,10 +227,10 @@ def _worker(config: dict[str, Any]) -> dict[str, Any] | None:
                     progress.report(loss_before.mean, step / steps)
                 say(f"importance {step}/{steps}: loss {float(nll.detach()) / max(tokens, 1):.3f} on {tokens} tokens, "
                     f"{time.perf_counter() - t0:.1f} s")
-            flat = accumulator.flat().to(device)
+            flat = accumulator.flat()
             if distributed:
                 dist.all_reduce(flat)
-            accumulator.load_flat(flat.cpu())
+            accumulator.load_flat(flat)
             scores = accumulator.scores()
     else:
         scores = static_scores(layers, cfg.importance, cfg.seed)

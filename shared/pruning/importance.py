@@ -32,7 +32,7 @@ METHODS: tuple[str, ...] = ("param_first", "vectorize", "param_second", "magnitu
 GRADIENT_METHODS = frozenset({"param_first", "vectorize", "param_second"})
 
 Scores = dict[int, dict[str, torch.Tensor]]
-"""layer index -> {"attention": score per KV group, "mlp": score per channel}."""
+"""layer index -> {"attention": score per KV group, "mlp": score per channel} (float64, on the CPU)."""
 
 
 def _vectors(param: torch.Tensor, axis: int) -> int:
@@ -56,7 +56,8 @@ class TaylorAccumulator:
         self.layers = layers
         self.members = [(layer.index, kind, param, axis, per_group)
                         for layer in layers for kind, param, axis, per_group in layer.members()]
-        self.buffers = [torch.zeros(_vectors(p, axis), dtype=torch.float64) for _, _, p, axis, _ in self.members]
+        self.buffers = [torch.zeros(_vectors(p, axis), dtype=torch.float64, device=p.device)
+                        for _, _, p, axis, _ in self.members]
         self._handles: list[Any] = []
         self._model = model
         self._saved_requires_grad: list[tuple[torch.nn.Parameter, bool]] = []
@@ -106,7 +107,7 @@ class TaylorAccumulator:
 
     # --- results ----------------------------------------------------------------------------------------------------
     def flat(self) -> torch.Tensor:
-        """Every buffer in one vector (for ``all_reduce``)."""
+        """Every buffer in one vector, on the model's device (for ``all_reduce``)."""
         return torch.cat(self.buffers)
 
     def load_flat(self, flat: torch.Tensor) -> None:
@@ -120,7 +121,7 @@ class TaylorAccumulator:
                                      "mlp": torch.zeros(layer.channels, dtype=torch.float64)} for layer in self.layers}
         for (index, kind, _, _, per_group), buffer in zip(self.members, self.buffers):
             per_vector = buffer.abs() if self.method == "vectorize" else buffer
-            out[index][kind] += per_vector.view(-1, per_group).sum(dim=1)
+            out[index][kind] += per_vector.view(-1, per_group).sum(dim=1).cpu()
         return out
 
 
@@ -140,7 +141,7 @@ def static_scores(layers: list[PrunableLayer], method: Method, seed: int = 0) ->
         sums = {"attention": torch.zeros(layer.kv_groups, dtype=torch.float64),
                 "mlp": torch.zeros(layer.channels, dtype=torch.float64)}
         for kind, param, axis, per_group in layer.members():
-            sums[kind] += _per_vector(param.detach().double().square(), axis).view(-1, per_group).sum(dim=1)
+            sums[kind] += _per_vector(param.detach().double().square(), axis).view(-1, per_group).sum(dim=1).cpu()
         out[layer.index] = {kind: total.sqrt() for kind, total in sums.items()}
     return out
 

@@ -50,7 +50,7 @@ def keep_all(model: Any, indices: list[int]) -> Keep:
 
 def _expand(groups: torch.Tensor, size: int) -> torch.Tensor:
     """Group indices -> the indices of their ``size`` consecutive rows/columns."""
-    return (groups.view(-1, 1) * size + torch.arange(size).view(1, -1)).reshape(-1)
+    return (groups.view(-1, 1) * size + torch.arange(size, device=groups.device).view(1, -1)).reshape(-1)
 
 
 def sliced_state_dict(model: Any, keep: Keep) -> dict[str, torch.Tensor]:
@@ -69,6 +69,7 @@ def sliced_state_dict(model: Any, keep: Keep) -> dict[str, torch.Tensor]:
         }
         for name, (index, axis) in plan.items():
             weight = prefix + name + ".weight"
+            index = index.to(state[weight].device)
             state[weight] = state[weight].index_select(axis, index).contiguous()
             bias = prefix + name + ".bias"
             if axis == 0 and bias in state:
