@@ -36,6 +36,25 @@ def texts_table(texts: list[str]) -> pa.Table:
     return pa.table({"id": list(range(len(texts))), "text": texts})
 
 
+def curate_like_stage(root: Storage, texts: list[str]) -> str:
+    """A finished stage that hands over a dataset the way the curate job does (id, text, score, matched_seed, and
+    prompt/answer pairs), written through the same Stage API."""
+    import time
+
+    from shared.storage import Stage
+
+    stage = Stage.open(root, "curate", "curate", "0123456789abcdef")
+    stage.begin("job: curate\n")
+    prompts = [f"Explain {t.split()[0]}" for t in texts]
+    table = pa.table({"id": [f"doc-{i}" for i in range(len(texts))], "text": texts,
+                      "score": [1.0 - i / len(texts) for i in range(len(texts))], "matched_seed": [0] * len(texts),
+                      "prompt": prompts, "answer": texts})
+    write_parquet(table, stage.store, "subset", "part-0.parquet")
+    stage.outputs["dataset"] = "subset"
+    stage.commit({"selected": len(texts)}, time.time())
+    return stage.uri
+
+
 def examples_of(cfg: PruneConfig, uri: str, max_examples: int):
     from shared.models import load_tokenizer
 
@@ -52,11 +71,12 @@ def test_prune_job_on_s3_writes_a_model_that_reloads(ray_session, s3_root, tiny_
     from shared.perplexity import evaluate_loss
 
     data = Storage(s3_root)
-    write_parquet(texts_table(calibration_texts), data, "calibration", "part-0.parquet")
+    curate = curate_like_stage(data, calibration_texts)
     write_parquet(texts_table(held_out_texts), data, "held-out", "part-0.parquet")
-    cfg = load_config(PruneConfig, None, [*SMALL, f"output_root={s3_root}/run", f"calibration={s3_root}/calibration",
+    cfg = load_config(PruneConfig, None, [*SMALL, f"output_root={s3_root}/run", f"calibration={curate}",
                                           f"eval_data={s3_root}/held-out", "fraction=0.25"])
     metrics = run_job(cfg)
+    assert metrics["calibration"]["kind"] == "prompt_answer"  # loss on the answers only
 
     stage = Storage(f"{s3_root}/run").child("prune")
     assert stage.read_json("_SUCCESS")["outputs"] == {"model": "model"}
