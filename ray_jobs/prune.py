@@ -98,8 +98,7 @@ def run(cfg: PruneConfig, stage: Stage) -> dict[str, Any]:
     fs, path = stage.store.pyarrow_filesystem("ray_train")
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"cfg": cfg, "stage_uri": stage.uri, "stage_job": stage.job, "stage_name": stage.name,
-                           "plan": plan, "layers": inputs.target.layers,
+        train_loop_config={"cfg": cfg, "stage_name": stage.name, "plan": plan, "layers": inputs.target.layers,
                            "calibration": [e.to_dict() for e in inputs.calibration],
                            "evaluation": [e.to_dict() for e in inputs.evaluation],
                            "calibration_tokens": inputs.calibration_stats.target_tokens},

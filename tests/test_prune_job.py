@@ -194,6 +194,17 @@ def test_bad_input_is_refused_before_any_work(case, tmp_path, tiny_llama_dir, ca
     assert not (tmp_path / "run" / "prune").exists()  # no stage opened, nothing written
 
 
+def test_a_user_error_raised_in_a_worker_reaches_the_cli_as_such():
+    from ray.train import WorkerGroupError
+
+    from ray_jobs.prune import _user_error_in
+    from shared.errors import DataError
+
+    failure = WorkerGroupError("rank 1 failed", {0: RuntimeError("other"), 1: DataError("calibration x: empty")})
+    assert str(_user_error_in(failure)) == "calibration x: empty"
+    assert _user_error_in(WorkerGroupError("boom", {0: RuntimeError("bug")})) is None
+
+
 @pytest.mark.parametrize("fraction", ["0", "0.95", "-0.1"])
 def test_fraction_outside_the_range_is_a_config_error(fraction):
     with pytest.raises(UserError, match=r"--set fraction: key 'fraction'"):
