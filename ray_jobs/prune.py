@@ -122,7 +122,8 @@ def run(cfg: PruneConfig, stage: Stage) -> dict[str, Any]:
         "parameters_before": plan.params_before, "parameters_after": worker["parameters_after"],
         "layers_pruned": inputs.target.layers, **worker["results"],
         "eval_data": cfg.eval_data, "evaluation": inputs.evaluation_stats.to_dict() if inputs.evaluation_stats else None,
-        "per_layer": worker["per_layer"], "output": worker["output"], "timings_s": worker["timings_s"],
+        "per_layer": worker["per_layer"], "layer_widths": worker["widths"], "output": worker["output"],
+        "timings_s": worker["timings_s"],
         "num_workers": cfg.num_workers, "seconds": round(time.perf_counter() - started, 1),
     }
     metrics["timings_s"].update(driver_prepare=round(inputs.seconds, 2), total=metrics["seconds"])
@@ -164,7 +165,7 @@ def _worker(config: dict[str, Any]) -> dict[str, Any] | None:
     from shared.lm_data import batches, shard
     from shared.models import load_causal_lm
     from shared.perplexity import LossSum, batch_nll, evaluate_loss
-    from shared.pruning.groups import prunable_layers
+    from shared.pruning.groups import layer_module_widths, prunable_layers
     from shared.pruning.importance import GRADIENT_METHODS, TaylorAccumulator, gradient_pass, static_scores
     from shared.pruning.surgery import prune_model, select
 
@@ -245,9 +246,13 @@ def _worker(config: dict[str, Any]) -> dict[str, Any] | None:
     sample_before = _sample(model, tokenizer, cfg) if rank == 0 else None
     keep = select(scores, plan)
     per_layer = _per_layer(layers, keep, scores)
+    widths_before = layer_module_widths(model)
     pruned = prune_model(model, keep).eval()
     del model, layers
     parameters_after = sum(p.numel() for p in pruned.parameters())
+    widths = [{"layer": i, "heads_before": a.heads, "heads_after": b.heads, "kv_heads_before": a.kv_heads,
+               "kv_heads_after": b.kv_heads, "channels_before": a.intermediate, "channels_after": b.intermediate}
+              for i, (a, b) in enumerate(zip(widths_before, layer_module_widths(pruned)))]
     if parameters_after != plan.params_after:
         raise RuntimeError(f"pruned model has {parameters_after:,} parameters, the plan said {plan.params_after:,}")
     loss_after = total_loss(evaluate_loss(pruned, calibration, batch_size=cfg.micro_batch_size, pad_id=pad,
@@ -278,7 +283,8 @@ def _worker(config: dict[str, Any]) -> dict[str, Any] | None:
         "domain_perplexity_after": eval_after.perplexity if eval_after.tokens else None,
         "domain_tokens": eval_before.tokens,
     }
-    return {"parameters_after": parameters_after, "results": results, "per_layer": per_layer, "output": output,
+    return {"parameters_after": parameters_after, "results": results, "per_layer": per_layer, "widths": widths,
+            "output": output,
             "timings_s": {k: round(v, 2) for k, v in timings.items()}}
 
 
@@ -363,17 +369,19 @@ def write_report(cfg: PruneConfig, m: dict[str, Any], store: Storage) -> None:
                         "before": m["domain_perplexity_before"], "after": m["domain_perplexity_after"]})
     report.table("Before and after", summary)
 
-    per_layer = {row["layer"]: row for row in m["per_layer"]}
-    all_layers = sorted(per_layer)
+    widths = m["layer_widths"]
+    layers = [w["layer"] for w in widths]
+    pruned = set(m["layers_pruned"])
     fig, axes = report.figure(ncols=2, width=5.5)
-    for ax, (before, after, label) in zip(axes[0], (("heads_before", "heads_after", "attention heads"),
-                                                 ("channels_before", "channels_after", "MLP channels"))):
-        ax.bar(all_layers, [per_layer[i][before] for i in all_layers], color="#dddddd", label="before")
-        ax.bar(all_layers, [per_layer[i][after] for i in all_layers], color="#3b6ea8", label="kept")
-        ax.set_xlabel("decoder layer (pruned layers only; the others keep everything)")
+    for ax, (key, label) in zip(axes[0], (("heads", "attention heads"), ("channels", "MLP channels"))):
+        ax.bar(layers, [w[f"{key}_before"] for w in widths], color="#dddddd", label="before")
+        ax.bar(layers, [w[f"{key}_after"] for w in widths], label="after",
+               color=["#3b6ea8" if w["layer"] in pruned else "#9bb7d4" for w in widths])
+        ax.set_xlabel("decoder layer (light: outside the pruned range)")
         ax.set_ylabel(label)
-        ax.legend()
-    report.add_figure(fig, "Width of each pruned layer before and after pruning")
+        ax.set_xticks(layers if len(layers) <= 16 else layers[::2])
+        ax.legend(loc="lower right")
+    report.add_figure(fig, "Width of each decoder layer before and after pruning")
     report.table("Per layer", [{k: v for k, v in row.items() if k != "attention_scores"} for row in m["per_layer"]])
     output = m["output"]
     report.text(f"Model: {output['uri']} ({output['format']} config, {output['class']}); load with "
