@@ -41,11 +41,13 @@ def calibration(tiny):
 
 
 def small_config(family: str):
+    """Grouped-query attention (6 heads, 3 KV heads); 'llama-mha' has plain multi-head attention (6 and 6)."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
+    cls = {"llama": LlamaConfig, "llama-mha": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
     return cls(vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=4, num_attention_heads=6,
-               num_key_value_heads=3, head_dim=8, max_position_embeddings=64, tie_word_embeddings=family != "mistral")
+               num_key_value_heads=6 if family == "llama-mha" else 3, head_dim=8, max_position_embeddings=64,
+               tie_word_embeddings=family != "mistral")
 
 
 def small_model(family: str):
@@ -186,14 +188,16 @@ def test_pruning_zero_groups_keeps_the_logits(tiny):
     assert pruned.lm_head.weight.data_ptr() == pruned.model.embed_tokens.weight.data_ptr()  # still tied
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "llama-mha"])
 def test_pruned_model_equals_the_original_with_those_groups_zeroed(family):
     model = small_model(family)
-    keep = random_keep(model, [1, 2], kv_groups=2, channels=40)
+    mha = family == "llama-mha"  # a group is one head
+    keep = random_keep(model, [1, 2], kv_groups=4 if mha else 2, channels=40)
     pruned = prune_model(model, keep)
     for index in (1, 2):
         attn, mlp = pruned.model.layers[index].self_attn, pruned.model.layers[index].mlp
-        assert (attn.q_proj.out_features, attn.k_proj.out_features, attn.o_proj.in_features) == (32, 16, 32)
+        expected = (32, 32, 32) if mha else (32, 16, 32)
+        assert (attn.q_proj.out_features, attn.k_proj.out_features, attn.o_proj.in_features) == expected
         assert (mlp.gate_proj.out_features, mlp.down_proj.in_features) == (40, 40)
         if family == "qwen2":
             assert attn.q_proj.bias.shape == (32,) and attn.k_proj.bias.shape == (16,)
@@ -234,6 +238,19 @@ def test_per_layer_model_round_trip_with_and_without_scopeforge(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     name, difference, length = done.stdout.split()
     assert name == "ScopeforgePrunedQwen2ForCausalLM" and float(difference) == 0.0 and int(length) == 11
+
+
+def test_a_pruned_model_can_be_pruned_again(tmp_path):
+    model = small_model("llama")
+    first = prune_model(model, random_keep(model, [1, 2], kv_groups=2, channels=40))
+    first.save_pretrained(tmp_path)
+    target = plan_from_config(str(tmp_path), "first", layers="all", fraction=0.2)
+    shapes = {s.index: (s.kv_groups, s.channels) for s in target.plan.shapes}
+    assert shapes == {0: (3, 64), 1: (2, 40), 2: (2, 40), 3: (3, 64)}
+    second = prune_model(first, select(static_scores(prunable_layers(first, target.layers), "magnitude"), target.plan))
+    assert sum(p.numel() for p in second.parameters()) == target.plan.params_after
+    ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(4))
+    assert logits(second, ids).shape == (2, 8, 96)
 
 
 def test_pruning_every_layer_alike_writes_a_standard_config(tmp_path):
