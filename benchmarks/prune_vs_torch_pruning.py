@@ -85,7 +85,8 @@ def _pool_chunks(words: int) -> dict[str, list[str]]:
     data = Path(gensim.__file__).parent / "test" / "test_data"
     news = [c for line in (data / "lee_background.cor").read_text(encoding="utf-8").splitlines()
             for c in _word_chunks(line, words)]
-    reviews = [line.split(" ", 1)[1] for line in (data / "pang_lee_polarity.cor").read_text(encoding="latin-1").splitlines()]
+    lines = (data / "pang_lee_polarity.cor").read_text(encoding="latin-1").splitlines()
+    reviews = [line.split(" ", 1)[1] for line in lines]  # drop the __label__ prefix
     reviews = _word_chunks(" ".join(reviews), words)
     novel = _word_chunks((data / "crime-and-punishment.txt").read_text(encoding="utf-8"), words)
     import sympy  # noqa: F401  (its submodules carry the math docstrings)
@@ -228,8 +229,8 @@ def _torch_pruning(model: Any, calibration: list, pad: int, scale: float, target
         heads = attn.q_proj.out_features // attn.head_dim
         kv = attn.k_proj.out_features // attn.head_dim
         attn.num_key_value_groups = heads // kv
-    widths = {(layer.self_attn.q_proj.out_features, layer.self_attn.k_proj.out_features, layer.mlp.gate_proj.out_features)
-              for layer in model.model.layers}
+    widths = {(layer.self_attn.q_proj.out_features, layer.self_attn.k_proj.out_features,
+               layer.mlp.gate_proj.out_features) for layer in model.model.layers}
     if len(widths) == 1:  # a standard config can describe the result only when every layer is alike
         q, k, inter = widths.pop()
         head_dim = model.model.layers[0].self_attn.head_dim
@@ -297,7 +298,8 @@ def main() -> None:
         files = dict(data["files"])
         if args.curated:
             files["curated"] = args.curated
-        print(json.dumps({"benchmark": "prune_vs_torch_pruning", "data": {k: v for k, v in data.items() if k != "files"},
+        described = {k: v for k, v in data.items() if k != "files"}
+        print(json.dumps({"benchmark": "prune_vs_torch_pruning", "data": described,
                           "fraction": args.fraction, "calibration_examples": args.examples,
                           "max_length": args.max_length, "threads": args.threads, "cpu_count": os.cpu_count(),
                           "load_average": os.getloadavg()}), flush=True)

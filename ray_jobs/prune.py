@@ -121,9 +121,11 @@ def run(cfg: PruneConfig, stage: Stage) -> dict[str, Any]:
         "target_fraction": cfg.fraction, "achieved_fraction": round(plan.achieved_fraction, 6),
         "parameters_before": plan.params_before, "parameters_after": worker["parameters_after"],
         "layers_pruned": inputs.target.layers, **worker["results"],
-        "eval_data": cfg.eval_data, "evaluation": inputs.evaluation_stats.to_dict() if inputs.evaluation_stats else None,
+        "eval_data": cfg.eval_data,
+        "evaluation": inputs.evaluation_stats.to_dict() if inputs.evaluation_stats else None,
         "per_layer": worker["per_layer"], "layer_widths": worker["widths"], "output": worker["output"],
-        "timings_s": worker["timings_s"],
+        "timings_s": worker["timings_s"], "worker_cpu_s": worker["worker_cpu_s"],
+        "torch_threads": max(1, int(cfg.cpus_per_worker)),
         "num_workers": cfg.num_workers, "seconds": round(time.perf_counter() - started, 1),
     }
     metrics["timings_s"].update(driver_prepare=round(inputs.seconds, 2), total=metrics["seconds"])
@@ -200,7 +202,8 @@ def _worker(config: dict[str, Any]) -> dict[str, Any] | None:
         return LossSum(nll, int(round(tokens)))
 
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+    cpu: dict[str, float] = {}
+    t0, c0 = time.perf_counter(), time.process_time()
     model, tokenizer = load_causal_lm(cfg.model, options=cfg.storage, device=str(device))
     pad = tokenizer.pad_token_id
     layers = prunable_layers(model, config["layers"])
@@ -208,10 +211,10 @@ def _worker(config: dict[str, Any]) -> dict[str, Any] | None:
     evaluation = shard([LMExample.from_dict(e) for e in config["evaluation"]], rank, world)
     throughput = Throughput("prune", config["stage_name"], ("tokens",))
     progress = TrainingProgress("prune", config["stage_name"]) if rank == 0 else None
-    timings["load"] = time.perf_counter() - t0
+    timings["load"], cpu["load"] = time.perf_counter() - t0, time.process_time() - c0
 
     # 1. importance over this worker's shard, one micro-batch at a time; the loss before pruning comes with it
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     steps = math.ceil(len(calibration) / cfg.micro_batch_size)
     loss_before = LossSum()
     if cfg.importance in GRADIENT_METHODS:
@@ -237,10 +240,10 @@ def _worker(config: dict[str, Any]) -> dict[str, Any] | None:
         loss_before = evaluate_loss(model, calibration, batch_size=cfg.micro_batch_size, pad_id=pad,
                                     on_batch=every_quarter("calibration loss before"))
     loss_before = total_loss(loss_before)
-    timings["importance"] = time.perf_counter() - t0
+    timings["importance"], cpu["importance"] = time.perf_counter() - t0, time.process_time() - c0
 
     # 2. every worker prunes the same way (same summed scores), so evaluation can stay sharded
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     eval_before = total_loss(evaluate_loss(model, evaluation, batch_size=cfg.micro_batch_size, pad_id=pad,
                                            on_batch=every_quarter("domain loss before")))
     sample_before = _sample(model, tokenizer, cfg) if rank == 0 else None
@@ -259,16 +262,16 @@ def _worker(config: dict[str, Any]) -> dict[str, Any] | None:
                                           on_batch=every_quarter("calibration loss after")))
     eval_after = total_loss(evaluate_loss(pruned, evaluation, batch_size=cfg.micro_batch_size, pad_id=pad,
                                           on_batch=every_quarter("domain loss after")))
-    timings["prune_and_evaluate"] = time.perf_counter() - t0
+    timings["prune_and_evaluate"], cpu["prune_and_evaluate"] = time.perf_counter() - t0, time.process_time() - c0
 
     # 3. rank 0 writes the model, after checking that what it wrote reloads to the same logits
     output = None
     if rank == 0:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         store = Storage(cfg.output_root, cfg.storage).child(config["stage_name"])
         output = _save_checked(pruned, tokenizer, calibration, pad, store, cfg, say)
         output["sample_before"] = sample_before
-        timings["save"] = time.perf_counter() - t0
+        timings["save"], cpu["save"] = time.perf_counter() - t0, time.process_time() - c0
     if distributed:
         dist.barrier()
     if rank != 0:
@@ -285,7 +288,8 @@ def _worker(config: dict[str, Any]) -> dict[str, Any] | None:
     }
     return {"parameters_after": parameters_after, "results": results, "per_layer": per_layer, "widths": widths,
             "output": output,
-            "timings_s": {k: round(v, 2) for k, v in timings.items()}}
+            "timings_s": {k: round(v, 2) for k, v in timings.items()},
+            "worker_cpu_s": {k: round(v, 2) for k, v in cpu.items()}}
 
 
 def _sample(model: Any, tokenizer: Any, cfg: PruneConfig) -> str | None:

@@ -101,7 +101,8 @@ def test_prune_job_on_s3_writes_a_model_that_reloads(ray_session, s3_root, tiny_
     assert widths[1:4] == [(r["kv_groups_after"], r["channels_after"]) for r in metrics["per_layer"]]
     assert widths[0] == widths[4] == widths[5] == (2, 192)
     assert [(w["kv_heads_after"], w["channels_after"]) for w in metrics["layer_widths"]] == widths
-    for key, uri, n in (("calibration", cfg.calibration, cfg.max_examples), ("domain", cfg.eval_data, cfg.eval_max_examples)):
+    for key, uri, n in (("calibration", cfg.calibration, cfg.max_examples),
+                        ("domain", cfg.eval_data, cfg.eval_max_examples)):
         loss = evaluate_loss(model, examples_of(cfg, uri, n), batch_size=4, pad_id=tokenizer.pad_token_id)
         assert loss.mean == pytest.approx(metrics[f"{key}_loss_after"], rel=1e-5)
     assert metrics["domain_tokens"] == loss.tokens and metrics["domain_perplexity_before"] > 1

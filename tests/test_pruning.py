@@ -14,14 +14,13 @@ import pytest
 import torch
 
 from shared.errors import ConfigError, ModelError
-from shared.lm_data import encode_texts
+from shared.lm_data import batches, encode_texts
 from shared.perplexity import batch_nll
 from shared.pruning.groups import check_architecture, layer_module_widths, prunable_layers, resolve_layers
 from shared.pruning.importance import TaylorAccumulator, gradient_pass, static_scores
 from shared.pruning.planning import layer_shapes, meta_model, plan_from_config
 from shared.pruning.solver import LayerShape, solve
 from shared.pruning.surgery import keep_all, prune_model, select
-from shared.lm_data import batches
 
 
 @pytest.fixture(scope="module")
