@@ -15,6 +15,8 @@ Prints one JSON object per line:
 - ``"ratio"`` lines: scopeforge / Torch-Pruning for time and peak memory where both finished.
 - ``"calibration"`` lines: domain perplexity after pruning (scopeforge, same fraction) when calibrated on domain
   documents vs on the same number of random documents of a mixed pool.
+- ``"importance"`` lines: the same figure for other importance methods (``--methods``; magnitude and random by
+  default), all at the same fraction on the same data.
 
 Data (read where it lies, nothing is copied into the repo): the domain is Python standard-library documentation
 (docstrings of one set of modules for calibration, of other modules held out); the pool mixes it with news articles,
@@ -158,16 +160,19 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     if spec["tool"] == "scopeforge":
         from shared.pruning.groups import prunable_layers
-        from shared.pruning.importance import TaylorAccumulator, gradient_pass
+        from shared.pruning.importance import GRADIENT_METHODS, TaylorAccumulator, gradient_pass, static_scores
         from shared.pruning.surgery import prune_model, select
 
         layers = prunable_layers(model, target.layers)
-        with gradient_pass(model, checkpointing=True), \
-                TaylorAccumulator(model, layers, "param_first") as accumulator:
-            for batch in batches(calibration, 4, pad):
-                nll, _ = batch_nll(model, batch)
-                (nll * scale).backward()
-            scores = accumulator.scores()
+        method = spec.get("importance", "param_first")
+        if method in GRADIENT_METHODS:
+            with gradient_pass(model, checkpointing=True), TaylorAccumulator(model, layers, method) as accumulator:
+                for batch in batches(calibration, 4, pad):
+                    nll, _ = batch_nll(model, batch)
+                    (nll * scale).backward()
+                scores = accumulator.scores()
+        else:
+            scores = static_scores(layers, method, seed=0)
         pruned = prune_model(model, select(scores, target.plan)).eval()
     else:
         pruned = _torch_pruning(model, calibration, pad, scale, target, spec["attention"])
@@ -286,6 +291,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="seed of the generic sample")
     parser.add_argument("--curated", help="calibration URI to use as 'curated' (e.g. a curate stage)")
+    parser.add_argument("--methods", nargs="*", default=["magnitude", "random"],
+                        help="scopeforge importance methods to compare with param_first (same data and fraction)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -352,6 +359,15 @@ def main() -> None:
             if isinstance(line["curated"], float) and isinstance(line["generic"], float):
                 line["curated_over_generic"] = round(line["curated"] / line["generic"], 3)
             print(json.dumps(line), flush=True)
+            methods = {"param_first": curated.get("heldout_perplexity_after", curated.get("status"))}
+            for method in args.methods:
+                if method == "param_first":
+                    continue
+                result = run_child({**base, "tool": "scopeforge", "attention": True, "layers": None,
+                                    "importance": method}, args.timeout)
+                methods[method] = result.get("heldout_perplexity_after", result.get("status"))
+            print(json.dumps({"importance": "held-out domain perplexity after pruning", "model": model,
+                              "fraction": args.fraction, "before": ppl_before, **methods}), flush=True)
 
 
 if __name__ == "__main__":
