@@ -395,6 +395,7 @@ def write_report(cfg: PruneConfig, m: dict[str, Any], store: Storage) -> None:
         report.table("Greedy sample", [{"prompt": output["sample_prompt"], "before": output["sample_before"] or "",
                                         "after (reloaded)": output["sample_after"] or ""}])
     skipped = m["calibration"]["skipped"]
-    report.text(f"Calibration rows: {m['calibration']['rows']}, kept {m['calibration']['examples']}, truncated "
+    report.text(f"Calibration rows: {m['calibration']['source_rows']} in the data, {m['calibration']['rows']} "
+                f"sampled, kept {m['calibration']['examples']}, truncated "
                 f"{m['calibration']['truncated']}, skipped {sum(skipped.values())} {skipped or ''}.")
     report.save(store, "report.html")
