@@ -11,6 +11,7 @@ time goes into initialising weights that are overwritten.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -133,5 +134,5 @@ def prune_model(model: Any, keep: Keep) -> Any:
     leftover = [n for n, t in [*pruned.named_parameters(), *pruned.named_buffers()] if t.is_meta]
     if leftover:
         raise RuntimeError(f"pruned model has tensors with no data: {', '.join(leftover[:5])}")
-    pruned.generation_config = model.generation_config
+    pruned.generation_config = copy.deepcopy(model.generation_config)
     return pruned.train(model.training)
