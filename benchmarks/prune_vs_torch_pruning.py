@@ -127,6 +127,11 @@ def build_data(folder: Path, n: int, words: int, seed: int) -> dict[str, Any]:
 # One run, in its own process
 
 
+def _mark(stage: str, started: float) -> None:
+    """A progress marker on stderr: after a time-out the parent reports the last one, i.e. where the run was."""
+    print(f"@stage {stage} {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
+
+
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -141,6 +146,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     from shared.perplexity import batch_nll, evaluate_loss
     from shared.pruning.planning import plan_from_config
 
+    clock = time.perf_counter()
     model, tokenizer = load_causal_lm(spec["model"])
     pad = tokenizer.pad_token_id
     calibration, _ = load_examples(spec["calibration"], tokenizer, max_length=spec["max_length"],
@@ -157,6 +163,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         return out
 
     scale = 1.0 / sum(e.target_tokens for e in calibration)
+    _mark("loaded", clock)
     started = time.perf_counter()
     if spec["tool"] == "scopeforge":
         from shared.pruning.groups import prunable_layers
@@ -175,8 +182,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             scores = static_scores(layers, method, seed=0)
         pruned = prune_model(model, select(scores, target.plan)).eval()
     else:
-        pruned = _torch_pruning(model, calibration, pad, scale, target, spec["attention"])
+        pruned = _torch_pruning(model, calibration, pad, scale, target, spec["attention"], clock)
     out["prune_seconds"] = round(time.perf_counter() - started, 2)
+    _mark("pruned", clock)
     out["peak_rss_mb"] = round(_rss_mb(), 1)
     out["peak_rss_over_loaded_mb"] = round(_rss_mb() - rss_loaded, 1)
     after = sum(p.numel() for p in pruned.parameters())
@@ -187,7 +195,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _torch_pruning(model: Any, calibration: list, pad: int, scale: float, target: Any, attention: bool) -> Any:
+def _torch_pruning(model: Any, calibration: list, pad: int, scale: float, target: Any, attention: bool,
+                   clock: float) -> Any:
     """Torch-Pruning's MetaPruner with its group Taylor importance, asked for the same kept counts per layer."""
     import torch
     import torch_pruning as tp
@@ -221,13 +230,16 @@ def _torch_pruning(model: Any, calibration: list, pad: int, scale: float, target
     for batch in batches(calibration, 4, pad):  # Torch-Pruning reads .grad: the whole model's gradient is kept
         nll, _ = batch_nll(model, batch)
         (nll * scale).backward()
+    _mark("torch-pruning: gradients done", clock)
     example = torch.tensor([list(calibration[0].input_ids[:16])])
     pruner = tp.pruner.MetaPruner(
         model, example_inputs=example, importance=tp.importance.GroupTaylorImportance(group_reduction="sum"),
         pruning_ratio=0.0, pruning_ratio_dict=ratios, ignored_layers=ignored, round_to=8, num_heads=num_heads,
         prune_num_heads=bool(num_heads), prune_head_dims=False, head_pruning_ratio_dict=head_ratios or None,
         output_transform=lambda out: out.logits)
+    _mark("torch-pruning: dependency graph built, pruner.step() running", clock)
     pruner.step()
+    _mark("torch-pruning: pruner.step() done", clock)
     model.zero_grad(set_to_none=True)
     for index, layer in enumerate(model.model.layers):  # what Torch-Pruning's LLM example patches by hand
         attn = layer.self_attn
@@ -266,8 +278,10 @@ def run_child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return {"status": "timed out", "timeout_s": timeout}
+    except subprocess.TimeoutExpired as exc:
+        err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        marks = [line[len("@stage "):] for line in err.splitlines() if line.startswith("@stage ")]
+        return {"status": "timed out", "timeout_s": timeout, "last_progress": marks[-1] if marks else "none"}
     wall = round(time.perf_counter() - started, 1)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -287,7 +301,9 @@ def main() -> None:
     parser.add_argument("--eval-examples", type=int, default=48)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--words", type=int, default=150, help="words per text chunk")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds per run before it counts as timed out")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per run before it counts as timed out")
+    parser.add_argument("--tp-heads-timeout", type=float, default=300,
+                        help="time limit of Torch-Pruning runs that prune KV groups (known to hang under GQA)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="seed of the generic sample")
     parser.add_argument("--curated", help="calibration URI to use as 'curated' (e.g. a curate stage)")
@@ -332,7 +348,8 @@ def main() -> None:
                     if tool == "torch-pruning" and not have_tp:
                         result = {"status": "absent", "note": "pip install --no-deps torch-pruning==1.6.1"}
                     else:
-                        result = run_child(spec, args.timeout)
+                        limit = args.tp_heads_timeout if tool == "torch-pruning" and attention else args.timeout
+                        result = run_child(spec, limit)
                     results[(tool, attention)] = result
                     print(json.dumps({"run": tool, "model": model, "prunes": "kv_groups+mlp" if attention else "mlp",
                                       "layers": spec["layers"] or "default",
