@@ -121,6 +121,9 @@ def run_job(cfg: JobConfig, *, ray_address: str | None = None, force: bool = Fal
         log.info("stage %s is already done for this config (hash %s): skipping; use --force to rerun",
                  stage.uri, stage.config_hash)
         return stage.store.read_json("metrics.json")
+    check = getattr(module, "check", None)
+    if check is not None:
+        check(cfg)  # a job may refuse bad inputs here: before its stage is opened and before Ray starts
     started = time.time()
     resumed = stage.begin(dump_config(cfg))
     log.info("stage %s: job %s, config hash %s%s", stage.uri, cfg.JOB, stage.config_hash,

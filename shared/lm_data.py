@@ -48,7 +48,9 @@ class EncodeStats:
 
     kind: Kind
     rows: int = 0
-    """Rows read."""
+    """Rows encoded (after any sampling)."""
+    source_rows: int | None = None
+    """Rows in the dataset before sampling (when read by ``load_examples``)."""
     examples: int = 0
     """Examples kept."""
     target_tokens: int = 0
@@ -59,8 +61,8 @@ class EncodeStats:
     """Rows dropped, by reason (empty text, missing answer, nothing left to predict, ...)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "rows": self.rows, "examples": self.examples, "target_tokens": self.target_tokens,
-                "truncated": self.truncated, "skipped": dict(self.skipped)}
+        return {"kind": self.kind, "source_rows": self.source_rows, "rows": self.rows, "examples": self.examples,
+                "target_tokens": self.target_tokens, "truncated": self.truncated, "skipped": dict(self.skipped)}
 
 
 def _skip(counter: Counter[str], reason: str) -> None:
@@ -199,13 +201,16 @@ def load_examples(uri: str, tokenizer: Any, *, max_length: int, max_examples: in
     from shared.errors import DataError
 
     table = read_table(uri, options)
-    if table.num_rows == 0:
+    source_rows = table.num_rows
+    if source_rows == 0:
         raise DataError(f"{what} {uri}: the dataset is empty")
-    if table.num_rows > max_examples:
-        rows = sorted(random.Random(seed).sample(range(table.num_rows), max_examples))
+    if source_rows > max_examples:
+        rows = sorted(random.Random(seed).sample(range(source_rows), max_examples))
         table = table.take(rows)
     try:
-        return encode_table(table, tokenizer, max_length, text_column)
+        examples, stats = encode_table(table, tokenizer, max_length, text_column)
+        stats.source_rows = source_rows
+        return examples, stats
     except KeyError:
         raise DataError(f"{what} {uri}: no '{text_column}' column and no 'prompt'/'answer' columns "
                         f"(columns: {', '.join(table.column_names) or 'none'})") from None

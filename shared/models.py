@@ -255,6 +255,8 @@ def load_causal_lm(
     """Load a causal LM and its tokenizer, in eval mode on ``device``."""
     from transformers import AutoModelForCausalLM
 
+    import shared.pruning.modeling_scopeforge_pruned  # noqa: F401  (per-layer pruned models load like any other)
+
     where = resolve_model(ref, options)
     model = _from_pretrained(AutoModelForCausalLM.from_pretrained, ref, where, dtype=torch_dtype(dtype))
     return model.to(device).eval(), _tokenizer_at(ref, where)

@@ -69,7 +69,8 @@ def test_table_with_prompt_and_answer_uses_pairs_and_text_otherwise(tiny, texts)
 def test_load_examples_samples_with_a_seed_and_names_bad_input(tiny, texts, tmp_path):
     _, tokenizer = tiny
     pq.write_table(pa.table({"text": texts}), tmp_path / "d.parquet")
-    a, _ = load_examples(str(tmp_path / "d.parquet"), tokenizer, max_length=16, max_examples=5, seed=1)
+    a, stats = load_examples(str(tmp_path / "d.parquet"), tokenizer, max_length=16, max_examples=5, seed=1)
+    assert (stats.source_rows, stats.rows) == (len(texts), 5)
     b, _ = load_examples(str(tmp_path / "d.parquet"), tokenizer, max_length=16, max_examples=5, seed=1)
     c, _ = load_examples(str(tmp_path / "d.parquet"), tokenizer, max_length=16, max_examples=5, seed=2)
     assert a == b and a != c and len(a) == 5

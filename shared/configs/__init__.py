@@ -12,6 +12,7 @@ from shared.configs.distill import DistillConfig
 from shared.configs.evaluate import EvaluateConfig
 from shared.configs.evaluate_detector import EvaluateDetectorConfig
 from shared.configs.inspect_model import InspectModelConfig
+from shared.configs.prune import PruneConfig
 from shared.configs.standin_faces import StandinFacesConfig
 from shared.configs.train_detector import DetectorConfig
 
@@ -21,6 +22,7 @@ JOB_CONFIGS: dict[str, type[JobConfig]] = {
         InspectModelConfig,
         BuildCorpusConfig,
         CurateConfig,
+        PruneConfig,
         DistillConfig,
         EvaluateConfig,
         DetectorConfig,

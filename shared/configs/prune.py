@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from shared.config import JobConfig
+
+
+class PruneConfig(JobConfig):
+    """Prune a LLaMA-family model structurally (KV groups, MLP channels), calibrated on domain data (FineScope stage 2).
+
+    Workers sum Taylor importance of every KV group and MLP channel over their shard of the calibration set; rank 0
+    keeps the most important ones so that `fraction` of the parameters goes, and writes <stage>/model/ (loads with
+    AutoModelForCausalLM.from_pretrained), metrics.json and report.html.
+    """
+
+    JOB: ClassVar[str] = "prune"
+
+    model: str = "smollm2-135m"
+    """Model to prune: an alias (smollm2-135m, tiny-llama), a save_pretrained folder, an s3:// prefix, a finished stage
+    with a model output, or a hub id. LLaMA, Mistral and Qwen2 layouts are supported."""
+    calibration: str
+    """Calibration data: a curate stage (its selected subset), a Parquet/JSONL file or folder (local or s3://), or a
+    Hugging Face dataset. Rows with 'prompt' and 'answer' columns give loss on the answer tokens only; otherwise the
+    text_column is modelled whole."""
+    text_column: str = "text"
+    """Column holding the text when the data has no prompt/answer columns."""
+    max_examples: int = Field(64, ge=1)
+    """At most this many calibration examples (a seeded random sample when the data has more). LLM-Pruner ranks with
+    10 examples of 128 tokens; 64 of 256 is ample and keeps SmolLM2-135M under 5 minutes on 2 CPU cores."""
+    min_examples: int = Field(8, ge=1)
+    """Fewer usable calibration examples than this is an error (too little data to rank groups)."""
+    max_length: int = Field(256, ge=8, le=8192)
+    """Tokens per example; longer texts are cut (and counted)."""
+    micro_batch_size: int = Field(4, ge=1)
+    """Examples per forward/backward pass on a worker."""
+
+    fraction: float = Field(0.35, gt=0.0, le=0.9)
+    """Fraction of all the model's parameters to remove (embeddings included in the total), in (0, 0.9]. The achieved
+    fraction is reported; it differs by the rounding of channel counts."""
+    importance: Literal["param_first", "vectorize", "param_second", "magnitude", "random"] = "param_first"
+    """How groups are ranked: first-order Taylor per weight |W*dL/dW| (param_first), per vector |sum W*dL/dW|
+    (vectorize), diagonal-Fisher second order (param_second), L2 magnitude, or random (a floor)."""
+    layers: list[int] | Literal["all"] | None = None
+    """Decoder layers to prune, as [start, stop] (Python slice; negative counts from the end), or 'all'. Unset: skip the
+    first eighth and the last two layers (as LLM-Pruner). Unless every layer is pruned, layers end with different
+    widths and the saved model needs scopeforge imported or trust_remote_code=True to load (see README)."""
+    prune_attention: bool = True
+    """Remove whole KV groups (a key/value head with the query heads reading it) as well as MLP channels."""
+    channel_multiple: int = Field(8, ge=1, le=256)
+    """Kept MLP channel counts are multiples of this (fast matrix shapes)."""
+    seed: int = 0
+    """Seed of the calibration sample and of the random importance."""
+
+    eval_data: str | None = None
+    """Held-out domain data (same forms as calibration) for perplexity before and after pruning; unset: skipped."""
+    eval_max_examples: int = Field(64, ge=1)
+    """At most this many evaluation examples (a seeded random sample when there are more)."""
+
+    activation_checkpointing: bool = True
+    """Recompute activations in backward instead of keeping them (less memory, about a third more compute)."""
+    num_workers: int = Field(1, ge=1, le=256)
+    """Ray Train workers; each scores its shard of the calibration set."""
+    cpus_per_worker: float = Field(2.0, gt=0)
+    """CPUs reserved per worker; torch uses that many threads (at least one)."""
+    use_gpu: bool = False
+    """One GPU per worker."""
+    sample_prompt: str = "Explain in one sentence what a rocket engine does."
+    """Prompt answered greedily by the reloaded pruned model, as a smoke test ('' to skip)."""
+    sample_tokens: int = Field(32, ge=1, le=512)
+    """Length of that answer, in tokens."""
+
+    @field_validator("layers")
+    @classmethod
+    def _two_bounds(cls, value: list[int] | str | None) -> list[int] | str | None:
+        if isinstance(value, list) and len(value) != 2:
+            raise ValueError("give [start, stop] (two integers) or 'all'")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PruneConfig:
+        if self.min_examples > self.max_examples:
+            raise ValueError(f"min_examples ({self.min_examples}) exceeds max_examples ({self.max_examples})")
+        if self.num_workers > self.max_examples:
+            raise ValueError(f"num_workers ({self.num_workers}) exceeds max_examples ({self.max_examples}): "
+                             "some workers would have no calibration data")
+        return self
+
+    def input_uris(self) -> list[str]:
+        return [uri for uri in (self.model, self.calibration, self.eval_data) if uri]
