@@ -6,12 +6,18 @@ A job named ``foo-bar`` has its config here and its Ray glue in ``ray_jobs/foo_b
 from __future__ import annotations
 
 from shared.config import JobConfig
+from shared.configs.curate_images import CurateImagesConfig
+from shared.configs.generate import GenerateConfig
 from shared.configs.inspect_model import InspectModelConfig
+from shared.configs.train_ddpm import TrainDdpmConfig
 
 JOB_CONFIGS: dict[str, type[JobConfig]] = {
     cls.JOB: cls
     for cls in (
         InspectModelConfig,
+        TrainDdpmConfig,
+        GenerateConfig,
+        CurateImagesConfig,
     )
 }
 
