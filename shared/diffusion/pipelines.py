@@ -93,7 +93,7 @@ def load_pipeline(ref: str, options: StorageConfig | None = None, dtype: str = "
     where = resolve_pipeline(ref, options)
     diffusers_logging.disable_progress_bar()
     try:
-        pipe = DiffusionPipeline.from_pretrained(where, torch_dtype=DTYPES[dtype])
+        pipe = DiffusionPipeline.from_pretrained(where, dtype=DTYPES[dtype])
     except (OSError, ValueError, EnvironmentError) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"pipeline {ref!r}: cannot load ({text})") from None
