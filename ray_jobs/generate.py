@@ -41,7 +41,11 @@ class DropLedger:
     def __init__(self) -> None:
         self.made: Counter[str] = Counter()
         self.model_seconds: defaultdict[str, float] = defaultdict(float)
+        self.setup_seconds: defaultdict[str, list[float]] = defaultdict(list)
         self.drops: list[dict[str, Any]] = []
+
+    def setup(self, source: str, seconds: float) -> None:
+        self.setup_seconds[source].append(seconds)
 
     def record(self, source: str, made: int, seconds: float, drops: list[dict[str, Any]]) -> None:
         self.made[source] += made
@@ -49,13 +53,15 @@ class DropLedger:
         self.drops.extend(drops)
 
     def summary(self) -> dict[str, Any]:
-        return {"made": dict(self.made), "model_seconds": dict(self.model_seconds), "drops": list(self.drops)}
+        return {"made": dict(self.made), "model_seconds": dict(self.model_seconds),
+                "setup_seconds": {k: list(v) for k, v in self.setup_seconds.items()}, "drops": list(self.drops)}
 
 
 class GenerateActor:
     """One actor of a generator's pool: loads the model once, then turns request batches into image rows."""
 
     def __init__(self, spec: GeneratorSpec, cfg: GenerateConfig, stage_name: str, ledger: Any) -> None:
+        started = time.perf_counter()
         import torch
 
         from shared.diffusion.pipelines import device_for, torch_threads
@@ -66,6 +72,7 @@ class GenerateActor:
         self.stage = GeneratorStage(spec, cfg.output, cfg.storage, device=device)
         self.stage.setup()
         self.throughput = Throughput(cfg.JOB, stage_name, units=("images",))
+        ray.get(ledger.setup.remote(spec.name, time.perf_counter() - started))
 
     def __call__(self, requests: pa.Table) -> pa.Table:
         result = self.stage(requests)
@@ -125,8 +132,8 @@ def request_dataset(spec: GeneratorSpec, cfg: GenerateConfig, prompts: list[str]
     if isinstance(spec, Img2ImgGenerator):
         real = next(r for r in cfg.reals if r.name == spec.sources)
         ds = real_dataset(real, cfg).map_batches(
-            source_requests, fn_args=(spec, base_seed, real.name), fn_kwargs={"prompts": prompts},
-            batch_format="pyarrow", num_cpus=0.25)
+            lambda batch: source_requests(spec, base_seed, real.name, batch, prompts), batch_format="pyarrow",
+            num_cpus=0.25)
         total = ds.count() * spec.per_source
         if total == 0:
             raise DataError(f"generator {spec.name}: real collection '{real.name}' ({real.uri}) has no images")
@@ -138,9 +145,22 @@ def request_dataset(spec: GeneratorSpec, cfg: GenerateConfig, prompts: list[str]
     return ds.repartition(blocks)
 
 
-def run(cfg: GenerateConfig, stage: Stage) -> dict[str, Any]:
-    ledger = DropLedger.remote()
+def check_inputs(cfg: GenerateConfig) -> list[str] | None:
+    """Everything that can be checked before any actor starts: prompts, model references, real collections."""
+    from shared.diffusion.gan import check_gan_ref
+    from shared.diffusion.pipelines import check_pipeline_ref
+
     prompts = load_prompts(cfg.prompts, cfg.storage)
+    for spec in cfg.generators:
+        (check_gan_ref if spec.mode == "gan" else check_pipeline_ref)(spec.model, cfg.storage)
+    for real in cfg.reals:
+        real_kind(real.uri, cfg.storage)
+    return prompts
+
+
+def run(cfg: GenerateConfig, stage: Stage) -> dict[str, Any]:
+    prompts = check_inputs(cfg)
+    ledger = DropLedger.remote()
     wall: dict[str, float] = {}
 
     for real in cfg.reals:
@@ -150,7 +170,7 @@ def run(cfg: GenerateConfig, stage: Stage) -> dict[str, Any]:
         started = time.perf_counter()
         ds = real_dataset(real, cfg).repartition(4).map_batches(
             _encode_real_batch, fn_args=(real.name, cfg, ledger), batch_format="pyarrow", num_cpus=0.25)
-        _write(ds, stage, real.name, cfg)
+        _write(ds, stage, real.name)
         wall[real.name] = time.perf_counter() - started
         _check_drops(cfg, real.name, ray.get(ledger.summary.remote()))
 
@@ -162,7 +182,7 @@ def run(cfg: GenerateConfig, stage: Stage) -> dict[str, Any]:
             GenerateActor, fn_constructor_args=(spec, cfg, stage.name, ledger),
             compute=ray.data.ActorPoolStrategy(size=spec.actors), batch_size=spec.batch_size, batch_format="pyarrow",
             num_cpus=spec.num_cpus, num_gpus=spec.num_gpus)
-        _write(ds, stage, spec.name, cfg)
+        _write(ds, stage, spec.name)
         wall[spec.name] = time.perf_counter() - started
         _check_drops(cfg, spec.name, ray.get(ledger.summary.remote()))
 
@@ -173,7 +193,10 @@ def run(cfg: GenerateConfig, stage: Stage) -> dict[str, Any]:
     return generate_report(cfg, stage.store, wall, summary)
 
 
-def _write(ds: ray.data.Dataset, stage: Stage, source: str, cfg: GenerateConfig) -> None:
+def _write(ds: ray.data.Dataset, stage: Stage, source: str) -> None:
+    """Stream the rows to images/<source>/; files of an interrupted earlier attempt are cleared first (a source is
+    always written whole)."""
+    stage.store.rm("images", source)
     fs, path = stage.store.pyarrow_filesystem("images", source)
     ds.write_parquet(path, filesystem=fs)
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from shared.config import StorageConfig
-from shared.errors import ModelError
+from shared.errors import ModelError, StorageError
 from shared.storage import Storage
 
 EMBEDDED_GAN = "gan-face-generate"
@@ -58,6 +58,14 @@ def embedded_gan_weights() -> Path:
     return path
 
 
+def check_gan_ref(ref: str, options: StorageConfig | None = None) -> None:
+    """Fail early, in the driver, on a GAN reference that is neither the embedded one nor an existing file."""
+    if ref == EMBEDDED_GAN:
+        embedded_gan_weights()
+    elif not Storage(ref, options).exists():
+        raise ModelError(f"GAN model {ref!r}: no such file (use {EMBEDDED_GAN} or a torch.save file)")
+
+
 def load_dcgan(ref: str = EMBEDDED_GAN, options: StorageConfig | None = None,
                device: str | torch.device = "cpu") -> DCGANGenerator:
     """The embedded face GAN, or a torch.save file (local or s3://) with ``netG_state_dict`` (or a bare state dict)
@@ -67,7 +75,7 @@ def load_dcgan(ref: str = EMBEDDED_GAN, options: StorageConfig | None = None,
     else:
         try:
             data = Storage(ref, options).read_bytes()
-        except Exception as exc:  # StorageError (missing file, bad credentials) with the URI in its message
+        except StorageError as exc:  # a missing file, bad credentials: the reason is in its message
             raise ModelError(f"GAN model {ref!r}: cannot read ({str(exc).strip()})") from None
     import io
 

@@ -60,7 +60,7 @@ def near_duplicates(hashes: list[int], max_distance: int) -> list[int | None]:
     if not 0 <= max_distance < HASH_BITS:
         raise ValueError(f"max_distance must be in [0, {HASH_BITS - 1}]")
     bands = max_distance + 1
-    edges = np.linspace(0, HASH_BITS, bands + 1).astype(int)
+    edges = [int(e) for e in np.linspace(0, HASH_BITS, bands + 1).round()]
     masks = [((1 << (hi - lo)) - 1) << lo for lo, hi in zip(edges[:-1], edges[1:])]
     index: list[defaultdict[int, list[int]]] = [defaultdict(list) for _ in range(bands)]
     twins: list[int | None] = [None] * len(hashes)

@@ -14,6 +14,7 @@ different batch shapes, so this is what makes an image byte-identical whatever b
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,21 @@ def resolve_pipeline(ref: str, options: StorageConfig | None = None) -> str:
     return ref
 
 
+def check_pipeline_ref(ref: str, options: StorageConfig | None = None) -> None:
+    """Fail early, in the driver, on a reference that cannot be a pipeline (nothing is downloaded): a missing folder,
+    a folder or s3:// prefix without model_index.json, a stage without a model output."""
+    from shared.models import _looks_local
+    from shared.storage import Storage
+
+    if ref.startswith(("s3://", "s3a://")):
+        ref = stage_output(ref, "model", options) or ref
+        if not Storage(ref, options).exists("model_index.json"):
+            raise ModelError(f"pipeline {ref!r}: no model_index.json there (expected a diffusers save_pretrained "
+                             "folder)")
+    elif _looks_local(ref):
+        resolve_pipeline(ref, options)
+
+
 def load_pipeline(ref: str, options: StorageConfig | None = None, dtype: str = "float32",
                   device: str = "cpu") -> Any:
     from diffusers import DiffusionPipeline
@@ -94,7 +110,7 @@ def load_pipeline(ref: str, options: StorageConfig | None = None, dtype: str = "
     diffusers_logging.disable_progress_bar()
     try:
         pipe = DiffusionPipeline.from_pretrained(where, dtype=DTYPES[dtype])
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"pipeline {ref!r}: cannot load ({text})") from None
     pipe.set_progress_bar_config(disable=True)
@@ -111,6 +127,14 @@ def device_for(num_gpus: float) -> str:
 
 def cpu_generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds]
+
+
+def set_timesteps(scheduler: Any, steps: int, device: Any) -> None:
+    try:
+        scheduler.set_timesteps(steps, device=device)
+    except ValueError as exc:  # e.g. PNDM's Runge-Kutta warm-up needs at least 4 steps
+        raise ConfigError(f"scheduler {scheduler_name(scheduler)}: cannot run {steps} steps "
+                          f"({str(exc).splitlines()[0]})") from None
 
 
 def img2img_timesteps(scheduler: Any, steps: int, strength: float) -> torch.Tensor:
@@ -183,7 +207,9 @@ class PixelDiffusion:
         device, dtype = self.unet.device, self.unet.dtype
         generators = cpu_generators(seeds)
         shape = (len(seeds), self.channels, size, size)
-        self.scheduler.set_timesteps(steps, device=device)
+        set_timesteps(self.scheduler, steps, device)
+        step_kwargs = {"generator": generators} if "generator" in inspect.signature(self.scheduler.step).parameters \
+            else {}  # stochastic samplers take the per-image generators; deterministic ones have no such argument
         if x0 is None:
             timesteps = self.scheduler.timesteps
             x = randn_tensor(shape, generator=generators, device=device, dtype=torch.float32)
@@ -195,7 +221,7 @@ class PixelDiffusion:
         for t in timesteps:
             model_input = self.scheduler.scale_model_input(x, t).to(dtype)
             eps = self.unet(model_input, t).sample.float()
-            x = self.scheduler.step(eps, t, x, generator=generators).prev_sample
+            x = self.scheduler.step(eps, t, x, **step_kwargs).prev_sample
         images = (x / 2.0 + 0.5).clamp(0.0, 1.0)  # NaN stays NaN
         return images.permute(0, 2, 3, 1).cpu().numpy()
 
@@ -246,7 +272,10 @@ class TextDiffusion:
                 kwargs.update(height=size, width=size)
             else:
                 kwargs.update(image=sources[part].astype(np.float32) / 255.0, strength=strength)
-            return np.asarray(self.pipe(**kwargs).images, dtype=np.float32)
+            try:
+                return np.asarray(self.pipe(**kwargs).images, dtype=np.float32)
+            except ValueError as exc:  # the pipeline's own input checks, or a scheduler refusing the step count
+                raise ConfigError(f"{type(self.pipe).__name__}: {str(exc).strip().splitlines()[0]}") from None
 
         return per_image(batch_invariant, len(seeds), run)
 
