@@ -77,7 +77,8 @@ class GenerateActor:
     def __call__(self, requests: pa.Table) -> pa.Table:
         result = self.stage(requests)
         ray.get(self.ledger.record.remote(self.spec.name, result.table.num_rows, result.seconds, result.drops))
-        self.throughput.add(images=result.table.num_rows)
+        if result.table.num_rows:  # a Ray counter refuses increments of 0
+            self.throughput.add(images=result.table.num_rows)
         return result.table
 
 
