@@ -41,19 +41,22 @@ class DropLedger:
     def __init__(self) -> None:
         self.made: Counter[str] = Counter()
         self.model_seconds: defaultdict[str, float] = defaultdict(float)
+        self.cpu_seconds: defaultdict[str, float] = defaultdict(float)
         self.setup_seconds: defaultdict[str, list[float]] = defaultdict(list)
         self.drops: list[dict[str, Any]] = []
 
     def setup(self, source: str, seconds: float) -> None:
         self.setup_seconds[source].append(seconds)
 
-    def record(self, source: str, made: int, seconds: float, drops: list[dict[str, Any]]) -> None:
+    def record(self, source: str, made: int, seconds: float, drops: list[dict[str, Any]], cpu_seconds: float = 0.0
+               ) -> None:
         self.made[source] += made
         self.model_seconds[source] += seconds
+        self.cpu_seconds[source] += cpu_seconds
         self.drops.extend(drops)
 
     def summary(self) -> dict[str, Any]:
-        return {"made": dict(self.made), "model_seconds": dict(self.model_seconds),
+        return {"made": dict(self.made), "model_seconds": dict(self.model_seconds), "cpu_seconds": dict(self.cpu_seconds),
                 "setup_seconds": {k: list(v) for k, v in self.setup_seconds.items()}, "drops": list(self.drops)}
 
 
@@ -75,8 +78,10 @@ class GenerateActor:
         ray.get(ledger.setup.remote(spec.name, time.perf_counter() - started))
 
     def __call__(self, requests: pa.Table) -> pa.Table:
+        cpu = time.process_time()
         result = self.stage(requests)
-        ray.get(self.ledger.record.remote(self.spec.name, result.table.num_rows, result.seconds, result.drops))
+        ray.get(self.ledger.record.remote(self.spec.name, result.table.num_rows, result.seconds, result.drops,
+                                          time.process_time() - cpu))
         if result.table.num_rows:  # a Ray counter refuses increments of 0
             self.throughput.add(images=result.table.num_rows)
         return result.table

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from typing import Any
 
 import ray
@@ -30,6 +31,7 @@ def _train(cfg: TrainDdpmConfig, stage_uri: str) -> dict[str, Any]:
     from shared.diffusion.realsets import read_real_table
     from shared.diffusion.report import image_grid
 
+    cpu_started = time.process_time()
     torch.set_num_threads(cfg.torch_threads or os.cpu_count() or 1)
     table = read_real_table(cfg.data, cfg.storage, cfg.limit)
     images, color = training_images(table, cfg.image_size, cfg.color)
@@ -47,7 +49,8 @@ def _train(cfg: TrainDdpmConfig, stage_uri: str) -> dict[str, Any]:
         preview = image_grid({"real (training)": list(reals), "DDPM (DDIM 50)": list(samples)})
         store.write_bytes(preview, "preview.png")
     return {"history": result.history, "color": color, "images": int(images.shape[0]),
-            "parameters": result.parameters, "preview": preview}
+            "parameters": result.parameters, "preview": preview, "threads": torch.get_num_threads(),
+            "cpu_seconds": round(time.process_time() - cpu_started, 1)}
 
 
 def run(cfg: TrainDdpmConfig, stage: Stage) -> dict[str, Any]:
@@ -63,4 +66,4 @@ def run(cfg: TrainDdpmConfig, stage: Stage) -> dict[str, Any]:
     last = history[-1]
     return {"images": out["images"], "color": out["color"], "parameters": out["parameters"],
             "epochs": cfg.epochs, "steps": int(last["step"]), "final_loss": round(last["loss"], 5),
-            "train_seconds": last["seconds"]}
+            "train_seconds": last["seconds"], "threads": out["threads"], "cpu_seconds": out["cpu_seconds"]}

@@ -130,6 +130,7 @@ def generate_report(cfg: Any, store: Storage, wall: dict[str, float], ledger: di
             "wall_seconds": round(seconds, 2),
             "images_per_second": round(len(ids) / seconds, 3) if seconds > 0 else None,
             "model_seconds": round(ledger["model_seconds"].get(name, 0.0), 2),
+            "actor_cpu_seconds": round(ledger.get("cpu_seconds", {}).get(name, 0.0), 2),
         }
         if ledger.get("setup_seconds", {}).get(name):
             entry["actor_setup_seconds"] = round(max(ledger["setup_seconds"][name]), 2)
@@ -155,7 +156,9 @@ def generate_report(cfg: Any, store: Storage, wall: dict[str, float], ledger: di
     report.text(f"Every image is {out.size}x{out.size} {out.color}, encoded as {out.encoding}"
                 f"{f' (quality {out.quality})' if out.encoding == 'jpeg' else ''}, real and fake alike. "
                 f"Throughput is images written per second of wall time per source, model loading and Ray start-up "
-                f"included; model_seconds is the time spent inside the models (summed over actors), actor_setup_seconds "
+                f"included; model_seconds is the time spent inside the models (summed over actors), actor_cpu_seconds the "
+                f"CPU time of the actors' batches (all threads; a measure of work that a busy machine inflates less than "
+                f"wall time), actor_setup_seconds "
                 f"the slowest actor's start-up (imports, model loading). The live rate is "
                 f"exported as the Ray metric scopeforge_images_per_second / scopeforge_images_total.")
     report.table("Per source", rows)
