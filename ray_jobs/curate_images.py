@@ -28,10 +28,9 @@ from shared.storage import Stage
 def run(cfg: CurateImagesConfig, stage: Stage) -> dict[str, Any]:
     source = resolve_dataset(cfg.manifest, cfg.storage)
     base = manifest_base(source.location)
-    blocks = max(4, len(source.files))
 
     print(f"curate-images: scanning {cfg.manifest} (prompt filter, size bounds, perceptual hashes)", flush=True)
-    scan = read_dataset(cfg.manifest, cfg.storage).repartition(blocks).map_batches(
+    scan = read_dataset(cfg.manifest, cfg.storage).repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
         scan_batch, fn_args=(cfg, base), batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=cfg.num_cpus)
     table = _concat([ray.get(ref) for ref in scan.to_arrow_refs()])
     if table.num_rows == 0:
@@ -42,7 +41,7 @@ def run(cfg: CurateImagesConfig, stage: Stage) -> dict[str, Any]:
 
     fs, path = stage.store.pyarrow_filesystem("images", cfg.name)
     if keep:
-        read_dataset(cfg.manifest, cfg.storage).repartition(blocks).map_batches(
+        read_dataset(cfg.manifest, cfg.storage).repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
             encode_batch, fn_args=(cfg, keep, base), batch_size=cfg.batch_size, batch_format="pyarrow",
             num_cpus=cfg.num_cpus).write_parquet(path, filesystem=fs)
     stage.outputs["dataset"] = "images"
