@@ -77,6 +77,25 @@ def test_subject_filter():
     assert everything("anything at all")
 
 
+def test_subject_classifier_trained_on_example_prompts():
+    from shared.diffusion.curation import NaiveBayesPrompts
+
+    positive = ["a close-up photo of a smiling woman", "portrait of an old man with a beard",
+                "a young boy looking at the camera, studio light", "headshot of a businesswoman"]
+    negative = ["a landscape with mountains at dusk", "a red sports car on a city street",
+                "a bowl of fruit on a wooden table", "an oil painting of a stormy sea", "a castle on a hill"]
+    model = NaiveBayesPrompts(positive, negative)
+    assert model.probability("a photo of a smiling old woman") > 0.9
+    assert model.probability("mountains and a lake at dusk, oil painting") < 0.1
+    cfg = validate_config(CurateImagesConfig, {"manifest": "m", "subject": {
+        "classifier": {"positive": positive, "negative": negative}, "exclude": ["painting"]}}, "t")
+    matches = subject_matcher(cfg.subject)
+    assert matches("a smiling man, close-up photo") and not matches("a car on a street")
+    assert not matches("an oil painting of a smiling woman")  # excluded word wins
+    with pytest.raises(ConfigError, match="subject.classifier.negative"):
+        validate_config(CurateImagesConfig, {"manifest": "m", "subject": {"classifier": {"positive": ["a"]}}}, "t")
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [

@@ -44,9 +44,22 @@ class ManifestColumns(StrictModel):
         return self
 
 
+class PromptClassifier(StrictModel):
+    """A naive Bayes text classifier over word unigrams and bigrams, trained on the example prompts given here
+    (deterministic, no model download). Class priors are equal, whatever the numbers of examples."""
+
+    positive: list[str] = Field(min_length=1)
+    """Example prompts about the subject."""
+    negative: list[str] = Field(min_length=1)
+    """Example prompts not about the subject."""
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    """A prompt matches when its probability of being about the subject is at least this."""
+
+
 class SubjectFilter(StrictModel):
-    """Which prompts are about the subject. A prompt is kept when it matches a keyword or the regex (both
-    case-insensitive) and contains no excluded word. No keywords and no regex: every prompt matches."""
+    """Which prompts are about the subject. A prompt is kept when it matches a keyword, the regex (both
+    case-insensitive) or the classifier, and contains no excluded word. None of the three set: every prompt
+    matches."""
 
     keywords: list[str] = []
     """Whole words or phrases, e.g. [face, portrait, headshot]; plural -s/-es forms match too."""
@@ -54,6 +67,8 @@ class SubjectFilter(StrictModel):
     """A Python regular expression searched in the prompt."""
     exclude: list[str] = []
     """Whole words or phrases that reject a prompt even when it matches, e.g. [cartoon, anime]."""
+    classifier: PromptClassifier | None = None
+    """A text classifier trained on example prompts (positive / negative lists)."""
 
     @field_validator("regex")
     @classmethod
@@ -94,7 +109,7 @@ class CurateImagesConfig(JobConfig):
     columns: ManifestColumns = Field(default_factory=ManifestColumns)
     """Manifest columns: id, prompt, image or path, and optional metadata."""
     subject: SubjectFilter = Field(default_factory=SubjectFilter)
-    """Keyword/regex filter on prompts."""
+    """Keyword / regex / example-trained classifier filter on prompts."""
     dedup_distance: int | None = Field(6, ge=0, le=63)
     """Near duplicates: images whose 64-bit perceptual hashes differ in at most this many bits (null: no
     deduplication). 0 removes only images that hash identically."""

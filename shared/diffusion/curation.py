@@ -11,7 +11,9 @@ Statuses of a row: ok, no_prompt, off_subject, missing_file, undecodable, too_sm
 
 from __future__ import annotations
 
+import math
 import re
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -39,15 +41,38 @@ def _words_pattern(words: list[str]) -> re.Pattern[str] | None:
     return re.compile(rf"(?<![\w])(?:{alternatives})(?:s|es)?(?![\w])", re.IGNORECASE)
 
 
+def _features(text: str) -> list[str]:
+    words = re.findall(r"\w+", text.lower())
+    return words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+
+
+class NaiveBayesPrompts:
+    """Multinomial naive Bayes over unigrams and bigrams with add-one smoothing and equal class priors."""
+
+    def __init__(self, positive: list[str], negative: list[str]):
+        self.counts = [Counter(f for text in texts for f in _features(text)) for texts in (negative, positive)]
+        self.totals = [sum(c.values()) for c in self.counts]
+        self.vocabulary = len(set(self.counts[0]) | set(self.counts[1])) + 1
+
+    def probability(self, text: str) -> float:
+        """P(about the subject | text)."""
+        logits = [sum(math.log((c[f] + 1) / (t + self.vocabulary)) for f in _features(text))
+                  for c, t in zip(self.counts, self.totals)]
+        return 1.0 / (1.0 + math.exp(max(-50.0, min(50.0, logits[0] - logits[1]))))
+
+
 def subject_matcher(subject: SubjectFilter) -> Callable[[str], bool]:
-    """prompt -> kept? (keywords or regex match, and no excluded word)."""
+    """prompt -> kept? (a keyword, the regex or the classifier matches, and no excluded word)."""
     include = _words_pattern(subject.keywords)
     regex = re.compile(subject.regex, re.IGNORECASE) if subject.regex else None
     exclude = _words_pattern(subject.exclude)
+    classifier = subject.classifier
+    model = NaiveBayesPrompts(classifier.positive, classifier.negative) if classifier else None
 
     def matches(prompt: str) -> bool:
-        hit = (include is None and regex is None) or bool(include and include.search(prompt)) or bool(
-            regex and regex.search(prompt))
+        hit = ((include is None and regex is None and model is None)
+               or bool(include and include.search(prompt)) or bool(regex and regex.search(prompt))
+               or bool(model and model.probability(prompt) >= classifier.threshold))
         return hit and not (exclude and exclude.search(prompt))
 
     return matches
@@ -124,8 +149,6 @@ def select(scan: pa.Table, dedup_distance: int | None) -> tuple[set[str], list[d
     duplicates). Duplicate ids in the manifest are an error: rows could not be told apart afterwards."""
     ids = scan.column("id").to_pylist()
     if len(set(ids)) != len(ids):
-        from collections import Counter
-
         dup, n = next((i, n) for i, n in Counter(ids).items() if n > 1)
         raise DataError(f"manifest: id {dup!r} appears {n} times; ids must be unique (set columns.id)")
     rows = sorted(scan.to_pylist(), key=lambda r: r["id"])
