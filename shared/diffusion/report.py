@@ -195,9 +195,10 @@ def curate_report(cfg: Any, store: Storage, scan: pa.Table, keep: set[str], drop
     reasons = Counter(d["reason"] for d in drops)
     store.write_text("".join(json.dumps(d) + "\n" for d in drops), "drops.jsonl")
     report = Report(f"curate-images: {cfg.name} from {cfg.manifest}")
+    c = cfg.subject.classifier
+    classifier = f"trained on {len(c.positive)} + {len(c.negative)} example prompts" if c else "-"
     report.text(f"{scan.num_rows} manifest rows, {len(ids)} kept, {len(drops)} dropped. Subject filter: keywords "
-                f"{cfg.subject.keywords or '-'}, regex {cfg.subject.regex or '-'}, classifier "
-                f"{'on ' + str(len(cfg.subject.classifier.positive)) + '+' + str(len(cfg.subject.classifier.negative)) + ' example prompts' if cfg.subject.classifier else '-'}, "
+                f"{cfg.subject.keywords or '-'}, regex {cfg.subject.regex or '-'}, classifier {classifier}, "
                 f"exclude {cfg.subject.exclude or '-'}; "
                 f"near duplicates within {cfg.dedup_distance} bits of a 64-bit perceptual hash (first id kept); "
                 f"sides in [{cfg.min_side}, {cfg.max_side or 'any'}]. Output {cfg.output.size} px {cfg.output.color}, "
