@@ -91,3 +91,102 @@ def decode_image(data: bytes, what: str = "image") -> np.ndarray:
 
 def content_hash(image: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One path from pixels to a dataset row, for real and generated images alike
+
+Color = Literal["rgb", "gray"]
+
+
+def to_gray(image: np.ndarray) -> np.ndarray:
+    """Luma (ITU-R 601, PIL's integer formula) replicated to three channels; a gray image maps to itself exactly."""
+    luma = np.asarray(Image.fromarray(image).convert("L"))
+    return np.ascontiguousarray(np.repeat(luma[..., None], 3, axis=-1))
+
+
+def finish_image(image: Image.Image | np.ndarray, size: int, color: Color = "rgb") -> np.ndarray:
+    """The pixels that get encoded: uint8 RGB, square ``size`` (bicubic), luma when ``color`` is gray.
+
+    Generated float images (in [0, 1]) are rounded to uint8 first, exactly as a decoded real image already is, so
+    both kinds take the same resize from there.
+    """
+    pixels = resize(to_rgb_array(image), size)
+    return to_gray(pixels) if color == "gray" else pixels
+
+
+def image_row(
+    id: str,
+    pixels: np.ndarray,
+    *,
+    encoding: Encoding,
+    quality: int,
+    label: int,
+    source: str,
+    mode: str,
+    model_ref: str | None = None,
+    scheduler: str | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    strength: float | None = None,
+    seed: int | None = None,
+    prompt: str | None = None,
+    source_image_id: str | None = None,
+) -> dict:
+    """A row of IMAGE_SCHEMA for finished pixels (see :func:`finish_image`)."""
+    if label not in (REAL, FAKE):
+        raise DataError(f"image {id}: label must be 0 (real) or 1 (fake), got {label!r}")
+    return {
+        "id": id,
+        "image": encode_image(pixels, encoding, quality),
+        "encoding": encoding,
+        "label": label,
+        "source": source,
+        "mode": mode,
+        "model_ref": model_ref,
+        "scheduler": scheduler,
+        "steps": steps,
+        "guidance": guidance,
+        "strength": strength,
+        "seed": seed,
+        "prompt": prompt,
+        "source_image_id": source_image_id,
+        "width": int(pixels.shape[1]),
+        "height": int(pixels.shape[0]),
+        "content_hash": content_hash(pixels),
+    }
+
+
+def rows_to_table(rows: list[dict]) -> pa.Table:
+    """Rows (see :func:`image_row`) as an Arrow table with exactly IMAGE_SCHEMA (also when there are none)."""
+    return pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA)
+
+
+def check_image_table(table: pa.Table, where: str) -> None:
+    """A DataError naming the dataset when a table lacks an IMAGE_SCHEMA column or has it with another type."""
+    for field in IMAGE_SCHEMA:
+        if field.name not in table.column_names:
+            raise DataError(f"{where}: no '{field.name}' column; not an image dataset "
+                            f"(columns: {', '.join(table.column_names)})")
+        got = table.schema.field(field.name).type
+        if got != field.type:
+            raise DataError(f"{where}: column '{field.name}' is {got}, expected {field.type}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Outputs that must never be written as samples
+
+BLANK_STD = 1.0 / 255.0
+"""A generated image whose pixels vary less than one 8-bit level (standard deviation) is blank: black, white or any
+flat colour, e.g. what a safety checker or a collapsed model returns."""
+
+
+def degenerate_reason(image: np.ndarray) -> str | None:
+    """``"nan"`` when a generated float image has a NaN or infinite value, ``"blank"`` when it is flat, else None."""
+    arr = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(arr).all():
+        return "nan"
+    scale = 255.0 if np.asarray(image).dtype == np.uint8 else 1.0
+    if float(arr.std()) / scale < BLANK_STD:
+        return "blank"
+    return None

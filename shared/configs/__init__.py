@@ -8,12 +8,15 @@ from __future__ import annotations
 from shared.config import JobConfig
 from shared.configs.build_corpus import BuildCorpusConfig
 from shared.configs.curate import CurateConfig
+from shared.configs.curate_images import CurateImagesConfig
 from shared.configs.distill import DistillConfig
 from shared.configs.evaluate import EvaluateConfig
 from shared.configs.evaluate_detector import EvaluateDetectorConfig
+from shared.configs.generate import GenerateConfig
 from shared.configs.inspect_model import InspectModelConfig
 from shared.configs.prune import PruneConfig
 from shared.configs.standin_faces import StandinFacesConfig
+from shared.configs.train_ddpm import TrainDdpmConfig
 from shared.configs.train_detector import DetectorConfig
 
 JOB_CONFIGS: dict[str, type[JobConfig]] = {
@@ -25,6 +28,9 @@ JOB_CONFIGS: dict[str, type[JobConfig]] = {
         PruneConfig,
         DistillConfig,
         EvaluateConfig,
+        TrainDdpmConfig,
+        GenerateConfig,
+        CurateImagesConfig,
         DetectorConfig,
         EvaluateDetectorConfig,
         StandinFacesConfig,

@@ -17,7 +17,7 @@ class DeepfakeDemoConfig(StrictModel):
     """Root URI of the demo run (every stage, results.md and metrics.json)."""
     storage: StorageConfig = Field(default_factory=StorageConfig)
     """Object-storage settings for every stage."""
-    data_pipeline: str | None = "deepfake-data-standin.yaml"
+    data_pipeline: str | None = "deepfake-data.yaml"
     """Pipeline YAML whose stages build the image dataset (a bare file name is looked up in ray_jobs/configs/); its
     stage named data_stage must hand over a 'dataset' output. Its output_root and storage are replaced by the
     demo's. Ignored when data_uri is set."""

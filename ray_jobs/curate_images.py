@@ -1,0 +1,56 @@
+"""curate-images: a subject-filtered, deduplicated, re-encoded subset of an existing generated-image collection.
+
+    scopeforge run curate-images --set manifest=s3://bucket/diffusiondb/metadata.parquet \
+        --set columns.path=image_name --set 'subject.keywords=[face, portrait]' --set output_root=runs/curated
+
+Two passes of Ray Data over the manifest: (1) filter by prompt and size and compute a perceptual hash per image,
+keeping only small columns; the driver then drops near duplicates over all hashes (first id kept); (2) re-encode the
+kept rows exactly like the generate job and write them to <stage>/images/<name>/ (the stage's `dataset` output).
+Every dropped row is listed in drops.jsonl with its reason; report.html has counts and contact sheets.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+import ray
+
+from ray_jobs.data import read_dataset
+from shared.configs.curate_images import CurateImagesConfig
+from shared.data import resolve_dataset
+from shared.diffusion.curation import SCAN_SCHEMA, encode_batch, manifest_base, scan_batch, select
+from shared.errors import DataError
+from shared.storage import Stage
+
+
+def run(cfg: CurateImagesConfig, stage: Stage) -> dict[str, Any]:
+    source = resolve_dataset(cfg.manifest, cfg.storage)
+    base = manifest_base(source.location)
+
+    print(f"curate-images: scanning {cfg.manifest} (prompt filter, size bounds, perceptual hashes)", flush=True)
+    scan = read_dataset(cfg.manifest, cfg.storage).repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
+        scan_batch, fn_args=(cfg, base), batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=cfg.num_cpus)
+    table = _concat([ray.get(ref) for ref in scan.to_arrow_refs()])
+    if table.num_rows == 0:
+        raise DataError(f"manifest {cfg.manifest}: no rows")
+    keep, drops = select(table, cfg.dedup_distance)
+    print(f"curate-images: {table.num_rows} rows, {len(keep)} kept; dropped: "
+          + ", ".join(f"{n} {r}" for r, n in Counter(d["reason"] for d in drops).most_common()), flush=True)
+
+    fs, path = stage.store.pyarrow_filesystem("images", cfg.name)
+    if keep:
+        read_dataset(cfg.manifest, cfg.storage).repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
+            encode_batch, fn_args=(cfg, keep, base), batch_size=cfg.batch_size, batch_format="pyarrow",
+            num_cpus=cfg.num_cpus).write_parquet(path, filesystem=fs)
+    stage.outputs["dataset"] = "images"
+
+    from shared.diffusion.report import curate_report
+
+    return curate_report(cfg, stage.store, table, keep, drops)
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    tables = [t.select(SCAN_SCHEMA.names).cast(SCAN_SCHEMA) for t in tables if t.num_rows]
+    return pa.concat_tables(tables) if tables else SCAN_SCHEMA.empty_table()

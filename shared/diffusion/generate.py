@@ -1,0 +1,228 @@
+"""Generation as plain per-batch steps, without Ray: requests -> images -> dataset rows (see shared/imageset.py).
+
+    requests = count_requests(spec, base_seed, prompts, start=0, stop=8)       # id, seed, prompt, source columns
+    stage = GeneratorStage(spec, output_format, prompts)                        # cheap; nothing loaded yet
+    stage.setup()                                                               # loads the model (once per actor)
+    result = stage(requests)                                                    # .table (IMAGE_SCHEMA), .drops
+    real = encode_reals(table_of_id_and_image, "lfw", output_format)           # reals through the same path
+
+The Ray job (ray_jobs/generate.py) runs ``GeneratorStage`` in one actor pool per generator. An image's seed is
+derived from the generator's base seed and the image id, so it is fixed before any batching happens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from shared.config import StorageConfig
+from shared.configs.generate import (GanGenerator, GeneratorSpec, ImageFormat, Img2ImgGenerator, Text2ImgGenerator,
+                                     UnconditionalGenerator)
+from shared.errors import DataError
+from shared.imageset import FAKE, REAL, decode_image, degenerate_reason, finish_image, image_row, rows_to_table
+
+REQUEST_SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("seed", pa.int64(), nullable=False),
+    pa.field("prompt", pa.string()),
+    pa.field("source_image_id", pa.string()),
+    pa.field("source_image", pa.binary()),
+])
+
+
+def derive_seed(base: int, key: str) -> int:
+    """A 63-bit seed from a base seed and a key (an image id, a generator name): stable across runs and machines."""
+    digest = hashlib.sha256(f"{base}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def generator_seed(spec: GeneratorSpec, job_seed: int) -> int:
+    return spec.seed if spec.seed is not None else derive_seed(job_seed, spec.name)
+
+
+def real_id(collection: str, original_id: str) -> str:
+    """Dataset id of a real image (what img2img rows name as source_image_id)."""
+    return f"{collection}-{original_id}"
+
+
+def count_requests(spec: GeneratorSpec, base_seed: int, prompts: list[str] | None, indices: np.ndarray) -> pa.Table:
+    """Requests number ``indices`` of a generator that makes ``count`` images (unconditional, text2img, gan)."""
+    ids = [f"{spec.name}-{int(i):07d}" for i in indices]
+    text = isinstance(spec, Text2ImgGenerator)
+    return pa.table({
+        "id": ids,
+        "seed": [derive_seed(base_seed, i) for i in ids],
+        "prompt": [prompts[int(i) % len(prompts)] for i in indices] if text and prompts else [None] * len(ids),
+        "source_image_id": [None] * len(ids),
+        "source_image": [None] * len(ids),
+    }, schema=REQUEST_SCHEMA)
+
+
+def source_requests(spec: Img2ImgGenerator, base_seed: int, collection: str, sources: pa.Table,
+                    prompts: list[str] | None) -> pa.Table:
+    """``per_source`` img2img requests per source image (table of id, image); the prompt, when the pipeline takes
+    one, is chosen by a hash of the request id."""
+    rows: dict[str, list[Any]] = {name: [] for name in REQUEST_SCHEMA.names}
+    for original, image in zip(sources.column("id").to_pylist(), sources.column("image").to_pylist()):
+        for k in range(spec.per_source):
+            rid = f"{spec.name}-{original}-{k}"
+            seed = derive_seed(base_seed, rid)
+            rows["id"].append(rid)
+            rows["seed"].append(seed)
+            rows["prompt"].append(prompts[seed % len(prompts)] if prompts else None)
+            rows["source_image_id"].append(real_id(collection, original))
+            rows["source_image"].append(image)
+    return pa.table(rows, schema=REQUEST_SCHEMA)
+
+
+@dataclass
+class BatchResult:
+    table: pa.Table
+    """Valid images, IMAGE_SCHEMA."""
+    drops: list[dict[str, Any]] = field(default_factory=list)
+    """One record per dropped request: id, source, reason (nan, blank, corrupt_source), seed."""
+    seconds: float = 0.0
+    """Time spent in the model."""
+
+
+class GeneratorStage:
+    """One generator as a per-batch step: ``setup()`` once per worker, then ``stage(requests)`` per batch."""
+
+    def __init__(self, spec: GeneratorSpec, output: ImageFormat, options: StorageConfig | None = None,
+                 device: str = "cpu"):
+        self.spec, self.output, self.options, self.device = spec, output, options, device
+        self.model: Any = None
+        self.scheduler: str | None = None
+        self.generation_size: int | None = None
+
+    def setup(self) -> None:
+        from shared.diffusion import gan, pipelines
+
+        spec = self.spec
+        if isinstance(spec, GanGenerator):
+            self.model = gan.load_dcgan(spec.model, self.options, self.device)
+            self.generation_size = 64
+            return
+        pipe = pipelines.load_pipeline(spec.model, self.options, spec.dtype, self.device)
+        if isinstance(spec, Text2ImgGenerator) or (isinstance(spec, Img2ImgGenerator)
+                                                   and getattr(pipe, "text_encoder", None) is not None):
+            self.model = pipelines.TextDiffusion(pipe, spec.scheduler, img2img=isinstance(spec, Img2ImgGenerator))
+        else:
+            self.model = pipelines.PixelDiffusion(pipe, spec.scheduler)
+        self.scheduler = self.model.scheduler_name
+        self.generation_size = spec.resolution or self.model.native_size
+
+    @property
+    def text_conditioned(self) -> bool:
+        from shared.diffusion.pipelines import TextDiffusion
+
+        return isinstance(self.model, TextDiffusion)
+
+    def __call__(self, requests: pa.Table) -> BatchResult:
+        if self.model is None:
+            self.setup()
+        spec = self.spec
+        items = requests.to_pylist()
+        drops: list[dict[str, Any]] = []
+        sources = None
+        if isinstance(spec, Img2ImgGenerator):
+            items, sources = self._decode_sources(items, drops)
+        started = time.perf_counter()
+        images = self._generate(items, sources) if items else np.zeros((0, 1, 1, 3), np.float32)
+        seconds = time.perf_counter() - started
+        rows = []
+        for item, image in zip(items, images):
+            reason = degenerate_reason(image)
+            if reason is not None:
+                drops.append({"id": item["id"], "source": spec.name, "reason": reason, "seed": item["seed"]})
+                continue
+            rows.append(self._row(item, finish_image(image, self.output.size, self.output.color)))
+        return BatchResult(rows_to_table(rows), drops, seconds)
+
+    def _decode_sources(self, items: list[dict], drops: list[dict]) -> tuple[list[dict], np.ndarray]:
+        kept, pixels = [], []
+        for item in items:
+            if item["source_image"] is None:
+                raise DataError(f"generator {self.spec.name}: request {item['id']} has no source image")
+            try:
+                decoded = decode_image(item["source_image"], f"source image {item['source_image_id']}")
+            except DataError:
+                drops.append({"id": item["id"], "source": self.spec.name, "reason": "corrupt_source",
+                              "seed": item["seed"], "source_image_id": item["source_image_id"]})
+                continue
+            kept.append(item)
+            pixels.append(finish_image(decoded, self.generation_size, "rgb"))
+        size = self.generation_size
+        return kept, np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
+
+    def _generate(self, items: list[dict], sources: np.ndarray | None) -> np.ndarray:
+        spec = self.spec
+        seeds = [int(item["seed"]) for item in items]
+        if isinstance(spec, GanGenerator):
+            from shared.diffusion.gan import sample_dcgan
+            from shared.diffusion.pipelines import DTYPES
+
+            return sample_dcgan(self.model, seeds, batch_invariant=spec.batch_invariant, dtype=DTYPES[spec.dtype])
+        common: dict[str, Any] = dict(steps=spec.steps, resolution=self.generation_size,
+                                      batch_invariant=spec.batch_invariant)
+        if isinstance(spec, Img2ImgGenerator):
+            common.update(sources=sources, strength=spec.strength)
+        if self.text_conditioned:
+            prompts = [item["prompt"] or "" for item in items]
+            return self.model.generate(seeds, prompts=prompts, guidance=spec.guidance,
+                                       negative_prompt=spec.negative_prompt, **common)
+        return self.model.generate(seeds, **common)
+
+    def _row(self, item: dict, pixels: np.ndarray) -> dict:
+        spec = self.spec
+        meta: dict[str, Any] = dict(model_ref=spec.model, seed=int(item["seed"]))
+        if isinstance(spec, GanGenerator):
+            mode = "gan"
+        else:
+            mode = spec.mode
+            meta.update(scheduler=self.scheduler, steps=spec.steps)
+            if self.text_conditioned:
+                meta.update(guidance=float(spec.guidance), prompt=item["prompt"])
+            if isinstance(spec, Img2ImgGenerator):
+                meta.update(strength=float(spec.strength), source_image_id=item["source_image_id"])
+        return image_row(item["id"], pixels, encoding=self.output.encoding, quality=self.output.quality, label=FAKE,
+                         source=spec.name, mode=mode, **meta)
+
+
+def encode_reals(table: pa.Table, collection: str, output: ImageFormat) -> BatchResult:
+    """Real images (columns id, image) through the same resize and encoder as the fakes; undecodable ones are
+    dropped with reason corrupt_source."""
+    rows, drops = [], []
+    for original, data in zip(table.column("id").to_pylist(), table.column("image").to_pylist()):
+        rid = real_id(collection, str(original))
+        try:
+            pixels = decode_image(data if data is not None else b"", f"real image {rid}")
+        except DataError:
+            drops.append({"id": rid, "source": collection, "reason": "corrupt_source", "seed": None})
+            continue
+        rows.append(image_row(rid, finish_image(pixels, output.size, output.color), encoding=output.encoding,
+                              quality=output.quality, label=REAL, source=collection, mode="real"))
+    return BatchResult(rows_to_table(rows), drops)
+
+
+def load_prompts(prompts: Any, options: StorageConfig | None = None) -> list[str] | None:
+    """The job's prompts (a PromptSource), or None."""
+    from shared.diffusion.prompts import face_prompts, parse_prompt_file
+    from shared.storage import Storage
+
+    if prompts is None:
+        return None
+    if prompts.file:
+        try:
+            text = Storage(prompts.file, options).read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"prompt file {prompts.file}: not UTF-8 text") from None
+        return parse_prompt_file(text, prompts.file)
+    if prompts.inline:
+        return list(prompts.inline)
+    return face_prompts(prompts.faces.count, prompts.faces.seed)
