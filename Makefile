@@ -13,7 +13,7 @@ PIP := $(VENV)/bin/python -m pip
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.scopeforge-installed
 
-.PHONY: install test demo demo-finescope demo-deepfake bench clean constraints manifests
+.PHONY: install test demo demo-deepfake bench clean constraints manifests
 
 install: $(STAMP)
 
@@ -30,7 +30,7 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: install
-	$(VENV)/bin/scopeforge run inspect-model --config ray_jobs/configs/inspect-demo.yaml
+	$(VENV)/bin/scopeforge demo finescope
 
 # Regenerate what manifests/ derives from code: the Pipeline CRD (one stage key per job), the base RayCluster and a
 # RayJob template per job. tests/test_manifests.py fails while they are stale.

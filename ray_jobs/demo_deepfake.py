@@ -99,7 +99,8 @@ def results(cfg: DeepfakeDemoConfig, summary: dict[str, Any], seconds: float) ->
     stage_lines = [f"| {s['name']} | {s['job']} | {s['status']} | {s['wall_seconds']} |" for s in summary["stages"]]
     dataset_note = ("**Stand-in data**: the fakes are simple image processes applied to lfw faces (blur, noise, "
                     "morph, eye-band swap, eigenface samples), NOT diffusion or GAN images; data_pipeline "
-                    "deepfake-data.yaml builds the diffusion and GAN fakes." if standin else f"Dataset: {summary.get('data')}.")
+                    "deepfake-data.yaml builds the diffusion and GAN fakes."
+                    if standin else f"Dataset: {summary.get('data')}.")
     md = "\n".join([
         "# scopeforge demo: deepfake detection across generators", "",
         dataset_note, "",
