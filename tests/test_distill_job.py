@@ -127,6 +127,17 @@ def _run_cli_background(config: Path, log: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy())
 
 
+def _registered_checkpoint(run_folder: Path) -> bool:
+    """A checkpoint counts once Ray Train has recorded it in its checkpoint-manager snapshot (files alone can be a
+    checkpoint still being committed when the process dies)."""
+    snapshot = run_folder / "checkpoint_manager_snapshot.json"
+    try:
+        state = json.loads(snapshot.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return bool(state.get("latest_checkpoint_result"))
+
+
 @pytest.mark.slow
 def test_killed_training_resumes_from_its_last_checkpoint(tmp_path, tiny_llama_dir):
     store = Storage(str(tmp_path))
@@ -139,10 +150,9 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path, tiny_llama_d
 
     first = _run_cli_background(config, tmp_path / "first.log")
     deadline = time.time() + 600
-    while time.time() < deadline and not list(checkpoints.glob("checkpoint_*/state.pt")):
+    while time.time() < deadline and not _registered_checkpoint(checkpoints):
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         time.sleep(0.5)
-    time.sleep(1.0)
     os.killpg(first.pid, signal.SIGKILL)  # a crash: no cleanup, no marker
     first.wait(timeout=60)
     assert not (tmp_path / "run" / "distill" / "_SUCCESS").exists()
