@@ -27,8 +27,6 @@ curate stage's output here; with a curate stage at hand, pass ``--curated URI``.
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import json
 import os
 import random
@@ -43,6 +41,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from shared.doc_text import docstring_passages  # noqa: E402
+
 DOMAIN_CALIBRATION = ("json", "os", "re", "collections", "functools", "itertools", "pathlib", "subprocess", "argparse",
                       "logging", "typing", "dataclasses", "socket", "csv", "datetime", "decimal", "email.message",
                       "urllib.parse", "sqlite3", "asyncio")
@@ -52,27 +52,6 @@ DOMAIN_HELD_OUT = ("fractions", "random", "statistics", "string", "textwrap", "t
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Text
-
-
-def _docstring_chunks(modules: tuple[str, ...], words: int) -> list[str]:
-    seen: set[str] = set()
-    out: list[str] = []
-    for name in modules:
-        module = importlib.import_module(name)
-        buffer: list[str] = []
-        for obj in [module] + [getattr(module, a) for a in sorted(dir(module)) if not a.startswith("_")]:
-            if not (obj is module or inspect.isfunction(obj) or inspect.isclass(obj)):
-                continue
-            for paragraph in (inspect.getdoc(obj) or "").split("\n\n"):
-                paragraph = " ".join(paragraph.split())
-                if len(paragraph.split()) < 8 or paragraph in seen:
-                    continue
-                seen.add(paragraph)
-                buffer.append(paragraph)
-                if sum(len(p.split()) for p in buffer) >= words:
-                    out.append(" ".join(buffer))
-                    buffer = []
-    return out
 
 
 def _word_chunks(text: str, words: int) -> list[str]:
@@ -93,7 +72,7 @@ def _pool_chunks(words: int) -> dict[str, list[str]]:
     novel = _word_chunks((data / "crime-and-punishment.txt").read_text(encoding="utf-8"), words)
     import sympy  # noqa: F401  (its submodules carry the math docstrings)
 
-    math = _docstring_chunks(("sympy.core.expr", "sympy.integrals.integrals", "sympy.solvers.solvers",
+    math = docstring_passages(("sympy.core.expr", "sympy.integrals.integrals", "sympy.solvers.solvers",
                               "sympy.matrices.matrixbase", "sympy.series.series", "sympy.simplify.simplify"), words)
     return {"news": news, "reviews": reviews, "novel": novel, "math": math}
 
@@ -103,8 +82,8 @@ def build_data(folder: Path, n: int, words: int, seed: int) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    domain = _docstring_chunks(DOMAIN_CALIBRATION, words)
-    held_out = _docstring_chunks(DOMAIN_HELD_OUT, words)
+    domain = docstring_passages(DOMAIN_CALIBRATION, words)
+    held_out = docstring_passages(DOMAIN_HELD_OUT, words)
     pool = {"domain": domain, **_pool_chunks(words)}
     rng = random.Random(seed)
     everything = [(source, text) for source, texts in pool.items() for text in texts]

@@ -1,47 +1,11 @@
-"""Real English text for tests, read at runtime from the Python standard library's docstrings (nothing is committed).
-
-Chunks join consecutive docstring paragraphs of one module until they reach a word count, so a chunk reads like a
-passage of technical documentation (about 1.3 tokens per word with SmolLM2's tokenizer).
-"""
+"""Real English text for tests: passages of the standard library's docstrings (see shared/doc_text.py)."""
 
 from __future__ import annotations
 
-import importlib
-import inspect
+from shared.doc_text import docstring_passages as chunks  # noqa: F401
+from shared.doc_text import module_paragraphs  # noqa: F401
 
 CALIBRATION_MODULES = ("json", "os", "re", "collections", "functools", "itertools", "pathlib", "subprocess",
                        "argparse", "logging", "typing", "dataclasses", "socket", "csv", "datetime", "decimal")
 HELD_OUT_MODULES = ("fractions", "random", "statistics", "string", "textwrap", "threading", "queue", "shutil",
                     "tempfile", "zipfile", "tarfile", "heapq", "contextlib", "enum", "pickle")
-
-
-def module_paragraphs(name: str, min_words: int = 8) -> list[str]:
-    """Docstring paragraphs of a module and of its public functions and classes, whitespace-normalised."""
-    module = importlib.import_module(name)
-    paragraphs: list[str] = []
-    for obj in [module] + [getattr(module, attr) for attr in sorted(dir(module)) if not attr.startswith("_")]:
-        if not (inspect.isfunction(obj) or inspect.isclass(obj) or obj is module):
-            continue
-        doc = inspect.getdoc(obj)
-        if doc:
-            paragraphs += [" ".join(p.split()) for p in doc.split("\n\n") if len(p.split()) >= min_words]
-    return paragraphs
-
-
-def chunks(modules: tuple[str, ...] | list[str], words: int = 120, limit: int | None = None) -> list[str]:
-    """Passages of at least ``words`` words, each from one module, without repeated paragraphs."""
-    seen: set[str] = set()
-    out: list[str] = []
-    for name in modules:
-        buffer: list[str] = []
-        for paragraph in module_paragraphs(name):
-            if paragraph in seen:
-                continue
-            seen.add(paragraph)
-            buffer.append(paragraph)
-            if sum(len(p.split()) for p in buffer) >= words:
-                out.append(" ".join(buffer))
-                buffer = []
-                if limit is not None and len(out) >= limit:
-                    return out
-    return out
