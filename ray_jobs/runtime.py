@@ -33,6 +33,8 @@ def init_ray(address: str | None = None, *, dashboard: bool = False) -> None:
 
     if ray.is_initialized():
         return
+    # Ray Train workers keep the driver's working directory, so relative input paths mean the same in every process.
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         try:
@@ -115,6 +117,9 @@ def run_job(cfg: JobConfig, *, ray_address: str | None = None, force: bool = Fal
             ) -> dict[str, Any]:
     """Run one job to a committed stage; returns its metrics. A stage already done with this config is skipped."""
     module = job_module(cfg.JOB)
+    # Ray workers (Ray Train's ones chdir to their run folder) must not resolve a relative root against their own
+    # working directory: the stage is addressed by an absolute path (output_root is not part of the config hash).
+    cfg = cfg.model_copy(update={"output_root": Storage(cfg.output_root, cfg.storage).uri()})
     stage = open_stage(cfg)
     status = stage.status()
     if status == "done" and not force:

@@ -112,9 +112,10 @@ def test_prune_job_on_s3_writes_a_model_that_reloads(ray_session, s3_root, tiny_
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_workers_sum_their_shards(ray_session, tmp_path, tiny_llama_dir, calibration_texts):
+def test_two_workers_sum_their_shards(ray_session, tmp_path, tiny_llama_dir, calibration_texts, monkeypatch):
     """Two workers score halves of the calibration set; the summed vector-wise Taylor scores (exact under any split)
-    must equal one process scoring everything. Every layer is pruned alike, so the model has a standard config."""
+    must equal one process scoring everything. Every layer is pruned alike, so the model has a standard config.
+    Paths are relative to the working directory, as a user types them: the model lands in the stage folder."""
     from transformers import LlamaForCausalLM
 
     from shared.lm_data import batches
@@ -124,8 +125,8 @@ def test_two_workers_sum_their_shards(ray_session, tmp_path, tiny_llama_dir, cal
     from shared.pruning.importance import TaylorAccumulator, gradient_pass
 
     write_parquet(texts_table(calibration_texts), Storage(str(tmp_path)), "calibration.parquet")
-    cfg = load_config(PruneConfig, None, [*SMALL, f"output_root={tmp_path}/run",
-                                          f"calibration={tmp_path}/calibration.parquet", "num_workers=2",
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(PruneConfig, None, [*SMALL, "output_root=run", "calibration=calibration.parquet", "num_workers=2",
                                           "importance=vectorize", "layers=all", "fraction=0.3", "sample_prompt="])
     metrics = run_job(cfg)
 
