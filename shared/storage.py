@@ -353,7 +353,14 @@ class Stage:
         return resumable
 
     def commit(self, metrics: dict[str, Any], started_at: float) -> dict[str, Any]:
-        """Write metrics.json, then the marker: from here on the stage is done for this config hash."""
+        """Write metrics.json, then the marker: from here on the stage is done for this config hash.
+
+        Every declared output must exist first: a stage whose model or dataset went elsewhere is never marked done.
+        """
+        for name, rel in self.outputs.items():
+            if not self.store.exists(rel):
+                raise StorageError(f"stage {self.uri}: its '{name}' output {self.store.uri(rel)} was not written; "
+                                   "the stage is left incomplete")
         self.store.write_json(metrics, "metrics.json")
         marker = {
             "config_hash": self.config_hash,

@@ -112,3 +112,15 @@ def test_corrupt_marker_is_stale_not_done(tmp_path):
 def test_stage_name_must_be_plain(tmp_path):
     with pytest.raises(StorageError, match="plain folder name"):
         Stage.open(Storage(str(tmp_path)), "a/b", "x", "h")
+
+
+def test_a_declared_output_that_was_not_written_blocks_the_commit(tmp_path):
+    stage = _stage(Storage(str(tmp_path / "run")), "h1")
+    stage.begin("")
+    stage.outputs["model"] = "model"
+    with pytest.raises(StorageError, match="'model' output .* was not written"):
+        stage.commit({}, started_at=0.0)
+    assert stage.status() == "incomplete"
+    stage.store.write_text("{}", "model", "config.json")
+    stage.commit({}, started_at=0.0)
+    assert stage.status() == "done"
