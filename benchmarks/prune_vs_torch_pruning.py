@@ -73,7 +73,7 @@ def _pool_chunks(words: int) -> dict[str, list[str]]:
     import sympy  # noqa: F401  (its submodules carry the math docstrings)
 
     math = docstring_passages(("sympy.core.expr", "sympy.integrals.integrals", "sympy.solvers.solvers",
-                              "sympy.matrices.matrixbase", "sympy.series.series", "sympy.simplify.simplify"), words)
+                               "sympy.matrices.matrixbase", "sympy.series.series", "sympy.simplify.simplify"), words)
     return {"news": news, "reviews": reviews, "novel": novel, "math": math}
 
 

@@ -23,7 +23,6 @@ from shared.storage import Stage, Storage
 
 
 def _train(cfg: TrainDdpmConfig, stage_uri: str) -> dict[str, Any]:
-    import numpy as np
     import torch
 
     from shared.diffusion.ddpm import train_ddpm, training_images

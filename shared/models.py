@@ -195,26 +195,31 @@ def _fetch_s3(ref: str, options: StorageConfig | None) -> Path:
 
 def resolve_model(ref: str, options: StorageConfig | None = None) -> str:
     """Local directory holding the model (or the hub id itself, left to ``from_pretrained``)."""
-    if not ref or not ref.strip():
-        raise ModelError("model reference is empty")
     if ref in ALIASES:
         folder, build = ALIASES[ref]
         return str(_build_once(cache_dir() / "models" / folder, build))
+    return resolve_saved(ref, options, what="model", marker="config.json",
+                         kinds=f"an alias ({', '.join(ALIASES)}), a directory, s3:// prefix or hub id")
+
+
+def resolve_saved(ref: str, options: StorageConfig | None, *, what: str, marker: str, kinds: str) -> str:
+    """A ``save_pretrained`` folder (``marker`` inside it) as a local path: a finished stage hands over its ``model``
+    output, an s3:// prefix is copied once to the node-local cache; a hub id is returned as is."""
+    if not ref or not ref.strip():
+        raise ModelError(f"{what} reference is empty")
     if ref.startswith(("s3://", "s3a://")) or _looks_local(ref):
-        inner = stage_output(ref, "model", options)  # a finished stage folder hands over its model
-        if inner is not None:
-            ref = inner
+        ref = stage_output(ref, "model", options) or ref  # a finished stage folder hands over its model
     if ref.startswith(("s3://", "s3a://")):
         return str(_fetch_s3(ref, options))
     if _looks_local(ref):
         path = Path(split_uri(ref)[1])
         if not path.is_dir():
-            raise ModelError(f"model {ref!r}: no such directory")
-        if not (path / "config.json").is_file():
-            raise ModelError(f"model {ref!r}: no config.json there (expected a save_pretrained folder)")
+            raise ModelError(f"{what} {ref!r}: no such directory")
+        if not (path / marker).is_file():
+            raise ModelError(f"{what} {ref!r}: no {marker} there (expected a save_pretrained folder)")
         return str(path)
     if ref.count("/") != 1:
-        raise ModelError(f"model {ref!r}: not an alias ({', '.join(ALIASES)}), a directory, s3:// prefix or hub id")
+        raise ModelError(f"{what} {ref!r}: not {kinds}")
     return ref  # a hub id
 
 

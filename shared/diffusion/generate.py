@@ -21,8 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from shared.config import StorageConfig
-from shared.configs.generate import (GanGenerator, GeneratorSpec, ImageFormat, Img2ImgGenerator, Text2ImgGenerator,
-                                     UnconditionalGenerator)
+from shared.configs.generate import GanGenerator, GeneratorSpec, ImageFormat, Img2ImgGenerator, Text2ImgGenerator
 from shared.errors import DataError
 from shared.imageset import FAKE, REAL, decode_image, degenerate_reason, finish_image, image_row, rows_to_table
 

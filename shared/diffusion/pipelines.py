@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import inspect
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +23,7 @@ import torch
 
 from shared.config import StorageConfig
 from shared.errors import ConfigError, ModelError
-from shared.storage import split_uri, stage_output
+from shared.storage import stage_output
 
 SCHEDULERS: dict[str, str] = {
     "ddpm": "DDPMScheduler",
@@ -65,25 +64,10 @@ def swap_scheduler(pipe: Any, name: str) -> None:
 def resolve_pipeline(ref: str, options: StorageConfig | None = None) -> str:
     """Local folder of a diffusers pipeline (a finished stage hands over its ``model`` output; s3:// prefixes are
     copied once to the node-local cache), or a hub id left to ``from_pretrained``."""
-    from shared.models import _fetch_s3, _looks_local  # the same s3 cache and path rules as language models
+    from shared.models import resolve_saved  # the same stage, s3-cache and path rules as language models
 
-    if not ref or not ref.strip():
-        raise ModelError("pipeline reference is empty")
-    if ref.startswith(("s3://", "s3a://")) or _looks_local(ref):
-        ref = stage_output(ref, "model", options) or ref
-    if ref.startswith(("s3://", "s3a://")):
-        return str(_fetch_s3(ref, options))
-    if _looks_local(ref):
-        path = Path(split_uri(ref)[1])
-        if not path.is_dir():
-            raise ModelError(f"pipeline {ref!r}: no such directory")
-        if not (path / "model_index.json").is_file():
-            raise ModelError(f"pipeline {ref!r}: no model_index.json there (expected a diffusers save_pretrained "
-                             "folder)")
-        return str(path)
-    if ref.count("/") != 1:
-        raise ModelError(f"pipeline {ref!r}: not a directory, s3:// prefix, finished stage or hub id")
-    return ref
+    return resolve_saved(ref, options, what="pipeline", marker="model_index.json",
+                         kinds="a directory, s3:// prefix, finished stage or hub id")
 
 
 def check_pipeline_ref(ref: str, options: StorageConfig | None = None) -> None:
