@@ -244,7 +244,8 @@ def run(cfg: DistillConfig, stage: Stage) -> dict[str, Any]:
     metrics = {
         "mode": cfg.mode, "student": cfg.student, "teacher": cfg.teacher if cfg.mode == "distilled" else None,
         "examples": len(examples), "rows_too_short": too_short,
-        "filter": counts, "teacher_kept_share": (counts.get("kept", 0) / len(examples)) if counts else None,
+        "filter": counts, "teacher_kept_share": ((counts["kept"] + counts["kept_trimmed"]) / len(examples))
+                                             if counts else None,
         "training": {"method": cfg.training.method, "steps": len(history), "final_loss": history[-1]["loss"]
                      if history else None, "first_loss": history[0]["loss"] if history else None,
                      "examples": len(encoded), **encode_stats, "history": history},

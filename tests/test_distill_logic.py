@@ -62,5 +62,17 @@ def test_continuations_have_no_number_check_and_tally_counts_everything():
     ex = Example("x", "The launch", "slipped 3 days.", "continuation")
     assert judge(ex, "was delayed by 5 days after all.", True).reason == "kept"
     decisions = [judge(ex, "", True), judge(ex, "fine words here now", True), judge(ex, "a b c d", False)]
-    assert tally(decisions) == {"kept": 1, "empty": 1, "truncated": 1, "leak": 0, "answer_mismatch": 0}
+    assert tally(decisions) == {"kept": 1, "kept_trimmed": 0, "empty": 1, "truncated": 1, "leak": 0,
+                                "answer_mismatch": 0}
+
+
+def test_a_continuation_cut_at_max_new_tokens_keeps_its_complete_sentences():
+    ex = Example("x", "The launch", "slipped 3 days. Crews waited.", "continuation")
+    trimmed = judge(ex, "was delayed by five days. The crew (all four) said \"fine.\" Then the next wee", False)
+    assert (trimmed.reason, trimmed.source) == ("kept_trimmed", "teacher")
+    assert trimmed.answer == 'was delayed by five days. The crew (all four) said "fine."'
+    assert judge(ex, "was delayed by five days and then", False).reason == "truncated"  # no sentence end
+    assert judge(ex, "Yes. and then it went on and on", False).reason == "truncated"  # too little before the cut
+    instruction = Example("y", "Q?", "The answer is 42.", "instruction")
+    assert judge(instruction, "First, 40. Then add 2 so", False).reason == "truncated"  # never trimmed
     assert final_number("#### 1,024") == 1024.0 and final_number("no digits") is None

@@ -11,7 +11,8 @@ class GenerationConfig(StrictModel):
     """How the teacher writes its answers."""
 
     max_new_tokens: int = Field(192, ge=1, le=4096)
-    """Longest teacher answer; an answer cut at this length counts as truncated and is not kept."""
+    """Longest teacher answer. An instruction answer cut at this length is not kept (counted as truncated); a
+    continuation is kept up to its last complete sentence (counted as kept_trimmed)."""
     do_sample: bool = False
     """Sample instead of greedy decoding."""
     temperature: float = Field(0.7, gt=0)

@@ -20,6 +20,8 @@ LEAK_PHRASES = (
     "as an ai", "i cannot", "i'm sorry",
 )
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
+REASONS = ("kept", "kept_trimmed", "empty", "truncated", "leak", "answer_mismatch")
 
 
 def teacher_request(example: Example) -> str:
@@ -51,26 +53,41 @@ class Decision:
     source: str
     """'teacher' or 'original'."""
     reason: str
-    """kept | empty | truncated | leak | answer_mismatch"""
+    """kept | kept_trimmed | empty | truncated | leak | answer_mismatch"""
+
+
+def complete_sentences(text: str) -> str:
+    """``text`` up to its last sentence end ('' when it has none)."""
+    ends = [m.end() for m in SENTENCE_END.finditer(text)]
+    return text[: ends[-1]].strip() if ends else ""
 
 
 def judge(example: Example, output: str, finished: bool, min_words: int = 3) -> Decision:
-    """Keep the teacher's rewrite only when it is non-empty, finished (not cut at max_new_tokens), leaks nothing of
-    the prompt template, and (when the original has a final number) ends on the same number."""
+    """Keep the teacher's rewrite only when it is non-empty, finished, leaks nothing of the prompt template, and
+    (when the original has a final number) ends on the same number.
+
+    An instruction answer cut at max_new_tokens is rejected (its end, often the result, is missing). A continuation
+    has no natural end (its original is itself a cut piece of a document), so one that ran out of tokens is kept up
+    to its last complete sentence (``kept_trimmed``) when at least ``min_words`` words remain.
+    """
     text = output.strip()
     if len(text.split()) < min_words:
         return Decision(example.answer, "original", "empty")
+    kept = "kept"
     if not finished:
-        return Decision(example.answer, "original", "truncated")
+        text = complete_sentences(text) if example.kind == "continuation" else ""
+        if len(text.split()) < min_words:
+            return Decision(example.answer, "original", "truncated")
+        kept = "kept_trimmed"
     lowered = text.lower()
     if any(phrase in lowered for phrase in LEAK_PHRASES):
         return Decision(example.answer, "original", "leak")
     expected = final_number(example.answer) if example.kind == "instruction" else None
     if expected is not None and final_number(text) != expected:
         return Decision(example.answer, "original", "answer_mismatch")
-    return Decision(text, "teacher", "kept")
+    return Decision(text, "teacher", kept)
 
 
 def tally(decisions: list[Decision]) -> dict[str, int]:
     counts = Counter(d.reason for d in decisions)
-    return {reason: counts.get(reason, 0) for reason in ("kept", "empty", "truncated", "leak", "answer_mismatch")}
+    return {reason: counts.get(reason, 0) for reason in REASONS}
