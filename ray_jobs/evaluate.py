@@ -86,6 +86,7 @@ class EvalActor:
         tokens = np.zeros(n, dtype=np.int64)
         correct = np.full(n, -1, dtype=np.int8)
         cfg, tok = self.cfg, self.tokenizer
+        encoded: dict[int, Any] = {}
         for i in range(n):
             kind = batch["kind"][i]
             if kind == "text":
@@ -95,7 +96,13 @@ class EvalActor:
             else:
                 found = []
             if found:
-                (nll[i], tokens[i]), = example_nll(self.model, found, tok.pad_token_id)
+                encoded[i] = found[0]
+        if encoded:  # one padded forward pass for the batch's perplexity rows
+            scores = example_nll(self.model, list(encoded.values()), tok.pad_token_id)
+            for i, (total, count) in zip(encoded, scores):
+                nll[i], tokens[i] = total, count
+        for i in range(n):
+            kind = batch["kind"][i]
             if kind == "mc":
                 picked = pick_choice(self.model, tok, str(batch["prompt"][i]), list(batch["choices"][i]),
                                      cfg.max_length)

@@ -84,8 +84,9 @@ def _first_line(obj: Any) -> str:
 
 
 def upstream_hash(uri: str, cfg: JobConfig) -> str | None:
-    """``stage:hash`` of the finished stage an input belongs to: the URI itself, or one or two folders up (a stage's
-    output such as ``<stage>/heldout`` or ``<stage>/seeds.jsonl``); None for plain data, aliases and hub ids."""
+    """``stage:hash:completion time`` of the finished stage an input belongs to: the URI itself, or one or two folders
+    up (a stage's output such as ``<stage>/heldout`` or ``<stage>/seeds.jsonl``); None for plain data, aliases and hub
+    ids. The completion time makes a stage rerun when its input stage was redone (e.g. forced) with the same config."""
     if not uri:
         return None
     candidates = [uri]
@@ -97,7 +98,7 @@ def upstream_hash(uri: str, cfg: JobConfig) -> str | None:
     for candidate in candidates:
         marker = stage_marker(candidate, cfg.storage)
         if marker is not None:
-            return f"{candidate}:{marker.get('config_hash', '')}"
+            return f"{candidate}:{marker.get('config_hash', '')}:{marker.get('completed_at', '')}"
     return None
 
 

@@ -4,6 +4,7 @@ of it, and an interrupted pipeline resumes where it stopped."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -49,6 +50,9 @@ def test_skip_rerun_downstream_and_resume(ray_session, tmp_path, tiny_llama_dir)
     resumed = run_pipeline(_pipeline(root, n_seeds=3, max_length=48))
     assert _status(resumed) == [("corpus", "skipped"), ("eval", "ran")]
     assert all(s["stage_seconds"] is not None for s in resumed["stages"])
+    # a stage redone with the same config (its folder deleted here) reruns every stage that read it
+    shutil.rmtree(root / "corpus")
+    assert _status(run_pipeline(_pipeline(root, n_seeds=3, max_length=48))) == [("corpus", "ran"), ("eval", "ran")]
 
 
 def test_pipeline_cli_validates_every_stage_before_running(tmp_path):
