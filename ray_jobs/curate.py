@@ -407,7 +407,7 @@ def build_metrics(cfg: CurateConfig, fit: dict[str, Any], totals: dict[str, Any]
         "sae": {"fvu": fit["fvu"], "dead_fraction": fit["dead_fraction"], **fit["state"]["sae_shape"],
                 "history": fit["history"]},
         "fit": fit["stats"],
-        "retrieval": retrieval,
+        "retrieval": retrieval, "subset_method": cfg.retrieval.scoring,
         "retrieval_mode": cfg.retrieval.mode, "m": cfg.retrieval.m, "threshold": cfg.retrieval.threshold,
         "target_label": cfg.target_label,
         "throughput": {"documents_per_s": round(usable / embed_s, 2),

@@ -56,7 +56,9 @@ def summarise(root: Storage) -> tuple[str, dict[str, Any]]:
         "stage_seconds": {s["name"]: s.get("stage_seconds") for s in summary["stages"]},
     }
     lines = [f"# FineScope demo: results under {root.uri()}", ""]
-    lines += ["## Curation (same pool, same M)", "", "| method | selected | purity | recall |", "|---|---|---|---|"]
+    lines += ["## Curation (same pool, same M)", "",
+              f"The subset handed on is the '{curate.get('subset_method', 'sae')}' selection.", "",
+              "| method | selected | purity | recall |", "|---|---|---|---|"]
     for method, entry in curate["retrieval"].items():
         lines.append(f"| {method} | {entry['selected']} | {_f(entry.get('purity'))} | {_f(entry.get('recall'))} |")
     lines += ["", "## Pruning", "",
@@ -75,6 +77,10 @@ def summarise(root: Storage) -> tuple[str, dict[str, Any]]:
               f"{_f(recovery['distilled'])}, plain SFT {_f(recovery['sft'])}.", "",
               "## Time per stage (s)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {name} | {seconds} |" for name, seconds in metrics["stage_seconds"].items()]
+    known = [v for v in metrics["stage_seconds"].values() if v is not None]
+    metrics["total_stage_seconds"] = round(sum(known), 1)
+    lines += [f"| total | {metrics['total_stage_seconds']} |", "",
+              "A stage skipped because it was done earlier counts with the time it took then."]
     return "\n".join(lines) + "\n", metrics
 
 
