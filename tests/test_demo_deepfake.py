@@ -19,7 +19,7 @@ def test_default_demo_composes_data_four_variants_and_evaluation():
     cfg = load_config(DeepfakeDemoConfig, DEFAULT_CONFIG)
     pipeline, data = compose(cfg)
     names = [s.name for s in pipeline.stages]
-    assert names == ["data", *VARIANTS, "evaluate"] and data == "${data}"
+    assert names == ["train-ddpm", "data", *VARIANTS, "evaluate"] and data == "${data}"  # deepfake-data.yaml first
     resolved = dict((spec.name, job) for spec, job in stage_configs(pipeline))
     single, loo = resolved["single-boost"], resolved["loo-uniform"]
     data_uri = resolved["evaluate"].test_sets[0].uri
@@ -93,7 +93,7 @@ def test_demo_on_a_tiny_config_writes_results_and_heldout_aucs(ray_session, tmp_
          "source name 'd' is used twice"),
         (["run", "evaluate-detector", "--set", "detectors=[{name: a, uri: x}]", "--set", "test_sets=[]"],
          "test_sets"),
-        (["demo", "deepfake", "--set", "heldout_generator=standin-pca"], "must differ"),
+        (["demo", "deepfake", "--set", "single_generator=x", "--set", "heldout_generator=x"], "must differ"),
     ],
 )
 def test_detector_config_errors_are_one_line_and_exit_2(args, expected):
