@@ -24,7 +24,7 @@ from shared.configs.pipeline import StageSpec
 
 CEL_RESERVED = {"true", "false", "null", "in", "as", "break", "const", "continue", "else", "for", "function", "if",
                 "import", "let", "loop", "package", "namespace", "return", "var", "void", "while"}
-STAGE_STATES = ["Pending", "Running", "Retrying", "Succeeded", "Failed"]
+STAGE_STATES = ["Pending", "Running", "Stopping", "Retrying", "Succeeded", "Failed"]
 PHASES = ["Pending", "Running", "Succeeded", "Failed"]
 
 
@@ -91,6 +91,8 @@ def status_schema() -> dict[str, Any]:
         "attempts": {"type": "integer", "description": "RayJobs started for this stage so far."},
         "rayJob": {"type": "string", "description": "The RayJob of the newest attempt."},
         "jobStatus": {"type": "string", "description": "That RayJob's jobStatus."},
+        "stopping": {"type": "string", "description": "A failed attempt's RayJob being deleted (its Ray job may still "
+                                                      "run) before the stage is retried."},
         "outputURI": {"type": "string", "description": "Where the stage wrote its outputs (once it succeeded)."},
         "message": {"type": "string", "description": "Why the newest attempt failed."},
     }}

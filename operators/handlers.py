@@ -94,6 +94,14 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Kub
                     kopf.warn(body, reason="SecretMissing", message=message)
                 raise kopf.TemporaryError(message, delay=settings.interval_s)
 
+        for rayjob in step.delete:
+            try:
+                # Foreground: the RayJob stays (being deleted) until what it owns is gone; KubeRay's finalizer
+                # stops its Ray job first. The next tick sees it still there, and waits.
+                await kube.delete(namespaced("ray.io", "v1", "rayjobs", namespace, rayjob), "Foreground")
+            except ApiError as exc:
+                raise kopf.TemporaryError(f"cannot delete RayJob {rayjob}: {exc}", delay=settings.interval_s) from None
+            logger.info("RayJob %s deleted: its Ray job must stop before the stage is retried", rayjob)
         for manifest in step.create:
             try:
                 created = await kube.create(rayjobs_path, manifest)

@@ -96,6 +96,15 @@ class Kube:
         return [item for item in items
                 if all(((item.get("metadata") or {}).get("labels") or {}).get(k) == v for k, v in labels.items())]
 
+    async def delete(self, path: str, propagation: str = "Background") -> bool:
+        """DELETE with a propagation policy; False when the object is already gone (404)."""
+        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}
+        status, data = await self.request("DELETE", path, body=body)
+        if status == 404:
+            return False
+        _check(status, "DELETE", path, data)
+        return True
+
     async def create(self, path: str, body: dict[str, Any]) -> bool:
         """POST; False when an object of that name already exists (409), which callers treat as done."""
         status, data = await self.request("POST", path, body=body)

@@ -9,6 +9,11 @@ twice and never forgotten:
 - a stage whose status says Succeeded stays done even if its RayJobs were deleted since;
 - otherwise the stage's newest attempt decides: running -> wait; succeeded -> next stage; failed -> the next
   attempt while retries remain, else the Pipeline fails with a condition that says which stage and why;
+- a failed attempt whose Ray job may still be running (KubeRay marks a RayJob Failed at its deadline or when its
+  submitter fails, while the job can go on for up to ttlSecondsAfterFinished, or for ever on a shared cluster) is
+  stopped before its retry starts: the stage goes to Stopping, its RayJob is deleted (KubeRay's finalizer stops the
+  Ray job; a cluster the RayJob made is garbage-collected with it), and the next attempt starts once the RayJob is
+  gone. The stage's status remembers which RayJob it stops, so a restarted operator carries on;
 - a stage with no RayJob yet is started (attempt 0) once every stage before it succeeded.
 """
 
@@ -26,6 +31,8 @@ from shared.config import dump_config
 
 Outcome = Literal["Running", "Succeeded", "Failed"]
 TERMINAL_PHASES = ("Succeeded", "Failed")
+TERMINAL_JOB_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
+"""Ray job statuses after which its driver has exited (KubeRay's jobStatus mirrors the Ray Jobs API)."""
 
 
 def now() -> str:
@@ -56,10 +63,17 @@ def failure_reason(body: dict[str, Any]) -> str:
     return " ".join(": ".join(parts).split())
 
 
+def may_still_run(body: dict[str, Any]) -> bool:
+    """Whether the Ray job of a failed RayJob may still be running (its jobStatus is not terminal)."""
+    return (body.get("status") or {}).get("jobStatus") not in TERMINAL_JOB_STATUSES
+
+
 @dataclass
 class Plan:
     status: dict[str, Any]
     create: list[dict[str, Any]] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)
+    """RayJobs to delete (failed attempts whose Ray job must stop before the retry)."""
     events: list[tuple[str, str]] = field(default_factory=list)  # (reason, message), Normal events
     warnings: list[tuple[str, str]] = field(default_factory=list)  # (reason, message), Warning events
 
@@ -138,6 +152,28 @@ def plan(pipeline: Pipeline, meta: dict[str, Any], api_version: str, status: dic
                                                                        "rayJob", "jobStatus")},
                                   "state": "Succeeded", "outputURI": stage.uri})
             continue
+        if before.get("state") == "Stopping" and before.get("stopping"):
+            stopping = next((b for _, b in attempts if b["metadata"]["name"] == before["stopping"]), None)
+            number = int(before.get("attempts", 1))  # the stopped attempt was number - 1
+            entry.update(attempts=number, rayJob=before["stopping"], message=before.get("message"))
+            if stopping is not None:  # still there: delete it, or wait while KubeRay stops its Ray job
+                if not (stopping.get("metadata") or {}).get("deletionTimestamp"):
+                    result.delete.append(before["stopping"])
+                entry.update(state="Stopping", stopping=before["stopping"])
+                current, blocked = stage.name, True
+                message = (f"stage {index + 1}/{total} {stage.name}: stopping the Ray job of attempt {number} before "
+                           f"attempt {number + 1}")
+                stages_status.append(entry)
+                continue
+            result.create.append(_rayjob_for(pipeline, stage, name, namespace, uid, api_version, number, image))
+            result.warnings.append(("StageRetried", f"stage {stage.name}: attempt {number} stopped; starting attempt "
+                                                    f"{number + 1} of {stage.spec.retries + 1}"))
+            entry.update(state="Retrying", attempts=number + 1, rayJob=render.rayjob_name(name, stage.name, number),
+                         jobStatus=None)
+            current, blocked = stage.name, True
+            message = f"stage {index + 1}/{total} {stage.name}: retrying (attempt {number + 1})"
+            stages_status.append(entry)
+            continue
         if not attempts:
             result.create.append(_rayjob_for(pipeline, stage, name, namespace, uid, api_version, 0, image))
             result.events.append(("StageStarted", f"stage {stage.name} ({stage.spec.job}) started as RayJob "
@@ -160,7 +196,16 @@ def plan(pipeline: Pipeline, meta: dict[str, Any], api_version: str, status: dic
         else:
             reason = failure_reason(latest)
             entry["message"] = reason
-            if number < stage.spec.retries:
+            if number < stage.spec.retries and may_still_run(latest):
+                # recorded first, deleted on the next tick: a restart in between still knows which attempt it was
+                result.warnings.append(("StageStopping", f"stage {stage.name} attempt {number + 1} failed ({reason}) "
+                                                         "while its Ray job may still run; deleting RayJob "
+                                                         f"{latest['metadata']['name']} before the retry"))
+                entry.update(state="Stopping", stopping=latest["metadata"]["name"], attempts=number + 1)
+                current, blocked = stage.name, True
+                message = (f"stage {index + 1}/{total} {stage.name}: stopping the Ray job of attempt {number + 1} "
+                           f"before attempt {number + 2}")
+            elif number < stage.spec.retries:
                 result.create.append(_rayjob_for(pipeline, stage, name, namespace, uid, api_version, number + 1,
                                                  image))
                 result.warnings.append(("StageRetried", f"stage {stage.name} attempt {number + 1} failed ({reason}); "

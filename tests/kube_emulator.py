@@ -150,6 +150,11 @@ class EmulatedCluster:
         response = self.http.delete(self.url + path, timeout=10)
         response.raise_for_status()
 
+    def patch(self, path: str, body: dict[str, Any]) -> None:
+        response = self.http.patch(self.url + path, json=body, timeout=10,
+                                   headers={"Content-Type": "application/merge-patch+json"})
+        response.raise_for_status()
+
     def patch_status(self, path: str, status: dict[str, Any]) -> None:
         response = self.http.patch(self.url + path + "/status", json={"status": status}, timeout=10,
                                    headers={"Content-Type": "application/merge-patch+json"})

@@ -196,6 +196,35 @@ def test_a_stage_failing_past_its_retries_fails_the_pipeline_with_the_reason(api
         assert set(p.rayjobs()) == {"fails-only-0"}  # no retry left, and the next stage never starts
 
 
+def test_a_failed_attempt_whose_job_may_still_run_is_stopped_before_its_retry(api, ns):
+    """KubeRay marks a RayJob Failed at its deadline while the Ray job goes on: the retry must wait until that RayJob
+    is deleted (KubeRay's finalizer stops the Ray job), or two attempts would write the stage at once."""
+    p = Pipelines(api, ns)
+    path = api.path("ray.io", "v1", "rayjobs", ns, "stop-only-0")
+    with OperatorThread():
+        p.create("stop", [{"name": "only", "retries": 1, "inspect-model": {}}])
+        p.wait_rayjobs("stop-only-0")
+        api.patch(path, {"metadata": {"finalizers": ["ray.io/rayjob-stopjob-finalizer"]}})  # as KubeRay adds it
+        p.set_rayjob("stop-only-0", {"jobDeploymentStatus": "Failed", "jobStatus": "RUNNING",
+                                     "reason": "DeadlineExceeded", "message": "activeDeadlineSeconds reached"})
+        status = p.wait_status("stop", "stopping", lambda s: stage(s, "only")["state"] == "Stopping")
+        assert subset(stage(status, "only"), {"stopping": "stop-only-0", "attempts": 1})
+        api.wait_for("the RayJob deleted", lambda: p.rayjobs()["stop-only-0"]["metadata"].get("deletionTimestamp"))
+        time.sleep(1.0)
+        assert set(p.rayjobs()) == {"stop-only-0"}  # no retry while the old Ray job may still run
+    with OperatorThread():  # a restart while it stops: the status says which RayJob it waits for
+        time.sleep(0.6)
+        assert set(p.rayjobs()) == {"stop-only-0"} and stage(p.status("stop"), "only")["state"] == "Stopping"
+        api.patch(path, {"metadata": {"finalizers": []}})  # KubeRay stopped the Ray job and let the RayJob go
+        p.wait_rayjobs("stop-only-1")
+        status = p.wait_status("stop", "retrying", lambda s: stage(s, "only")["state"] == "Retrying")
+        assert stage(status, "only")["attempts"] == 2 and "stopping" not in stage(status, "only")
+        p.set_rayjob("stop-only-1", SUCCEEDED)
+        p.wait_status("stop", "succeeded", lambda s: s.get("phase") == "Succeeded")
+    assert set(p.rayjobs()) == {"stop-only-1"}
+    assert {"StageStopping", "StageRetried"} <= {e.get("reason") for e in p.events()}
+
+
 @pytest.mark.parametrize(("stages", "message"), [
     ([{"name": "a", "curat": {}}], "stage 'a': unknown job or key 'curat'"),
     ([{"name": "a", "inspect-model": {"modle": "tiny-llama"}}],
