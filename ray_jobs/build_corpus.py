@@ -16,7 +16,7 @@ import ray
 from shared.configs.build_corpus import BuildCorpusConfig
 from shared.curation.corpus import SOURCES, Chunk, split_corpus
 from shared.data import write_parquet
-from shared.storage import Stage
+from shared.stage import Stage
 
 
 @ray.remote(num_cpus=1)

@@ -20,17 +20,17 @@ import pyarrow as pa
 import ray
 import ray.data
 
-from ray_jobs.data import read_dataset, require_columns
+from ray_jobs.data import read_shards, read_source, require_columns, source_rows, write_shards
 from ray_jobs.metrics import Throughput
 from shared.configs.curate import CurateConfig
 from shared.curation.curate_report import write_report
 from shared.curation.features import KINDS, fit_curation, load_embedder, settings_from, tokenize
 from shared.curation.ngram import gumbel_keys, hashed_ngrams, log_distribution, stable_uniform
 from shared.curation.retrieval import block_candidates, purity_and_recall, select
-from shared.data import read_table, write_parquet
+from shared.data import read_table, resolve_dataset, write_parquet
 from shared.errors import DataError
 from shared.models import load_causal_lm, load_tokenizer, resolve_model
-from shared.storage import Stage
+from shared.stage import Stage
 
 SEEDED = KINDS  # methods scored by similarity to the seeds: sae, sae_idf, dense
 SCORE_COLUMN = {"ngram": "ngram_key", "random": "random_key", **{k: f"{k}_score" for k in KINDS}}
@@ -151,6 +151,8 @@ def block_reduce(batch: dict[str, np.ndarray], plans: list[dict[str, Any]], bins
             "not_text": int((batch["status"] == "not_text").sum()), "truncated": int(batch["truncated"][ok].sum()),
             "tokens": int(batch["n_tokens"][ok].sum()),
             "target": int((labels == target).sum()) if target is not None else 0,
+            "rows": int(len(batch["status"])),
+            "top": float(np.nanmax(np.asarray(batch[SCORE_COLUMN[primary]], dtype=np.float64)[ok], initial=-np.inf)),
         }
     return {"payload": [pickle.dumps(payload)]}  # one opaque cell per block
 
@@ -189,13 +191,17 @@ def load_seeds(cfg: CurateConfig) -> tuple[list[str], list[str]]:
                    if isinstance(t, str) and t.strip()]
 
 
-def check_inputs(cfg: CurateConfig, ds: ray.data.Dataset) -> tuple[ray.data.Dataset, int, int]:
+def check_inputs(cfg: CurateConfig) -> tuple[ray.data.Dataset, int, int]:
     """Columns, corpus size, M and the layer index, checked before any model is loaded."""
-    require_columns(ds, cfg.corpus, cfg.text_column)
-    names = ds.schema().names
-    rows = ds.count()
+    source = resolve_dataset(cfg.corpus, cfg.storage)
+    ds = read_source(source, cfg.storage)
+    rows = source_rows(source, cfg.storage)
+    if rows is None:
+        rows = ds.count()
     if rows == 0:
         raise DataError(f"corpus {cfg.corpus}: no documents")
+    require_columns(ds, cfg.corpus, cfg.text_column)
+    names = ds.schema().names
     if cfg.retrieval.m is not None and cfg.retrieval.m > rows:
         raise DataError(f"retrieval.m={cfg.retrieval.m} is larger than the corpus ({rows} documents)")
     from transformers import AutoConfig
@@ -225,7 +231,7 @@ def run(cfg: CurateConfig, stage: Stage) -> dict[str, Any]:
     timings: dict[str, float] = {}
     t0 = time.time()
     seed_texts, seed_ids = load_seeds(cfg)
-    corpus, rows, num_layers = check_inputs(cfg, read_dataset(cfg.corpus, cfg.storage))
+    corpus, rows, num_layers = check_inputs(cfg)
     print(f"corpus: {rows} documents; {len(seed_texts)} seeds; model {cfg.model} ({num_layers} layers)", flush=True)
 
     # 2. fit on a sample: coordinates, SAE, seed vectors
@@ -247,19 +253,17 @@ def run(cfg: CurateConfig, stage: Stage) -> dict[str, Any]:
     # 3. score every document
     t1 = time.time()
     scored = score_corpus(cfg, corpus, fit, ngram_weights, stage.name, rows)
-    fs, scores_path = stage.store.pyarrow_filesystem("scores")
-    scored.write_parquet(scores_path, filesystem=fs)
+    shards = write_shards(scored, stage, "scores")
     timings["embed_s"] = round(time.time() - t1, 1)
 
-    # 4. streaming reduce over the written scores
+    # 4. streaming reduce over the written scores (exactly the shards this attempt wrote)
     t2 = time.time()
-    scores = ray.data.read_parquet(scores_path, filesystem=fs)
-    selected, totals = select_all(cfg, scores)
+    selected, totals = select_all(cfg, read_shards(stage, "scores", shards))
     timings["select_s"] = round(time.time() - t2, 1)
 
     # outputs
     primary = cfg.retrieval.scoring
-    subset = selected[primary]
+    subset = check_subset(cfg, selected[primary], totals)
     table = pa.table({
         "id": subset["id"], "text": subset["text"], "score": subset[f"{primary}_score"].astype(np.float32),
         "matched_seed": [seed_ids[i] for i in subset[f"{primary}_seed"]],
@@ -349,7 +353,7 @@ def _reduce(scores: ray.data.Dataset, plans: list[dict[str, Any]], bins: np.ndar
         for method, cols in payload["candidates"].items():
             parts[method].append(cols)
         for key, value in payload.get("stats", {}).items():
-            totals[key] = totals.get(key, 0) + value
+            totals[key] = max(totals.get(key, value), value) if key == "top" else totals.get(key, 0) + value
     merged = {}
     for method, blocks in parts.items():
         blocks = [b for b in blocks if len(b["id"])]
@@ -366,6 +370,22 @@ def _final(cols: dict[str, np.ndarray], plan: dict[str, Any]) -> dict[str, np.nd
     order = select(cols[SCORE_COLUMN[method]].astype(np.float64), plan["mode"], plan["m"], plan["threshold"],
                    seed_scores)
     return {key: values[order] for key, values in cols.items()}
+
+
+def check_subset(cfg: CurateConfig, subset: dict[str, np.ndarray], totals: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The subset must be non-empty and hold each document once (a corpus with repeated ids cannot be curated by id).
+    """
+    primary = cfg.retrieval.scoring
+    if len(subset["id"]) == 0:
+        raise DataError(f"retrieval.threshold={cfg.retrieval.threshold} selects no document of {cfg.corpus} (the "
+                        f"highest {primary} score is {totals.get('top', float('nan')):.4f}); lower the threshold")
+    ids, counts = np.unique(np.asarray(subset["id"], dtype=object).astype(str), return_counts=True)
+    if (counts > 1).any():
+        repeated = ids[counts > 1]
+        raise DataError(f"corpus {cfg.corpus}: id '{repeated[0]}' is on {int(counts[counts > 1][0])} rows "
+                        f"({len(repeated)} repeated id(s) among the selected documents); ids must be unique "
+                        f"(drop id_column to use content ids)")
+    return subset
 
 
 def save_sae(stage: Stage, fit: dict[str, Any], cfg: CurateConfig) -> None:
@@ -398,7 +418,7 @@ def build_metrics(cfg: CurateConfig, fit: dict[str, Any], totals: dict[str, Any]
     embed_s = max(timings.get("embed_s", 0.0), 1e-9)
     timings["total_s"] = round(time.time() - started, 1)
     return {
-        "corpus": {"rows": rows, "usable": usable, "skipped_empty": int(totals["empty"]),
+        "corpus": {"rows": rows, "scored": int(totals["rows"]), "usable": usable, "skipped_empty": int(totals["empty"]),
                    "skipped_not_text": int(totals["not_text"]), "truncated": int(totals["truncated"]),
                    "tokens": int(totals["tokens"]), "target_documents": int(totals["target"]),
                    "max_tokens": cfg.max_tokens},

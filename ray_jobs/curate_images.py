@@ -17,12 +17,12 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from ray_jobs.data import read_dataset
+from ray_jobs.data import read_dataset, shard_uris, write_shards
 from shared.configs.curate_images import CurateImagesConfig
 from shared.data import resolve_dataset
 from shared.diffusion.curation import SCAN_SCHEMA, encode_batch, manifest_base, scan_batch, select
 from shared.errors import DataError
-from shared.storage import Stage
+from shared.stage import Stage
 
 
 def run(cfg: CurateImagesConfig, stage: Stage) -> dict[str, Any]:
@@ -39,16 +39,17 @@ def run(cfg: CurateImagesConfig, stage: Stage) -> dict[str, Any]:
     print(f"curate-images: {table.num_rows} rows, {len(keep)} kept; dropped: "
           + ", ".join(f"{n} {r}" for r, n in Counter(d["reason"] for d in drops).most_common()), flush=True)
 
-    fs, path = stage.store.pyarrow_filesystem("images", cfg.name)
+    shards = []
     if keep:
-        read_dataset(cfg.manifest, cfg.storage).repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
-            encode_batch, fn_args=(cfg, keep, base), batch_size=cfg.batch_size, batch_format="pyarrow",
-            num_cpus=cfg.num_cpus).write_parquet(path, filesystem=fs)
+        encoded = read_dataset(cfg.manifest, cfg.storage).repartition(target_num_rows_per_block=cfg.batch_size) \
+            .map_batches(encode_batch, fn_args=(cfg, keep, base), batch_size=cfg.batch_size, batch_format="pyarrow",
+                         num_cpus=cfg.num_cpus)
+        shards = shard_uris(stage, f"images/{cfg.name}", write_shards(encoded, stage, "images", cfg.name))
     stage.outputs["dataset"] = "images"
 
     from shared.diffusion.report import curate_report
 
-    return curate_report(cfg, stage.store, table, keep, drops)
+    return curate_report(cfg, stage.store, table, keep, drops, shards)
 
 
 def _concat(tables: list[pa.Table]) -> pa.Table:

@@ -28,6 +28,7 @@ from shared.config import load_config, read_yaml, validate_config
 from shared.configs.deepfake_demo import DeepfakeDemoConfig
 from shared.configs.pipeline import PipelineConfig
 from shared.errors import ConfigError
+from shared.stage import stage_metrics
 from shared.storage import Storage
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -76,16 +77,16 @@ def compose(cfg: DeepfakeDemoConfig) -> tuple[PipelineConfig, str]:
 def results(cfg: DeepfakeDemoConfig, summary: dict[str, Any], seconds: float) -> tuple[str, dict[str, Any]]:
     """results.md and metrics.json from the finished stages."""
     root = Storage(cfg.output_root, cfg.storage)
-    evaluation = root.read_json("evaluate", "metrics.json")
+    evaluation = stage_metrics(root.uri("evaluate"), cfg.storage)
     held = cfg.heldout_generator
     if held not in evaluation["columns"]:
         raise ConfigError(f"heldout_generator '{held}' is not a generator of the test split "
                           f"(columns: {', '.join(evaluation['columns'])})")
-    data_metrics = root.read_json(cfg.data_stage, "metrics.json") if not cfg.data_uri else {}
+    data_metrics = stage_metrics(root.uri(cfg.data_stage), cfg.storage) if not cfg.data_uri else {}
     standin = bool(data_metrics.get("standin"))
     rows, heldout_auc, per_variant = [], {}, {}
     for variant in VARIANTS:
-        train = root.read_json(variant, "metrics.json")
+        train = stage_metrics(root.uri(variant), cfg.storage)
         cell = evaluation["matrix"][variant][held]
         heldout_auc[variant] = cell["clean"]["auc"]
         per_variant[variant] = {"heldout": cell["clean"], "heldout_robustness": {k: v["auc"] for k, v in cell.items()},

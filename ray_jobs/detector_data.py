@@ -13,10 +13,9 @@ import ray
 import ray.data
 from ray.data.expressions import col
 
+from ray_jobs.data import read_dataset
 from shared.config import StorageConfig
-from shared.data import resolve_dataset
 from shared.detection.mixture import MixturePlan, decode_batch
-from shared.storage import Storage, split_uri
 
 _LOOKUPS: dict[str, dict[str, tuple[int, int, int, str]]] = {}
 
@@ -60,10 +59,8 @@ def quiet_progress() -> None:
 
 
 def read_images(uri: str, options: StorageConfig | None) -> ray.data.Dataset:
-    """The id and image columns of an IMAGE_SCHEMA dataset, streamed by Ray Data."""
-    source = resolve_dataset(uri, options)
-    fs, _ = Storage(source.location, options).pyarrow_filesystem()
-    return ray.data.read_parquet([split_uri(f)[1] for f in source.files], filesystem=fs, columns=["id", "image"])
+    """The id and image columns of an IMAGE_SCHEMA dataset (exactly the files its stage committed), streamed."""
+    return read_dataset(uri, options, columns=["id", "image"])
 
 
 def decode_mixture(plan: MixturePlan, options: StorageConfig | None, blocks: int = 8, shuffle_seed: int | None = None

@@ -20,9 +20,9 @@ import pyarrow as pa
 import ray
 import ray.data
 import ray.train
-from ray.train.torch import TorchTrainer
 
 from ray_jobs.metrics import Throughput, TrainingProgress
+from ray_jobs.train_launch import WorkerResources, fit_workers
 from shared.configs.distill import DistillConfig
 from shared.data import read_table, write_parquet
 from shared.distill.examples import Example, build_examples
@@ -30,7 +30,7 @@ from shared.distill.teacher import judge, tally, teacher_request
 from shared.errors import DataError
 from shared.models import load_tokenizer
 from shared.report import Report
-from shared.storage import Stage
+from shared.stage import Stage
 
 DISTILLED = "distilled"
 
@@ -164,24 +164,17 @@ def train_loop(config: dict[str, Any]) -> None:
         else:
             ray.train.report(metrics)
     if rank == 0:
-        stage_store = Storage(config["stage_uri"], cfg.storage)
+        stage_store = Storage(config["attempt_uri"], cfg.storage)
         save_model(merged_for_saving(model), tokenizer, stage_store, "model")
         stage_store.write_json(history, "training_history.json")
 
 
 def fine_tune(cfg: DistillConfig, stage: Stage, examples: list[Any]) -> list[dict[str, Any]]:
     threads = cfg.runtime.torch_threads(cfg.runtime.num_workers)
-    fs, path = stage.store.pyarrow_filesystem("checkpoints")
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": cfg, "examples": [e.to_dict() for e in examples], "threads": threads,
-                           "config_hash": stage.config_hash, "stage_uri": stage.uri, "stage_name": stage.name},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.runtime.num_workers, use_gpu=cfg.runtime.use_gpu,
-                                               resources_per_worker={"CPU": cfg.runtime.cpus_per_worker}),
-        run_config=ray.train.RunConfig(name="train", storage_path=path, storage_filesystem=fs,
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-    )
-    trainer.fit()
+    config = {"cfg": cfg, "examples": [e.to_dict() for e in examples], "threads": threads,
+              "config_hash": stage.config_hash, "attempt_uri": stage.store.uri(), "stage_name": stage.name}
+    resources = WorkerResources(cfg.runtime.num_workers, cfg.runtime.cpus_per_worker, cfg.runtime.use_gpu)
+    fit_workers(train_loop, config, stage, resources, run_name="train")
     return stage.store.read_json("training_history.json")
 
 
@@ -197,7 +190,10 @@ def run(cfg: DistillConfig, stage: Stage) -> dict[str, Any]:
     rows = read_table(cfg.data, cfg.storage).to_pylist()
     if not rows:
         raise DataError(f"data {cfg.data}: the curated set is empty")
-    examples, too_short = build_examples(rows, cfg.generation.prompt_fraction, cfg.generation.min_answer_words)
+    try:
+        examples, too_short = build_examples(rows, cfg.generation.prompt_fraction, cfg.generation.min_answer_words)
+    except DataError as exc:
+        raise DataError(f"data {cfg.data}: {exc}") from None
     print(f"{len(examples)} examples ({sum(e.kind == 'continuation' for e in examples)} continuation tasks); "
           f"{too_short} rows too short to use", flush=True)
 

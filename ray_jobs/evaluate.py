@@ -21,7 +21,7 @@ from ray_jobs.metrics import Throughput
 from shared.configs.evaluate import EvaluateConfig
 from shared.data import read_table
 from shared.errors import DataError
-from shared.storage import Stage
+from shared.stage import Stage
 
 
 def dataset_rows(cfg: EvaluateConfig) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:

@@ -34,7 +34,8 @@ from shared.detection.mixture import SPLITS, plan_mixture
 from shared.detection.report import difficulty_figure, roc_figure
 from shared.errors import ConfigError
 from shared.report import Report
-from shared.storage import Stage, Storage
+from shared.stage import Stage, committed_folder
+from shared.storage import Storage
 
 
 class Scorer:
@@ -143,7 +144,7 @@ def run(cfg: EvaluateDetectorConfig, stage: Stage) -> dict[str, Any]:
         png = report.add_figure(roc_figure(report, d, curves), f"ROC curves of {d} (clean test images)")
         stage.store.write_bytes(png, "roc", f"{d}.png")
     for d in cfg.detectors:  # which sources were hard to learn, for detectors that are train-detector stages
-        folder = Storage(d.uri, cfg.storage)
+        folder = Storage(committed_folder(d.uri, cfg.storage), cfg.storage)
         if folder.exists("difficulty", "history.json"):
             report.add_figure(difficulty_figure(report, folder.read_json("difficulty", "history.json")),
                               f"{d.name}: mean difficulty (EMA of the loss) and loss weight per training group")

@@ -24,14 +24,15 @@ import pyarrow.compute as pc
 import ray
 import ray.data
 
-from ray_jobs.data import read_dataset, require_columns
+from ray_jobs.data import read_dataset, require_columns, shard_uris, write_shards
 from ray_jobs.metrics import Throughput
 from shared.configs.generate import GenerateConfig, GeneratorSpec, Img2ImgGenerator, RealSource
 from shared.diffusion.generate import (GeneratorStage, count_requests, encode_reals, generator_seed, load_prompts,
                                        source_requests)
 from shared.diffusion.realsets import REAL_ALIASES, REAL_COLUMNS, file_id, image_files, real_kind
 from shared.errors import DataError
-from shared.storage import Stage, split_uri
+from shared.stage import Stage
+from shared.storage import split_uri
 
 
 @ray.remote(num_cpus=0)
@@ -168,6 +169,7 @@ def run(cfg: GenerateConfig, stage: Stage) -> dict[str, Any]:
     prompts = check_inputs(cfg)
     ledger = DropLedger.remote()
     wall: dict[str, float] = {}
+    shards: dict[str, list[str]] = {}
 
     for real in cfg.reals:
         if not real.write:
@@ -176,7 +178,7 @@ def run(cfg: GenerateConfig, stage: Stage) -> dict[str, Any]:
         started = time.perf_counter()
         ds = real_dataset(real, cfg).repartition(4).map_batches(
             _encode_real_batch, fn_args=(real.name, cfg, ledger), batch_format="pyarrow", num_cpus=0.25)
-        _write(ds, stage, real.name)
+        shards[real.name] = _write(ds, stage, real.name)
         wall[real.name] = time.perf_counter() - started
         _check_drops(cfg, real.name, ray.get(ledger.summary.remote()))
 
@@ -188,7 +190,7 @@ def run(cfg: GenerateConfig, stage: Stage) -> dict[str, Any]:
             GenerateActor, fn_constructor_args=(spec, cfg, stage.name, ledger),
             compute=ray.data.ActorPoolStrategy(size=spec.actors), batch_size=spec.batch_size, batch_format="pyarrow",
             num_cpus=spec.num_cpus, num_gpus=spec.num_gpus)
-        _write(ds, stage, spec.name)
+        shards[spec.name] = _write(ds, stage, spec.name)
         wall[spec.name] = time.perf_counter() - started
         _check_drops(cfg, spec.name, ray.get(ledger.summary.remote()))
 
@@ -196,15 +198,12 @@ def run(cfg: GenerateConfig, stage: Stage) -> dict[str, Any]:
     stage.outputs["dataset"] = "images"
     from shared.diffusion.report import generate_report
 
-    return generate_report(cfg, stage.store, wall, summary)
+    return generate_report(cfg, stage.store, wall, summary, shards)
 
 
-def _write(ds: ray.data.Dataset, stage: Stage, source: str) -> None:
-    """Stream the rows to images/<source>/; files of an interrupted earlier attempt are cleared first (a source is
-    always written whole)."""
-    stage.store.rm("images", source)
-    fs, path = stage.store.pyarrow_filesystem("images", source)
-    ds.write_parquet(path, filesystem=fs)
+def _write(ds: ray.data.Dataset, stage: Stage, source: str) -> list[str]:
+    """Stream the rows to images/<source>/ in this attempt; returns the files written (registered with the stage)."""
+    return shard_uris(stage, f"images/{source}", write_shards(ds, stage, "images", source))
 
 
 def _check_drops(cfg: GenerateConfig, source: str, summary: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import ray
 
 from shared.configs.inspect_model import InspectModelConfig
-from shared.storage import Stage
+from shared.stage import Stage
 
 
 @ray.remote(num_cpus=1)

@@ -41,7 +41,7 @@ def run_pipeline(pipeline: PipelineConfig, *, source: str = "pipeline", ray_addr
                 log.warning("stage %s failed (attempt %d of %d): %s; retrying", spec.name, attempt + 1,
                             spec.retries + 1, exc)
         seconds = round(time.time() - t0, 1)
-        marker = root.read_json(spec.name, "_SUCCESS")
+        marker = open_stage(cfg).marker() or {}
         summary["stages"].append({"name": spec.name, "job": spec.job, "uri": root.uri(spec.name),
                                   "status": "skipped" if was_done else "ran",
                                   "stage_seconds": marker.get("duration_s"), "wall_seconds": seconds})

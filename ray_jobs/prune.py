@@ -24,16 +24,16 @@ from typing import Any
 
 import ray
 import ray.train
-from ray.train import RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
+from ray_jobs.train_launch import WorkerResources, fit_workers
 from shared.configs.prune import PruneConfig
-from shared.errors import DataError, UserError
+from shared.errors import DataError
 from shared.lm_data import EncodeStats, LMExample, load_examples
 from shared.models import load_tokenizer, resolve_model
 from shared.pruning.planning import Target, plan_from_config
 from shared.report import Report
-from shared.storage import Stage, Storage
+from shared.stage import Stage
+from shared.storage import Storage
 
 RELOAD_TOLERANCE = 1e-4
 """Largest logit difference accepted between the in-memory pruned model and its reloaded copy."""
@@ -95,22 +95,12 @@ def run(cfg: PruneConfig, stage: Stage) -> dict[str, Any]:
           f"target {cfg.fraction}); importance {cfg.importance} on {inputs.calibration_stats.examples} examples / "
           f"{inputs.calibration_stats.target_tokens:,} tokens, {cfg.num_workers} worker(s)", flush=True)
 
-    fs, path = stage.store.pyarrow_filesystem("ray_train")
-    trainer = TorchTrainer(
-        _worker,
-        train_loop_config={"cfg": cfg, "stage_name": stage.name, "plan": plan, "layers": inputs.target.layers,
-                           "calibration": [e.to_dict() for e in inputs.calibration],
-                           "evaluation": [e.to_dict() for e in inputs.evaluation],
-                           "calibration_tokens": inputs.calibration_stats.target_tokens},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=RunConfig(name=f"prune-{stage.config_hash}-{time.time_ns()}", storage_path=path,
-                             storage_filesystem=fs),
-    )
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as exc:
-        raise _user_error_in(exc) or exc
+    config = {"cfg": cfg, "stage_name": stage.name, "attempt_uri": stage.store.uri(), "plan": plan,
+              "layers": inputs.target.layers, "calibration": [e.to_dict() for e in inputs.calibration],
+              "evaluation": [e.to_dict() for e in inputs.evaluation],
+              "calibration_tokens": inputs.calibration_stats.target_tokens}
+    resources = WorkerResources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu)
+    result = fit_workers(_worker, config, stage, resources, run_name="prune", resumable=False)
     worker: dict[str, Any] = result.return_value
     stage.store.rm("ray_train")  # Ray Train left only its storage probe there
 
@@ -139,19 +129,6 @@ def run(cfg: PruneConfig, stage: Stage) -> dict[str, Any]:
           f"{r['calibration_loss_after']:.3f}{domain}; model in {stage.store.uri('model')} "
           f"({r['output']['format']} config); {r['seconds']} s", flush=True)
     return metrics
-
-
-def _user_error_in(exc: BaseException) -> UserError | None:
-    """The UserError a worker raised, if that is what failed the run (so the CLI prints its one line)."""
-    pending = [exc, *getattr(exc, "worker_failures", {}).values()]
-    seen = 0
-    while pending and seen < 32:
-        error = pending.pop(0)
-        seen += 1
-        if isinstance(error, UserError):
-            return error
-        pending += [e for e in (getattr(error, "cause", None), error.__cause__) if isinstance(e, BaseException)]
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -268,7 +245,7 @@ def _worker(config: dict[str, Any]) -> dict[str, Any] | None:
     output = None
     if rank == 0:
         t0, c0 = time.perf_counter(), time.process_time()
-        store = Storage(cfg.output_root, cfg.storage).child(config["stage_name"])
+        store = Storage(config["attempt_uri"], cfg.storage)
         output = _save_checked(pruned, tokenizer, calibration, pad, store, cfg, say)
         output["sample_before"] = sample_before
         timings["save"], cpu["save"] = time.perf_counter() - t0, time.process_time() - c0

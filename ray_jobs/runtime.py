@@ -11,7 +11,8 @@ from typing import Any
 from shared.config import JobConfig, config_hash, dump_config
 from shared.configs import JOB_CONFIGS
 from shared.errors import UserError
-from shared.storage import Stage, Storage, split_uri, stage_marker
+from shared.stage import Stage, locate
+from shared.storage import Storage, split_uri
 
 log = logging.getLogger("scopeforge")
 
@@ -27,10 +28,11 @@ def init_ray(address: str | None = None, *, dashboard: bool = False) -> None:
     """Connect to ``address`` (or RAY_ADDRESS); without one, start a local instance that cannot deadlock on 2 cores.
 
     The local instance has at least 4 logical CPUs (actor pools use fractional CPUs, so read tasks always find a
-    slot) and binds every socket to loopback.
+    slot), keeps token authentication on, and listens on loopback only (``local_only``).
     """
     import ray
 
+    global _LOCAL
     if ray.is_initialized():
         return
     # Ray Train workers keep the driver's working directory, so relative input paths mean the same in every process.
@@ -42,15 +44,47 @@ def init_ray(address: str | None = None, *, dashboard: bool = False) -> None:
         except Exception as exc:  # ConnectionError, TimeoutError, RuntimeError from the GCS client
             raise UserError(f"Ray address {address}: cannot connect ({_first_line(exc)})") from None
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # single node, sockets on 127.0.0.1
+    local_only()
+    _LOCAL = True
     store_mb = int(os.environ.get("SCOPEFORGE_OBJECT_STORE_MB", "2048"))
     ray.init(
         address="local",
         num_cpus=max(4, os.cpu_count() or 1),
         object_store_memory=store_mb * 1024 * 1024,
         include_dashboard=dashboard,
+        dashboard_host=LOOPBACK,
         log_to_driver=True,
     )
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip != LOOPBACK:
+        ray.shutdown()
+        raise RuntimeError(f"the local Ray instance advertises {node_ip}, not {LOOPBACK}: it would listen on the "
+                           "network; refusing to run (see local_only in ray_jobs/runtime.py)")
+
+
+LOOPBACK = "127.0.0.1"
+_LOCAL = False
+
+
+def started_locally() -> bool:
+    """Whether this process started the (single-node, loopback-only) Ray instance it runs on."""
+    return _LOCAL
+
+
+def local_only() -> None:
+    """Make the Ray instance this process starts advertise 127.0.0.1 and bind every socket there.
+
+    Ray picks its node address when the instance starts: with clusters enabled (the default on Linux) it is the
+    address that routes to the internet, and every gRPC server (GCS, raylet, object manager, workers, the driver,
+    the dashboard agent) then listens on all interfaces; with clusters disabled it is 127.0.0.1 and they listen on
+    loopback. The switch is the environment variable RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which Ray reads once at
+    import. The child processes read it from the environment; this process imported Ray before it knew whether it
+    would start an instance (job modules import ray.data), so its constant is set too.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def cause_of(exc: BaseException) -> BaseException:
@@ -84,22 +118,15 @@ def _first_line(obj: Any) -> str:
 
 
 def upstream_hash(uri: str, cfg: JobConfig) -> str | None:
-    """``stage:hash:completion time`` of the finished stage an input belongs to: the URI itself, or one or two folders
-    up (a stage's output such as ``<stage>/heldout`` or ``<stage>/seeds.jsonl``); None for plain data, aliases and hub
-    ids. The completion time makes a stage rerun when its input stage was redone (e.g. forced) with the same config."""
+    """``stage:config hash:attempt`` of the finished stage an input belongs to (the URI itself, or a path inside it
+    such as ``<stage>/heldout``); None for plain data, aliases and hub ids. The attempt id makes a stage rerun when
+    its input stage was redone (e.g. forced) with the same config."""
     if not uri:
         return None
-    candidates = [uri]
-    for _ in range(2):
-        parent = candidates[-1].rstrip("/").rsplit("/", 1)[0]
-        if not parent or parent == candidates[-1] or parent.endswith(":/"):
-            break
-        candidates.append(parent)
-    for candidate in candidates:
-        marker = stage_marker(candidate, cfg.storage)
-        if marker is not None:
-            return f"{candidate}:{marker.get('config_hash', '')}:{marker.get('completed_at', '')}"
-    return None
+    found = locate(uri, cfg.storage)
+    if found.stage is None or found.marker is None:
+        return None
+    return f"{found.stage}:{found.marker.get('config_hash', '')}:{found.marker.get('attempt', '')}"
 
 
 def open_stage(cfg: JobConfig) -> Stage:
@@ -116,7 +143,11 @@ def open_stage(cfg: JobConfig) -> Stage:
 
 def run_job(cfg: JobConfig, *, ray_address: str | None = None, force: bool = False, dashboard: bool = False
             ) -> dict[str, Any]:
-    """Run one job to a committed stage; returns its metrics. A stage already done with this config is skipped."""
+    """Run one job to a committed stage; returns its metrics. A stage already done with this config is skipped.
+
+    Each run is a new attempt of the stage (``shared/stage.py``): it writes under its own folder, takes the lease,
+    and commits only if it still holds it, so a crashed or concurrent attempt never leaves a stage half written.
+    """
     module = job_module(cfg.JOB)
     # Ray workers (Ray Train's ones chdir to their run folder) must not resolve a relative root against their own
     # working directory: the stage is addressed by an absolute path (output_root is not part of the config hash).
@@ -126,16 +157,15 @@ def run_job(cfg: JobConfig, *, ray_address: str | None = None, force: bool = Fal
     if status == "done" and not force:
         log.info("stage %s is already done for this config (hash %s): skipping; use --force to rerun",
                  stage.uri, stage.config_hash)
-        return stage.store.read_json("metrics.json")
+        return stage.metrics()
     check = getattr(module, "check", None)
     if check is not None:
         check(cfg)  # a job may refuse bad inputs here: before its stage is opened and before Ray starts
-    started = time.time()
-    resumed = stage.begin(dump_config(cfg))
-    log.info("stage %s: job %s, config hash %s%s", stage.uri, cfg.JOB, stage.config_hash,
-             " (resuming earlier work of the same config)" if resumed else "")
+    attempt = stage.begin(dump_config(cfg), fresh=force)
+    log.info("stage %s: job %s, config hash %s, attempt %s%s", stage.uri, cfg.JOB, stage.config_hash, attempt,
+             " (after an unfinished attempt)" if status == "incomplete" else "")
     init_ray(ray_address, dashboard=dashboard)
     metrics = module.run(cfg, stage)
-    stage.commit(metrics, started)
-    log.info("stage %s done in %.1f s", stage.uri, time.time() - started)
+    stage.commit(metrics)
+    log.info("stage %s done in %.1f s (attempt %s)", stage.uri, time.time() - stage.started_at, attempt)
     return metrics

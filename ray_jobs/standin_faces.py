@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from shared.configs.standin_faces import StandinFacesConfig
 from shared.data import write_parquet
 from shared.detection.standin import standin_table
-from shared.storage import Stage
+from shared.stage import Stage
 
 
 def run(cfg: StandinFacesConfig, stage: Stage) -> dict[str, Any]:

@@ -19,10 +19,11 @@ from typing import Any
 import ray
 
 from shared.configs.train_ddpm import TrainDdpmConfig
-from shared.storage import Stage, Storage
+from shared.stage import Stage
+from shared.storage import Storage
 
 
-def _train(cfg: TrainDdpmConfig, stage_uri: str) -> dict[str, Any]:
+def _train(cfg: TrainDdpmConfig, attempt_uri: str) -> dict[str, Any]:
     import torch
 
     from shared.diffusion.ddpm import train_ddpm, training_images
@@ -36,7 +37,7 @@ def _train(cfg: TrainDdpmConfig, stage_uri: str) -> dict[str, Any]:
     images, color = training_images(table, cfg.image_size, cfg.color)
     result = train_ddpm(images, cfg, color, log=lambda line: print(line, flush=True))
 
-    store = Storage(stage_uri, cfg.storage)
+    store = Storage(attempt_uri, cfg.storage)
     with tempfile.TemporaryDirectory(prefix="scopeforge-ddpm-") as tmp:
         result.pipeline.save_pretrained(tmp)
         store.upload(tmp, "pipeline")
@@ -54,7 +55,7 @@ def _train(cfg: TrainDdpmConfig, stage_uri: str) -> dict[str, Any]:
 
 def run(cfg: TrainDdpmConfig, stage: Stage) -> dict[str, Any]:
     task = ray.remote(num_cpus=cfg.num_cpus)(_train)
-    out = ray.get(task.remote(cfg, stage.uri))
+    out = ray.get(task.remote(cfg, stage.store.uri()))
     stage.outputs["model"] = "pipeline"
     history = out["history"]
     stage.store.write_json(history, "history.json")

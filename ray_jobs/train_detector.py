@@ -27,12 +27,11 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train import CheckpointConfig, DataConfig, LoggingConfig
 
 from ray_jobs.detector_data import decode_mixture, split_of
 from ray_jobs.metrics import TrainingProgress
-from ray_jobs.runtime import cause_of
+from ray_jobs.train_launch import WorkerResources, fit_workers
 from shared.configs.train_detector import DetectorConfig
 from shared.data import write_parquet
 from shared.detection.augment import resize_batch, to_tensor
@@ -44,10 +43,11 @@ from shared.detection.metrics import accuracy, average_precision, roc_auc
 from shared.detection.mixture import LABEL_NAMES, plan_mixture
 from shared.detection.report import training_report
 from shared.detection.training import train_step
-from shared.errors import DataError, UserError
-from shared.storage import Stage, Storage
+from shared.errors import DataError
+from shared.stage import Stage
+from shared.storage import Storage
 
-RUN_NAME = "run"  # Ray Train run folder under <stage>/ray_train/; a rerun of the same stage resumes it
+RUN_NAME = "run"  # Ray Train run folder under <stage>/checkpoints/<config>/; a rerun of the same config resumes it
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -173,22 +173,10 @@ def _resume_checkpoint(cfg: DetectorConfig, fingerprint: dict[str, Any]) -> ray.
     store = Storage(cfg.resume_from, cfg.storage)
     if not store.exists(FINGERPRINT_FILE):
         raise DataError(f"resume_from {cfg.resume_from}: no {FINGERPRINT_FILE} there (expected a checkpoint folder "
-                        "of a train-detector stage, ray_train/run/checkpoint_...)")
+                        "of a train-detector stage, <stage>/checkpoints/<config>/run/checkpoint_...)")
     check_fingerprint(fingerprint, store.read_json(FINGERPRINT_FILE), cfg.resume_from)
     fs, path = store.pyarrow_filesystem()
     return ray.train.Checkpoint(path, filesystem=fs)
-
-
-def _fit(trainer: TorchTrainer) -> Any:
-    """trainer.fit(), with a user error raised inside a worker surfacing as itself (one line, exit 2)."""
-    try:
-        return trainer.fit()
-    except Exception as exc:
-        for failure in (getattr(exc, "worker_failures", None) or {}).values():
-            inner = cause_of(failure)
-            if isinstance(inner, UserError):
-                raise inner from None
-        raise
 
 
 def _checkpoint_state(checkpoint: ray.train.Checkpoint, fingerprint: dict[str, Any]) -> dict[str, Any]:
@@ -224,24 +212,18 @@ def run(cfg: DetectorConfig, stage: Stage) -> dict[str, Any]:
     spec = make_spec(cfg.model, cfg.input_size or plan.height, cfg.storage)
     spec["training"] = {"split": cfg.split.model_dump(), "groups": plan.group_names,
                         "sources": [s.model_dump() for s in cfg.sources], "boosting": cfg.boosting.method}
-    storage_fs, storage_path = stage.store.pyarrow_filesystem("ray_train")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints reach the driver once, not twice
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": cfg, "spec": spec, "fingerprint": fingerprint, "groups": plan.column("group"),
-                           "group_names": plan.group_names, "resume_from": resume_from},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=RunConfig(name=RUN_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
-                             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_auc",
-                                                                checkpoint_score_order="max"),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             logging_config=LoggingConfig(log_level="WARNING")),
-        datasets={"train": train_ds.randomize_block_order(), "val": val_ds},  # block order redrawn every epoch
-        dataset_config=DataConfig(datasets_to_split=["train"]),
-    )
+    config = {"cfg": cfg, "spec": spec, "fingerprint": fingerprint, "groups": plan.column("group"),
+              "group_names": plan.group_names, "resume_from": resume_from}
     started = time.time()
-    result = _fit(trainer)
+    result = fit_workers(
+        train_loop, config, stage, WorkerResources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu,
+                                                   cfg.max_failures), run_name=RUN_NAME,
+        checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_auc",
+                                           checkpoint_score_order="max"),
+        logging_config=LoggingConfig(log_level="WARNING"),
+        datasets={"train": train_ds.randomize_block_order(), "val": val_ds},  # block order redrawn every epoch
+        dataset_config=DataConfig(datasets_to_split=["train"]))
 
     # 3. outputs: the best model, the difficulty state and history, a report
     best = _checkpoint_state(result.get_best_checkpoint("val_auc", "max"), fingerprint)

@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 
 from shared.config import StorageConfig
 from shared.errors import DataError
-from shared.storage import Storage, split_uri, stage_output
+from shared.stage import locate
+from shared.storage import Storage, split_uri
 
 Format = Literal["parquet", "jsonl", "hf_disk", "hf_hub"]
 SUFFIXES: dict[str, Format] = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}
@@ -37,34 +38,55 @@ class DatasetSource:
     """Data files (full URIs), sorted; empty for hub datasets."""
     location: str
     """Where the data is: the stage's dataset folder, the folder or file itself, or the hub name."""
+    rows: tuple[int | None, ...] | None = None
+    """Row count of each file as its stage committed it (None for plain folders: nothing to check against)."""
 
 
 def resolve_dataset(uri: str, options: StorageConfig | None = None) -> DatasetSource:
-    """Find the files behind a dataset URI; a clear DataError when there are none."""
+    """Find the files behind a dataset URI; a clear DataError when there are none.
+
+    A finished stage (or a path inside one, such as ``<corpus stage>/heldout``) gives exactly the files its marker
+    lists, with their row counts; a plain folder gives the data files found under it.
+    """
     if not uri or not uri.strip():
         raise DataError("dataset URI is empty")
-    location = uri
-    looks_like_path = "://" in uri or uri.startswith(("/", ".", "~")) or Path(uri).exists()
-    if looks_like_path:
-        location = stage_output(uri, "dataset", options) or uri
-    if not looks_like_path:
+    physical = "://" in uri or uri.startswith(("/", ".", "~")) or Path(uri).exists()
+    found = locate(uri, options, "dataset") if physical or "/" in uri else None
+    if found is None or (not physical and found.stage is None):
         return DatasetSource(uri, "hf_hub", (), uri)
-    store = Storage(location, options)
-    if not store.exists():
-        raise DataError(f"dataset {uri}: not found")
-    if store.isdir():
-        names = store.list()
-        if "dataset_info.json" in names and "state.json" in names:
-            return DatasetSource(uri, "hf_disk", (), store.uri())
-        files = [f for f in store.find() if Path(f).suffix in SUFFIXES and "/." not in f and "/_" not in f]
+    store = Storage(found.uri, options)
+    base = store.path().rstrip("/")
+    if found.files is not None:  # a stage: exactly what it committed
+        if not found.files:
+            raise DataError(f"dataset {uri}: not found (its stage {found.stage} committed nothing there)")
+        pairs = [(f, r) for f, r in zip(found.files, found.rows or ()) if _is_data_file(split_uri(f)[1], base)]
+        if not pairs:
+            raise DataError(f"dataset {uri}: its stage committed no .parquet, .jsonl or .json files there")
+        files, rows = tuple(f for f, _ in pairs), tuple(r for _, r in pairs)
     else:
-        files = [store.uri()] if Path(location).suffix in SUFFIXES else []
-    if not files:
-        raise DataError(f"dataset {uri}: no .parquet, .jsonl or .json files there")
+        rows = None
+        if not store.exists():
+            raise DataError(f"dataset {uri}: not found")
+        if store.isdir():
+            names = store.list()
+            if "dataset_info.json" in names and "state.json" in names:
+                return DatasetSource(uri, "hf_disk", (), store.uri())
+            files = tuple(f for f in store.find() if _is_data_file(split_uri(f)[1], base))
+        else:
+            files = (store.uri(),) if Path(found.uri).suffix in SUFFIXES else ()
+        if not files:
+            raise DataError(f"dataset {uri}: no .parquet, .jsonl or .json files there")
     formats = {SUFFIXES[Path(f).suffix] for f in files}
     if len(formats) > 1:
         raise DataError(f"dataset {uri}: mixes Parquet and JSON files; keep one format per dataset")
-    return DatasetSource(uri, formats.pop(), tuple(files), store.uri())
+    return DatasetSource(uri, formats.pop(), files, store.uri(), rows)
+
+
+def _is_data_file(path: str, base: str) -> bool:
+    """A .parquet / .jsonl / .json file that is not hidden or a marker (``_SUCCESS``, ``_common_metadata``) below
+    ``base``."""
+    below = path[len(base):] if path.startswith(base) else "/" + path.rsplit("/", 1)[-1]
+    return Path(path).suffix in SUFFIXES and "/." not in below and "/_" not in below
 
 
 def read_table(uri: str, options: StorageConfig | None = None, columns: list[str] | None = None,
@@ -74,7 +96,8 @@ def read_table(uri: str, options: StorageConfig | None = None, columns: list[str
     if source.format in ("hf_disk", "hf_hub"):
         table = _read_hf(source, options)
     else:
-        parts = [_read_file(f, source.format, options) for f in source.files]
+        rows = source.rows or (None,) * len(source.files)
+        parts = [read_file(f, source.format, options, expected_rows=r) for f, r in zip(source.files, rows)]
         try:
             table = pa.concat_tables(parts, promote_options="default")
         except pa.ArrowInvalid as exc:
@@ -87,26 +110,62 @@ def read_table(uri: str, options: StorageConfig | None = None, columns: list[str
     return table
 
 
-def _read_file(file_uri: str, fmt: Format, options: StorageConfig | None) -> pa.Table:
+def read_file(file_uri: str, fmt: Format, options: StorageConfig | None = None, columns: list[str] | None = None,
+              expected_rows: int | None = None) -> pa.Table:
+    """One Parquet or JSON Lines file as a table. A file that does not parse is a one-line DataError naming it (and
+    the line, for JSON Lines); so is a row count that differs from what its stage committed."""
     data = Storage(file_uri, options).read_bytes()
     try:
         if fmt == "parquet":
-            return pq.read_table(io.BytesIO(data))
-        return _read_jsonl(data)
-    except (pa.ArrowInvalid, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"dataset file {file_uri}: cannot parse as {fmt} ({str(exc).splitlines()[0]})") from None
+            table = pq.read_table(io.BytesIO(data), columns=columns)
+        else:
+            table = _read_jsonl(data, file_uri)
+            if columns is not None:
+                table = table.select([c for c in columns if c in table.column_names])
+    except DataError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as exc:  # ArrowInvalid, a damaged footer, JSON errors
+        raise DataError(f"dataset file {file_uri}: cannot parse as {fmt} ({_first_line(exc)})") from None
+    if expected_rows is not None and table.num_rows != expected_rows:
+        raise DataError(f"dataset file {file_uri}: {table.num_rows} rows, but its stage committed {expected_rows} "
+                        "(the file changed after the commit)")
+    return table
 
 
-def _read_jsonl(data: bytes) -> pa.Table:
-    """JSON Lines (one object per line) or a JSON array of objects."""
-    text = data.decode("utf-8")
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _read_jsonl(data: bytes, where: str) -> pa.Table:
+    """JSON Lines (one object per line) or a JSON array of objects; text that is not UTF-8 is an error naming the
+    first bad line."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(f"dataset file {where}: line {line} is not UTF-8 text (byte {exc.start}: "
+                        f"{data[exc.start:exc.start + 1]!r})") from None
     stripped = text.lstrip()
     if stripped.startswith("["):
-        rows = json.loads(text)
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"dataset file {where}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
         return pa.Table.from_pylist(rows)
     if not stripped:
         return pa.table({})
-    return pajson.read_json(io.BytesIO(data))
+    try:
+        return pajson.read_json(io.BytesIO(data))
+    except pa.ArrowInvalid:
+        for number, line in enumerate(text.splitlines(), 1):  # name the line pyarrow could not read
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"dataset file {where}: line {number} is not a JSON object ({exc.msg})"
+                                    ) from None
+        raise
 
 
 def _read_hf(source: DatasetSource, options: StorageConfig | None) -> pa.Table:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from shared.errors import DataError
+from shared.stage import stage_metrics
 from shared.storage import Storage
 
 ROLES = {"base": "base", "pruned": "pruned", "distilled": "pruned+distilled", "sft": "pruned+sft"}
@@ -23,7 +24,7 @@ def _stage_of(summary: dict[str, Any], job: str, root: Storage, **where: Any) ->
     for entry in summary["stages"]:
         if entry["job"] != job:
             continue
-        metrics = root.read_json(entry["name"], "metrics.json")
+        metrics = stage_metrics(root.uri(entry["name"]), root.options)
         if all(metrics.get(k) == v for k, v in where.items()):
             return entry["name"], metrics
     raise DataError(f"{root.uri()}: the pipeline has no finished {job} stage {where or ''}")

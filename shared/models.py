@@ -28,7 +28,8 @@ from filelock import FileLock
 
 from shared.config import StorageConfig
 from shared.errors import ModelError
-from shared.storage import Storage, split_uri, stage_output
+from shared.stage import locate
+from shared.storage import Storage, split_uri
 
 if TYPE_CHECKING:
     import torch
@@ -176,19 +177,24 @@ def _looks_local(ref: str) -> bool:
     return ref.startswith(("/", "./", "../", "~", "file://")) or os.path.exists(ref)
 
 
-def _fetch_s3(ref: str, options: StorageConfig | None) -> Path:
+def _fetch_s3(ref: str, options: StorageConfig | None, files: tuple[str, ...] | None = None) -> Path:
+    """Copy an s3:// folder to the node-local cache once. ``files``: the exact files a stage committed there (the
+    cache key is then their names and sizes as committed); else the folder's listing, keyed by size and ETag."""
     store = Storage(ref, options)
-    files = store.find()
+    if files is None:
+        files = tuple(store.find())
+        listing = []
+        for uri in files:
+            info = store.fs.info(split_uri(uri)[1])
+            listing.append((uri, info.get("size"), info.get("ETag") or info.get("LastModified")))
+    else:
+        listing = [(uri, None, None) for uri in files]
     if not files:
         raise ModelError(f"model {ref!r}: no files under that prefix")
-    listing = []
-    for uri in files:
-        info = store.fs.info(split_uri(uri)[1])
-        listing.append((uri, info.get("size"), info.get("ETag") or info.get("LastModified")))
     key = hashlib.sha256(repr(sorted(listing, key=str)).encode()).hexdigest()[:16]
 
     def build(tmp: Path) -> None:
-        store.download(tmp)
+        store.download(tmp, files=files)
 
     return _build_once(cache_dir() / "s3" / key, build)
 
@@ -207,10 +213,12 @@ def resolve_saved(ref: str, options: StorageConfig | None, *, what: str, marker:
     output, an s3:// prefix is copied once to the node-local cache; a hub id is returned as is."""
     if not ref or not ref.strip():
         raise ModelError(f"{what} reference is empty")
-    if ref.startswith(("s3://", "s3a://")) or _looks_local(ref):
-        ref = stage_output(ref, "model", options) or ref  # a finished stage folder hands over its model
+    files = None
+    if ref.startswith(("s3://", "s3a://")) or _looks_local(ref) or "/" in ref:
+        found = locate(ref, options, "model")  # a finished stage hands over its model; <stage>/model works too
+        ref, files = found.uri, found.files
     if ref.startswith(("s3://", "s3a://")):
-        return str(_fetch_s3(ref, options))
+        return str(_fetch_s3(ref, options, files))
     if _looks_local(ref):
         path = Path(split_uri(ref)[1])
         if not path.is_dir():

@@ -1,12 +1,11 @@
-"""Artifacts under a root URI (local path, file://, s3://, memory://), and stages committed by a ``_SUCCESS`` marker.
+"""Artifacts under a root URI (local path, file://, s3://, memory://).
 
     store = Storage("s3://bucket/runs/demo")          # endpoint + credentials: AWS_* variables or StorageConfig
-    store.write_json("curate/metrics.json", {...})
-    pa_fs, path = store.pyarrow_filesystem("curate/subset")   # hand to Ray Data / Ray Train
+    store.write_json({...}, "notes", "summary.json")
+    pa_fs, path = store.pyarrow_filesystem("images")  # hand to Ray Data / Ray Train
 
-A stage is ``<root>/<name>/`` holding ``config.yaml``, ``metrics.json`` and its outputs. It counts as done only once
-``_SUCCESS`` exists, and the marker records the hash of the config that produced it: a rerun with the same config
-skips, a different config clears the folder and reruns, and a crash before the marker never looks complete.
+Whole-file writes are atomic (a rename on local disk, a single PUT on S3), and ``create_exclusive`` writes a file
+only if it does not exist yet: the primitive the stage commit (``shared/stage.py``) is built on.
 ``memory://`` lives in one process only: fine for unit tests, invisible to Ray workers.
 """
 
@@ -15,22 +14,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
 import fsspec
 
-from shared import __version__
 from shared.config import StorageConfig
 from shared.errors import StorageError
 
-MARKER = "_SUCCESS"
-STARTED = "_STARTED"
 Protocol = Literal["file", "s3", "memory"]
 
 
@@ -122,6 +117,16 @@ def storage_errors(uri: str) -> Iterator[None]:
         raise
 
 
+def _precondition_failed(exc: BaseException) -> bool:
+    """An S3 conditional write refused: 412 PreconditionFailed, or 409 ConditionalRequestConflict while another
+    conditional PUT of the same key is in flight (s3fs turns both into an OSError; the ClientError is its cause)."""
+    for error in (exc, exc.__cause__, exc.__context__):
+        code = str(((getattr(error, "response", None) or {}).get("Error") or {}).get("Code", ""))
+        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+            return True
+    return "pre-conditions you specified did not hold" in str(exc)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else ""
@@ -209,6 +214,43 @@ class Storage:
     def write_json(self, obj: Any, *parts: str) -> str:
         return self.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n", *parts)
 
+    def create_exclusive(self, data: bytes, *parts: str) -> bool:
+        """Write a whole file only if nothing is there yet; False (and nothing written) when something is.
+
+        Local disk: the bytes go to a temporary name, then a hard link to the target, which fails if the target
+        exists (atomic, and readers never see half a file). S3: a PUT with ``If-None-Match: *``. memory://: one
+        process, so a check then a write.
+        """
+        target = self.path(*parts)
+        with storage_errors(self.uri(*parts)):
+            if self.protocol == "file":
+                Path(target).parent.mkdir(parents=True, exist_ok=True)
+                tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+                Path(tmp).write_bytes(data)
+                try:
+                    os.link(tmp, target)
+                except FileExistsError:
+                    return False
+                finally:
+                    os.unlink(tmp)
+                return True
+            if self.protocol == "memory":
+                if self.fs.exists(target):
+                    return False
+                self.fs.pipe_file(target, data)
+                return True
+            try:
+                self.fs.pipe_file(target, data, mode="create")
+            except Exception as exc:
+                if _precondition_failed(exc):
+                    return False
+                raise
+            return True
+
+    def size(self, *parts: str) -> int:
+        with storage_errors(self.uri(*parts)):
+            return int(self.fs.size(self.path(*parts)))
+
     def makedirs(self, *parts: str) -> None:
         with storage_errors(self.uri(*parts)):
             self.fs.makedirs(self.path(*parts), exist_ok=True)
@@ -231,13 +273,16 @@ class Storage:
                 self.write_bytes(src.read_bytes(), *parts)
         return self.uri(*parts)
 
-    def download(self, local_path: str | Path, *parts: str) -> Path:
-        """Copy a file or folder under the root to a local path."""
+    def download(self, local_path: str | Path, *parts: str, files: tuple[str, ...] | list[str] | None = None
+                 ) -> Path:
+        """Copy a file or folder under the root to a local path; ``files`` (full URIs under it) copies exactly those
+        instead of what a listing finds."""
         dst = Path(local_path)
         base = self.path(*parts)
         with storage_errors(self.uri(*parts)):
-            if self.fs.isdir(base):
-                for remote in self.fs.find(base):
+            if files is not None or self.fs.isdir(base):
+                remotes = [split_uri(f)[1] for f in files] if files is not None else self.fs.find(base)
+                for remote in remotes:
                     rel = remote[len(base.rstrip("/")) + 1 :] if remote.startswith(base) else remote.rsplit("/", 1)[-1]
                     out = dst / rel
                     out.parent.mkdir(parents=True, exist_ok=True)
@@ -285,128 +330,3 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Stages
-
-StageStatus = Literal["done", "stale", "incomplete", "absent"]
-
-
-@dataclass
-class Stage:
-    """``<root>/<name>/``: outputs plus config.yaml and metrics.json, committed by ``_SUCCESS``.
-
-    A job names its main outputs in ``outputs`` (kind -> folder in the stage, e.g. ``{"model": "model"}``); the
-    marker records them, so a later stage can be handed this stage's URI and find its model or dataset.
-    """
-
-    store: Storage
-    name: str
-    job: str
-    config_hash: str
-    outputs: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def open(cls, root: Storage, name: str, job: str, config_hash: str) -> Stage:
-        if not name or "/" in name or name.startswith((".", "_")):
-            raise StorageError(f"stage name {name!r}: use a plain folder name")
-        return cls(store=root.child(name), name=name, job=job, config_hash=config_hash)
-
-    @property
-    def uri(self) -> str:
-        return self.store.uri()
-
-    def marker(self) -> dict[str, Any] | None:
-        if not self.store.exists(MARKER):
-            return None
-        try:
-            return self.store.read_json(MARKER)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return {}  # a marker we cannot read proves nothing about the config: treat as stale
-
-    def status(self) -> StageStatus:
-        marker = self.marker()
-        if marker is not None:
-            return "done" if marker.get("config_hash") == self.config_hash else "stale"
-        return "incomplete" if self.store.exists(STARTED) else "absent"
-
-    def begin(self, config_yaml: str) -> bool:
-        """Open the stage for writing. Returns True when earlier work of the same config is kept (to resume from).
-
-        The marker goes first, so the stage stops looking complete before anything in it changes; work left by a
-        different config (or a finished run being forced again) is cleared.
-        """
-        resumable = False
-        if self.store.exists(STARTED):
-            try:
-                resumable = self.store.read_json(STARTED).get("config_hash") == self.config_hash
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                resumable = False
-        if self.store.exists(MARKER):
-            self.store.rm(MARKER)
-            resumable = False
-        if not resumable:
-            self.store.rm()
-        self.store.write_json({"config_hash": self.config_hash, "job": self.job, "started_at": time.time()}, STARTED)
-        self.store.write_text(config_yaml, "config.yaml")
-        return resumable
-
-    def commit(self, metrics: dict[str, Any], started_at: float) -> dict[str, Any]:
-        """Write metrics.json, then the marker: from here on the stage is done for this config hash.
-
-        Every declared output must exist first: a stage whose model or dataset went elsewhere is never marked done.
-        """
-        for name, rel in self.outputs.items():
-            if not self.store.exists(rel):
-                raise StorageError(f"stage {self.uri}: its '{name}' output {self.store.uri(rel)} was not written; "
-                                   "the stage is left incomplete")
-        self.store.write_json(metrics, "metrics.json")
-        marker = {
-            "config_hash": self.config_hash,
-            "job": self.job,
-            "completed_at": time.time(),
-            "duration_s": round(time.time() - started_at, 3),
-            "scopeforge_version": __version__,
-            "outputs": dict(self.outputs),
-        }
-        self.store.write_json(marker, MARKER)
-        return marker
-
-
-def stage_marker(uri: str, options: StorageConfig | None = None) -> dict[str, Any] | None:
-    """The marker of a finished stage at ``uri``; None when ``uri`` is not a stage folder at all.
-
-    A folder that a stage started but never committed is an error, never mistaken for plain data.
-    """
-    if "://" not in uri and not Path(uri).expanduser().is_dir():
-        return None  # a missing local path, a hub id or alias: not a stage
-    store = Storage(uri, options)
-    if store.exists(MARKER):
-        return store.read_json(MARKER)
-    if store.exists(STARTED):
-        raise StorageError(f"{uri}: that stage is not complete (it started but has no {MARKER} marker); rerun it")
-    return None
-
-
-def stage_output(uri: str, kind: str, options: StorageConfig | None = None) -> str | None:
-    """``<uri>/<folder>`` when ``uri`` is a finished stage that recorded an output of this kind, else None."""
-    marker = stage_marker(uri, options)
-    if marker is None:
-        return None
-    folder = (marker.get("outputs") or {}).get(kind)
-    if folder is None:
-        raise StorageError(f"{uri}: that {marker.get('job', '?')} stage has no '{kind}' output "
-                           f"(it has: {', '.join(marker.get('outputs') or {}) or 'none'})")
-    return Storage(uri, options).uri(folder)
-
-
-def completed_stage(uri: str, options: StorageConfig | None = None, what: str = "input stage") -> tuple[Storage, str]:
-    """A finished upstream stage: (its Storage, its config hash). Refuses a stage without ``_SUCCESS``."""
-    store = Storage(uri, options)
-    if not store.exists(MARKER):
-        if store.exists(STARTED):
-            raise StorageError(f"{what} {uri}: not complete (it started but has no {MARKER} marker); rerun it")
-        raise StorageError(f"{what} {uri}: not found (no {MARKER} marker); run that stage first")
-    marker = store.read_json(MARKER)
-    return store, str(marker.get("config_hash", ""))

@@ -150,3 +150,23 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
     assert exe.exists(), f"{exe} is missing: install the project (make install) before running the tests"
     return subprocess.run([str(exe), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd or ROOT, env={**os.environ, **(env or {})})
+
+
+def committed(uri):
+    """The committed attempt folder of the stage at ``uri`` (where its outputs, metrics.json and report are)."""
+    from shared.stage import committed_folder
+    from shared.storage import Storage
+
+    return Storage(committed_folder(str(uri)))
+
+
+def committed_path(path) -> Path:
+    """``committed`` for a local stage folder, as a Path."""
+    return Path(committed(path).path())
+
+
+def marker(uri) -> dict:
+    """The ``_SUCCESS`` marker of the stage at ``uri``."""
+    from shared.storage import Storage
+
+    return Storage(str(uri)).read_json("_SUCCESS")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import committed_path, run_cli
 
 
 def test_help_and_job_list():
@@ -54,7 +54,7 @@ def test_run_inspect_model_end_to_end_then_skip(tmp_path, tiny_llama_dir):
     assert first.returncode == 0, first.stderr[-3000:]
     assert "LlamaForCausalLM with" in first.stdout
     stage = tmp_path / "run" / "inspect-model"
-    metrics = json.loads((stage / "metrics.json").read_text())
+    metrics = json.loads((committed_path(stage) / "metrics.json").read_text())
     assert metrics["kv_heads"] == 2 and metrics["parameters"] > 0
     assert json.loads((stage / "_SUCCESS").read_text())["job"] == "inspect-model"
     again = run_cli("run", "inspect-model", "--config", str(config))

@@ -17,6 +17,7 @@ from shared.curation.corpus import chunk_documents, news, newsgroups
 from shared.data import write_parquet
 from shared.errors import ConfigError, UserError
 from shared.storage import Storage
+from tests.conftest import committed, committed_path, marker
 
 pytestmark = [pytest.mark.ray]
 
@@ -68,7 +69,7 @@ def test_curate_end_to_end_on_s3(ray_session, s3_root, labelled_chunks):
     assert metrics["sae"]["n_latents"] == 64 and 0.0 <= metrics["sae"]["dead_fraction"] <= 1.0
     assert metrics["throughput"]["tokens_per_s"] > 0
 
-    stage = Storage(f"{s3_root}/run/curate")
+    stage = committed(f"{s3_root}/run/curate")
     subset = pq.read_table(io.BytesIO(stage.read_bytes("subset", "part-000.parquet")))
     assert subset.column_names == ["id", "text", "score", "matched_seed", "label"] and subset.num_rows == 12
     scores = subset.column("score").to_pylist()
@@ -80,7 +81,7 @@ def test_curate_end_to_end_on_s3(ray_session, s3_root, labelled_chunks):
     assert len(coordinates["indices"]) == 16 and coordinates["layer"] == 4
     assert "SAE score histogram" in stage.read_text("report.html")
     assert stage.find("scores", suffix=".parquet")
-    assert stage.read_json("_SUCCESS")["outputs"]["dataset"] == "subset"
+    assert marker(f"{s3_root}/run/curate")["outputs"]["dataset"] == "subset"
     assert run_job(cfg) == json.loads(json.dumps(metrics))  # rerun: skipped
 
 
@@ -127,5 +128,5 @@ def test_curate_per_seed_threshold_on_jsonl_without_ids(ray_session, tmp_path, l
     union = metrics["retrieval"]["sae_idf"]["selected"]
     assert 4 <= union <= 12  # three seeds x 4, united
     assert metrics["retrieval"]["random"]["selected"] == union == metrics["retrieval"]["ngram"]["selected"]
-    subset = pq.read_table(tmp_path / "run" / "curate" / "subset" / "part-000.parquet")
+    subset = pq.read_table(committed_path(tmp_path / "run" / "curate") / "subset" / "part-000.parquet")
     assert all(i.startswith("doc-") for i in subset.column("id").to_pylist())

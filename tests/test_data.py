@@ -8,7 +8,8 @@ import pytest
 from shared.data import read_table, resolve_dataset, write_parquet
 from shared.errors import DataError, StorageError
 from shared.models import resolve_model
-from shared.storage import Stage, Storage
+from shared.stage import Stage
+from shared.storage import Storage
 
 
 def test_parquet_folder_jsonl_file_and_json_array(tmp_path):
@@ -31,9 +32,18 @@ def test_dataset_errors(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"body": "x"}\n')
     with pytest.raises(DataError, match="no 'text' column \\(columns: body\\)"):
         read_table(str(tmp_path / "d.jsonl"), required=("text",))
-    (tmp_path / "bad.jsonl").write_text("{not json\n")
-    with pytest.raises(DataError, match="cannot parse as jsonl"):
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{not json\n')
+    with pytest.raises(DataError, match="bad.jsonl: line 2 is not a JSON object"):
         read_table(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "ok"}\n{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match="latin1.jsonl: line 2 is not UTF-8"):
+        read_table(str(tmp_path / "latin1.jsonl"))
+    good = pa.table({"text": ["a"] * 50})
+    write_parquet(good, Storage(str(tmp_path)), "cut.parquet")
+    (tmp_path / "cut.parquet").write_bytes((tmp_path / "cut.parquet").read_bytes()[:-20])  # a truncated footer
+    with pytest.raises(DataError, match="cut.parquet: cannot parse as parquet") as err:
+        read_table(str(tmp_path / "cut.parquet"))
+    assert "\n" not in str(err.value)
 
 
 def test_hf_save_to_disk(tmp_path):
@@ -54,11 +64,12 @@ def test_stage_outputs_hand_over_dataset_and_model(tmp_path, tiny_llama_dir):
     with pytest.raises(StorageError, match="not complete"):
         read_table(stage.uri)
     stage.outputs.update(dataset="subset", model="model")
-    stage.commit({}, 0.0)
+    stage.commit({})
     assert read_table(stage.uri).column("text").to_pylist() == ["t"]
-    assert resolve_model(stage.uri) == str(tmp_path / "curate" / "model")
+    assert resolve_model(stage.uri) == stage.store.path("model")
+    assert resolve_model(f"{stage.uri}/model") == stage.store.path("model")  # a path inside the stage works too
     other = Stage.open(root, "other", "inspect-model", "h")
     other.begin("")
-    other.commit({}, 0.0)
+    other.commit({})
     with pytest.raises(StorageError, match="has no 'dataset' output"):
         read_table(other.uri)

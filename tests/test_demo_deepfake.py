@@ -12,7 +12,7 @@ from shared.config import load_config, validate_config
 from shared.configs.deepfake_demo import DeepfakeDemoConfig
 from shared.errors import ConfigError
 from shared.pipeline import stage_configs
-from tests.conftest import run_cli
+from tests.conftest import committed_path, run_cli
 
 
 def test_default_demo_composes_data_four_variants_and_evaluation():
@@ -81,7 +81,7 @@ def test_demo_on_a_tiny_config_writes_results_and_heldout_aucs(ray_session, tmp_
     assert "Stand-in data" in md and "standin-noise" in md
     for variant in VARIANTS:
         assert f"| {variant} |" in md and (out / variant / "_SUCCESS").exists()
-    assert (out / "evaluate" / "results.md").exists() and (out / "demo-pipeline.yaml").exists()
+    assert (committed_path(out / "evaluate") / "results.md").exists() and (out / "demo-pipeline.yaml").exists()
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ from shared.errors import ConfigError, UserError
 from shared.lm_data import IGNORE, LMExample, encode_pairs
 from shared.models import load_causal_lm, load_tokenizer
 from shared.storage import Storage
+from tests.conftest import committed, committed_path, marker
 from tests.real_text import CALIBRATION_MODULES, chunks
 
 pytestmark = [pytest.mark.ray]
@@ -79,7 +80,7 @@ def test_distill_end_to_end_on_s3(ray_session, s3_root, tiny_llama_dir):
     metrics = run_job(cfg)
 
     assert metrics["examples"] == 14 and sum(metrics["filter"].values()) == 14
-    stage = Storage(f"{s3_root}/run/distill")
+    stage = committed(f"{s3_root}/run/distill")
     table = pq.read_table(io.BytesIO(stage.read_bytes("distilled", "part-000.parquet")))
     rows = table.to_pylist()
     assert {r["kind"] for r in rows} == {"instruction", "continuation"}
@@ -92,8 +93,8 @@ def test_distill_end_to_end_on_s3(ray_session, s3_root, tiny_llama_dir):
             assert row["source"] == "original" and row["answer"] == row["original_answer"]
     history = metrics["training"]["history"]
     assert [h["step"] for h in history] == list(range(1, len(history) + 1)) and len(history) == 4
-    assert stage.find("checkpoints", suffix="state.pt")
-    assert stage.read_json("_SUCCESS")["outputs"] == {"model": "model", "dataset": "distilled"}
+    assert Storage(f"{s3_root}/run/distill").find("checkpoints", suffix="state.pt")
+    assert marker(f"{s3_root}/run/distill")["outputs"] == {"model": "model", "dataset": "distilled"}
 
     trained, _ = load_causal_lm(f"{s3_root}/run/distill")  # the stage hands over its model
     base, _ = load_causal_lm("tiny-llama")
@@ -148,11 +149,11 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path, tiny_llama_d
     settings = {**TINY, "mode": "sft", "data": str(tmp_path / "curated"), "output_root": str(tmp_path / "run"),
                 "training": {**TINY["training"], "epochs": 3, "checkpoint_every": 3}}
     config.write_text(json.dumps(settings))
-    checkpoints = tmp_path / "run" / "distill" / "checkpoints" / "train"
+    checkpoints = tmp_path / "run" / "distill" / "checkpoints"  # <config hash>/train below it
 
     first = _run_cli_background(config, tmp_path / "first.log")
     deadline = time.time() + 600
-    while time.time() < deadline and not _registered_checkpoint(checkpoints):
+    while time.time() < deadline and not any(_registered_checkpoint(run) for run in checkpoints.glob("*/train")):
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         time.sleep(0.5)
     os.killpg(first.pid, signal.SIGKILL)  # a crash: no cleanup, no marker
@@ -165,6 +166,6 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path, tiny_llama_d
     assert "resuming from the checkpoint at step" in log
     resumed_at = int(log.split("resuming from the checkpoint at step ")[1].split()[0])
     assert resumed_at >= 3 and "step 1/" not in log  # the first steps are not trained again
-    history = json.loads((tmp_path / "run" / "distill" / "training_history.json").read_text())
+    history = json.loads((committed_path(tmp_path / "run" / "distill") / "training_history.json").read_text())
     assert [h["step"] for h in history] == list(range(1, len(history) + 1))
     assert (tmp_path / "run" / "distill" / "_SUCCESS").exists()

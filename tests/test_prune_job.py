@@ -17,7 +17,7 @@ from shared.errors import UserError
 from shared.lm_data import load_examples
 from shared.storage import Storage
 
-from tests.conftest import run_cli
+from tests.conftest import committed, committed_path, marker, run_cli
 
 SMALL = ["model=tiny-llama", "max_length=64", "micro_batch_size=4", "cpus_per_worker=1", "sample_tokens=4"]
 
@@ -39,9 +39,7 @@ def texts_table(texts: list[str]) -> pa.Table:
 def curate_like_stage(root: Storage, texts: list[str]) -> str:
     """A finished stage that hands over a dataset the way the curate job does (id, text, score, matched_seed, and
     prompt/answer pairs), written through the same Stage API."""
-    import time
-
-    from shared.storage import Stage
+    from shared.stage import Stage
 
     stage = Stage.open(root, "curate", "curate", "0123456789abcdef")
     stage.begin("job: curate\n")
@@ -51,7 +49,7 @@ def curate_like_stage(root: Storage, texts: list[str]) -> str:
                       "prompt": prompts, "answer": texts})
     write_parquet(table, stage.store, "subset", "part-0.parquet")
     stage.outputs["dataset"] = "subset"
-    stage.commit({"selected": len(texts)}, time.time())
+    stage.commit({"selected": len(texts)})
     return stage.uri
 
 
@@ -78,8 +76,8 @@ def test_prune_job_on_s3_writes_a_model_that_reloads(ray_session, s3_root, tiny_
     metrics = run_job(cfg)
     assert metrics["calibration"]["kind"] == "prompt_answer"  # loss on the answers only
 
-    stage = Storage(f"{s3_root}/run").child("prune")
-    assert stage.read_json("_SUCCESS")["outputs"] == {"model": "model"}
+    stage = committed(f"{s3_root}/run/prune")
+    assert marker(f"{s3_root}/run/prune")["outputs"] == {"model": "model"}
     assert stage.read_json("metrics.json") == json.loads(json.dumps(metrics))
     assert "ray_train" not in stage.list()
     assert metrics["target_fraction"] == 0.25 and abs(metrics["achieved_fraction"] - 0.25) < 0.02
@@ -94,7 +92,7 @@ def test_prune_job_on_s3_writes_a_model_that_reloads(ray_session, s3_root, tiny_
     assert "Width of each decoder layer" in report and "data:image/png;base64," in report
 
     # the stage hands over its model: it loads from the stage URI, with the reported size and losses
-    model, tokenizer = load_causal_lm(stage.uri())
+    model, tokenizer = load_causal_lm(f"{s3_root}/run/prune")
     assert sum(p.numel() for p in model.parameters()) == metrics["parameters_after"]
     widths = [(layer.self_attn.k_proj.out_features // 16, layer.mlp.up_proj.out_features)
               for layer in model.model.layers]
@@ -147,9 +145,10 @@ def test_two_workers_sum_their_shards(ray_session, tmp_path, tiny_llama_dir, cal
         torch.testing.assert_close(torch.tensor(row["attention_scores"], dtype=torch.float64),
                                    scores[row["layer"]]["attention"], rtol=1e-4, atol=1e-12)
     assert metrics["output"]["format"] == "standard"
-    config = json.loads((tmp_path / "run" / "prune" / "model" / "config.json").read_text())
+    folder = committed_path(tmp_path / "run" / "prune") / "model"
+    config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "llama" and "layer_widths" not in config
-    assert isinstance(LlamaForCausalLM.from_pretrained(tmp_path / "run" / "prune" / "model"), LlamaForCausalLM)
+    assert isinstance(LlamaForCausalLM.from_pretrained(folder), LlamaForCausalLM)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -200,12 +199,12 @@ def test_bad_input_is_refused_before_any_work(case, tmp_path, tiny_llama_dir, ca
 def test_a_user_error_raised_in_a_worker_reaches_the_cli_as_such():
     from ray.train import WorkerGroupError
 
-    from ray_jobs.prune import _user_error_in
+    from ray_jobs.train_launch import user_error_in
     from shared.errors import DataError
 
     failure = WorkerGroupError("rank 1 failed", {0: RuntimeError("other"), 1: DataError("calibration x: empty")})
-    assert str(_user_error_in(failure)) == "calibration x: empty"
-    assert _user_error_in(WorkerGroupError("boom", {0: RuntimeError("bug")})) is None
+    assert str(user_error_in(failure)) == "calibration x: empty"
+    assert user_error_in(WorkerGroupError("boom", {0: RuntimeError("bug")})) is None
 
 
 @pytest.mark.parametrize("fraction", ["0", "0.95", "-0.1"])

@@ -7,7 +7,7 @@ from pydantic import SecretStr
 
 from shared.config import StorageConfig
 from shared.errors import StorageError
-from shared.storage import MARKER, Stage, Storage, completed_stage, split_uri
+from shared.storage import Storage, split_uri
 
 
 def test_split_uri(tmp_path, monkeypatch):
@@ -72,55 +72,18 @@ def test_s3_wrong_credentials_and_missing_bucket_are_one_line_errors(s3_server, 
         Storage("s3://no-such-bucket-xyz/run").check_writable()
 
 
-def _stage(root: Storage, config_hash: str) -> Stage:
-    return Stage.open(root, "curate", "curate", config_hash)
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_create_exclusive_writes_once(tmp_path, kind):
+    store = Storage(str(tmp_path / "r") if kind == "local" else f"memory://{tmp_path.name}/r")
+    assert store.create_exclusive(b"first", "m", "_SUCCESS") is True
+    assert store.create_exclusive(b"second", "m", "_SUCCESS") is False
+    assert store.read_bytes("m", "_SUCCESS") == b"first"
+    assert [n for n in store.list("m")] == ["_SUCCESS"]  # no temporary file left behind
 
 
-def test_marker_semantics_skip_rerun_and_crash(tmp_path):
-    root = Storage(str(tmp_path / "run"))
-    stage = _stage(root, "h1")
-    assert stage.status() == "absent"
-    assert stage.begin("a: 1\n") is False
-    stage.store.write_text("partial", "out.txt")
-    # a crash here: no marker, so the stage is not done, and downstream refuses it
-    assert stage.status() == "incomplete"
-    with pytest.raises(StorageError, match="not complete"):
-        completed_stage(stage.uri)
-    # rerun with the same config keeps earlier work (checkpoints) ...
-    assert _stage(root, "h1").begin("a: 1\n") is True
-    assert stage.store.exists("out.txt")
-    stage.commit({"loss": 0.5}, started_at=0.0)
-    assert stage.status() == "done"
-    store, h = completed_stage(stage.uri)
-    assert h == "h1" and store.read_json("metrics.json") == {"loss": 0.5}
-    # ... a different config sees a stale stage and starts from an empty folder
-    other = _stage(root, "h2")
-    assert other.status() == "stale"
-    assert other.begin("a: 2\n") is False
-    assert not other.store.exists("out.txt") and not other.store.exists(MARKER)
-    assert other.store.read_text("config.yaml") == "a: 2\n"
-
-
-def test_corrupt_marker_is_stale_not_done(tmp_path):
-    root = Storage(str(tmp_path / "run"))
-    stage = _stage(root, "h1")
-    stage.begin("")
-    stage.store.write_text("{not json", MARKER)
-    assert stage.status() == "stale"
-
-
-def test_stage_name_must_be_plain(tmp_path):
-    with pytest.raises(StorageError, match="plain folder name"):
-        Stage.open(Storage(str(tmp_path)), "a/b", "x", "h")
-
-
-def test_a_declared_output_that_was_not_written_blocks_the_commit(tmp_path):
-    stage = _stage(Storage(str(tmp_path / "run")), "h1")
-    stage.begin("")
-    stage.outputs["model"] = "model"
-    with pytest.raises(StorageError, match="'model' output .* was not written"):
-        stage.commit({}, started_at=0.0)
-    assert stage.status() == "incomplete"
-    stage.store.write_text("{}", "model", "config.json")
-    stage.commit({}, started_at=0.0)
-    assert stage.status() == "done"
+@pytest.mark.s3
+def test_create_exclusive_on_s3_uses_a_conditional_put(s3_root):
+    store = Storage(s3_root)
+    assert store.create_exclusive(b"first", "_SUCCESS") is True
+    assert store.create_exclusive(b"second", "_SUCCESS") is False
+    assert store.read_bytes("_SUCCESS") == b"first"

@@ -29,7 +29,7 @@ from shared.detection.mixture import assign_split, split_keys
 from shared.detection.standin import standin_table
 from shared.errors import DataError, ModelError
 from shared.storage import Storage
-from tests.conftest import ROOT
+from tests.conftest import ROOT, committed, committed_path, marker
 
 pytestmark = [pytest.mark.ray]
 
@@ -62,7 +62,8 @@ def test_train_and_evaluate_on_s3_with_two_workers(ray_session, s3_root):
     cfg = validate_config(DetectorConfig, {**TINY_TRAINING, "output_root": s3_root, "stage": "detector", "epochs": 2,
                                            "sources": [{"name": "faces", "uri": data.uri()}]}, "test")
     metrics = run_job(cfg)
-    stage = Storage(s3_root).child("detector")
+    stage_root = Storage(s3_root).child("detector")
+    stage = committed(stage_root.uri())
     assert metrics["epochs"] == 2 and len(metrics["history"]) == 2 and 0.0 <= metrics["best_val_auc"] <= 1.0
     assert metrics["best_val_auc"] == max(h["val_auc"] for h in metrics["history"])
     # the undecodable training image is counted and reported, never replaced
@@ -82,25 +83,25 @@ def test_train_and_evaluate_on_s3_with_two_workers(ray_session, s3_root):
     assert metrics["state_checksum"] == metrics["history"][-1]["state_checksum"]
     report = stage.read_text("report.html")
     assert "Mean tracked difficulty m" in report and "data:image/png;base64" in report and corrupt["train"] in report
-    assert any(name.startswith("checkpoint_") for name in stage.list("ray_train", "run"))
-    assert stage.read_json("_SUCCESS")["outputs"] == {"model": "model"}
+    runs = stage_root.child("checkpoints", stage_root.list("checkpoints")[0], "run")
+    assert any(name.startswith("checkpoint_") for name in runs.list())
+    assert marker(stage_root.uri())["outputs"] == {"model": "model"}
     # resuming that run's checkpoint under another config: a clear error before any worker starts
-    checkpoint = stage.uri("ray_train", "run", next(n for n in stage.list("ray_train", "run")
-                                                    if n.startswith("checkpoint_")))
+    checkpoint = runs.uri(next(n for n in runs.list() if n.startswith("checkpoint_")))
     other = cfg.model_copy(update={"stage": "other", "lr": 0.01, "resume_from": checkpoint})
     with pytest.raises(ModelError, match=f"checkpoint {checkpoint} was written by a different config "
                                          r"\(config.lr: 0.001 there, 0.01 here\)"):
         run_job(other)
     with pytest.raises(DataError, match="no fingerprint.json there"):
-        run_job(other.model_copy(update={"resume_from": stage.uri("ray_train")}))
-    model, spec = load_detector(stage.uri())
+        run_job(other.model_copy(update={"resume_from": stage_root.uri("checkpoints")}))
+    model, spec = load_detector(stage_root.uri())
     assert spec["training"]["split"] == SPLIT and spec["input_size"] == 16
     import torch
 
     assert fake_probability(model, torch.zeros(2, 3, 16, 16)).shape == (2,)
 
     ev = validate_config(EvaluateDetectorConfig, {
-        "output_root": s3_root, "stage": "evaluate", "detectors": [{"name": "boost", "uri": stage.uri()}],
+        "output_root": s3_root, "stage": "evaluate", "detectors": [{"name": "boost", "uri": stage_root.uri()}],
         "test_sets": [{"name": "faces", "uri": data.uri()}], "num_actors": 2,
         "robustness": {"jpeg_quality": [50], "blur_sigma": [1.5]}}, "test")
     result = run_job(ev)
@@ -113,7 +114,7 @@ def test_train_and_evaluate_on_s3_with_two_workers(ray_session, s3_root):
     assert result["dropped"]["count"] == 1 and result["dropped"]["rows"][0]["id"] == corrupt["test"]
     assert set(result["seen_in_training"]["boost"]) == set(columns)  # every column came from the training data
     assert result["split"] == SPLIT  # taken from the detector
-    out = Storage(s3_root).child("evaluate")
+    out = committed(Storage(s3_root).uri("evaluate"))
     md = out.read_text("results.md")
     assert "## AUC (clean)" in md and "| boost |" in md and "## AUC under jpeg50" in md
     assert out.read_bytes("roc", "boost.png").startswith(b"\x89PNG")
@@ -121,6 +122,12 @@ def test_train_and_evaluate_on_s3_with_two_workers(ray_session, s3_root):
     scores = pq.read_table(io.BytesIO(out.read_bytes("scores.parquet")))
     assert scores.num_rows == result["test_images"] and "boost|clean" in scores.column_names
     assert corrupt["test"] not in scores.column("id").to_pylist()
+
+
+def _run_dir(checkpoints: Path) -> Path:
+    """The Ray Train run folder of the (only) config under <stage>/checkpoints/."""
+    found = sorted(checkpoints.glob("*/run"))
+    return found[0] if found else checkpoints / "none" / "run"
 
 
 def _registered(run_dir: Path) -> list[dict]:
@@ -164,15 +171,16 @@ def test_killed_after_a_checkpoint_then_rerun_resumes_with_the_difficulty_state(
                                       "max_failures": 1, "sources": [{"name": "faces", "uri": data.uri()}]}))
     exe = str(Path(sys.executable).with_name("scopeforge"))
     stage = tmp_path / "runs" / "train-detector"
-    run_dir = stage / "ray_train" / "run"
+    checkpoints = stage / "checkpoints"  # <config hash>/run below it
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen([exe, "run", "train-detector", "--config", str(config)], stdout=log,
                             stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True, env=env)
     try:
         deadline = time.time() + 400
-        while time.time() < deadline and proc.poll() is None and not _registered(run_dir):
+        while time.time() < deadline and proc.poll() is None and not _registered(_run_dir(checkpoints)):
             time.sleep(0.1)
+        run_dir = _run_dir(checkpoints)
         assert _registered(run_dir), f"no checkpoint registered: {(tmp_path / 'first.log').read_text()[-3000:]}"
     finally:
         _kill_session(proc)
@@ -188,7 +196,7 @@ def test_killed_after_a_checkpoint_then_rerun_resumes_with_the_difficulty_state(
                            cwd=ROOT, timeout=600, env=env)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     (tmp_path / "rerun.log").write_text(rerun.stdout + rerun.stderr)
-    metrics = Storage(str(stage)).read_json("metrics.json")
+    metrics = committed(stage).read_json("metrics.json")
     assert metrics["resumed_at_epoch"] == at_kill["epoch"] + 1, rerun.stdout[-3000:]
     assert f"resuming after epoch {at_kill['epoch'] + 1} of {epochs}" in rerun.stdout + rerun.stderr
     assert [h["epoch"] for h in metrics["history"]] == list(range(epochs))
@@ -196,5 +204,5 @@ def test_killed_after_a_checkpoint_then_rerun_resumes_with_the_difficulty_state(
     assert metrics["history"][:k] == at_kill["history"]  # the epochs before the crash, as checkpointed
     assert metrics["difficulty_history"][:k] == at_kill["booster"]["history"]
     # the difficulty state went on from the checkpoint: samples tracked before the kill stay tracked
-    final = pq.read_table(stage / "difficulty" / "per_sample.parquet").column("tracked").to_numpy()
+    final = pq.read_table(committed_path(stage) / "difficulty" / "per_sample.parquet").column("tracked").to_numpy()
     assert final[at_kill["booster"]["difficulty"]["seen"].numpy()].all()

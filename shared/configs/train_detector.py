@@ -190,8 +190,9 @@ class DetectorConfig(JobConfig):
     shuffle_buffer: int = Field(2048, ge=0)
     """Rows in each worker's local shuffle buffer (0: no shuffle)."""
     resume_from: str | None = None
-    """A checkpoint folder (from another stage's ray_train/ folder) to continue from; it must come from the same
-    model, mixture, boosting and optimiser settings. A crashed run of this stage resumes on its own without it."""
+    """A checkpoint folder (another stage's checkpoints/<config>/run/checkpoint_...) to continue from; it must come
+    from the same model, mixture, boosting and optimiser settings. A crashed run of this stage resumes on its own
+    without it."""
 
     def input_uris(self) -> list[str]:
         return [s.uri for s in self.sources]

@@ -21,7 +21,8 @@ from torch import nn
 from shared.config import StorageConfig
 from shared.detection.augment import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from shared.errors import ModelError
-from shared.storage import Storage, stage_output
+from shared.stage import resolve_output
+from shared.storage import Storage
 
 SPEC_FILE = "detector.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -205,7 +206,7 @@ def load_detector(uri: str, options: StorageConfig | None = None) -> tuple[nn.Mo
     """(network in eval mode, spec) from a train-detector stage or a detector folder, local or s3://."""
     from safetensors.torch import load
 
-    folder = stage_output(uri, "model", options) or uri
+    folder = resolve_output(uri, "model", options)
     store = Storage(folder, options)
     if not store.exists(SPEC_FILE):
         raise ModelError(f"detector {uri}: no {SPEC_FILE} there (expected a train-detector stage or its model folder)")

@@ -23,7 +23,7 @@ import torch
 
 from shared.config import StorageConfig
 from shared.errors import ConfigError, ModelError
-from shared.storage import stage_output
+from shared.stage import resolve_output
 
 SCHEDULERS: dict[str, str] = {
     "ddpm": "DDPMScheduler",
@@ -77,7 +77,7 @@ def check_pipeline_ref(ref: str, options: StorageConfig | None = None) -> None:
     from shared.storage import Storage
 
     if ref.startswith(("s3://", "s3a://")):
-        ref = stage_output(ref, "model", options) or ref
+        ref = resolve_output(ref, "model", options)
         if not Storage(ref, options).exists("model_index.json"):
             raise ModelError(f"pipeline {ref!r}: no model_index.json there (expected a diffusers save_pretrained "
                              "folder)")

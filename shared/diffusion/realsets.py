@@ -20,7 +20,8 @@ from PIL import Image
 
 from shared.config import StorageConfig
 from shared.errors import DataError
-from shared.storage import MARKER, STARTED, Storage, split_uri
+from shared.stage import is_stage, locate
+from shared.storage import Storage, split_uri
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 REAL_COLUMNS = pa.schema([pa.field("id", pa.string(), nullable=False), pa.field("image", pa.binary())])
@@ -59,8 +60,10 @@ def real_kind(uri: str, options: StorageConfig | None = None) -> Kind:
 def image_files(uri: str, options: StorageConfig | None = None) -> list[str]:
     """Image files (full URIs, sorted) under a folder; [] when ``uri`` is not a folder holding any (or is a stage
     folder, whose dataset output is read as a dataset)."""
+    if locate(uri, options).stage is not None or is_stage(uri, options):
+        return []
     store = Storage(uri, options)
-    if not store.isdir() or store.exists(MARKER) or store.exists(STARTED):
+    if not store.isdir():
         return []
     return [f for f in store.find() if f.lower().endswith(IMAGE_SUFFIXES) and "/." not in f]
 

@@ -84,11 +84,10 @@ def train_report(cfg: Any, out: dict[str, Any], store: Storage) -> str:
 # The generate job's report, from what was actually written
 
 
-def read_written(store: Storage, source: str, columns: list[str], ids: list[str] | None = None) -> pa.Table:
-    """Rows written under images/<source>/ (only ``columns``; only ``ids`` when given)."""
+def read_written(store: Storage, files: list[str], columns: list[str], ids: list[str] | None = None) -> pa.Table:
+    """Rows of the shards a writer returned (full URIs; only ``columns``; only ``ids`` when given)."""
     import pyarrow.dataset as pads
 
-    files = [f for f in store.find("images", source) if f.endswith(".parquet")]
     if not files:
         return pa.table({c: pa.array([], IMAGE_SCHEMA.field(c).type) for c in columns})
     fs, _ = store.pyarrow_filesystem()
@@ -99,9 +98,10 @@ def read_written(store: Storage, source: str, columns: list[str], ids: list[str]
     return dataset.to_table(columns=columns, filter=expression)
 
 
-def generate_report(cfg: Any, store: Storage, wall: dict[str, float], ledger: dict[str, Any]) -> dict[str, Any]:
-    """Count what was written per source (checking ids are unique), write drops.jsonl, contact_sheet.png and
-    report.html; returns the stage metrics."""
+def generate_report(cfg: Any, store: Storage, wall: dict[str, float], ledger: dict[str, Any],
+                    shards: dict[str, list[str]]) -> dict[str, Any]:
+    """Count what was written per source (``shards``: the files written for each; ids must be unique), write
+    drops.jsonl, contact_sheet.png and report.html; returns the stage metrics."""
     import json
     from collections import Counter
 
@@ -113,7 +113,7 @@ def generate_report(cfg: Any, store: Storage, wall: dict[str, float], ledger: di
     drops_by = Counter((d["source"], d["reason"]) for d in ledger["drops"])
     total_written, total_wall = 0, 0.0
     for name in sources:
-        meta = read_written(store, name, ["id", "label", "mode"])
+        meta = read_written(store, shards.get(name, []), ["id", "label", "mode"])
         ids = sorted(meta.column("id").to_pylist())
         if len(set(ids)) != len(ids):
             dup = next(i for i, n in Counter(ids).items() if n > 1)
@@ -146,7 +146,7 @@ def generate_report(cfg: Any, store: Storage, wall: dict[str, float], ledger: di
         rows.append({"source": name, **{k: v for k, v in entry.items() if k != "drop_reasons"},
                      "drop reasons": ", ".join(f"{r}: {n}" for r, n in dropped.items()) or "-"})
         first = ids[: cfg.samples_per_source]
-        table = read_written(store, name, ["id", "image"], first)
+        table = read_written(store, shards.get(name, []), ["id", "image"], first)
         by_id = dict(zip(table.column("id").to_pylist(), table.column("image").to_pylist()))
         sheet[name] = [decode_image(by_id[i], f"images/{name}/{i}") for i in first]
 
@@ -180,15 +180,16 @@ def generate_report(cfg: Any, store: Storage, wall: dict[str, float], ledger: di
     }
 
 
-def curate_report(cfg: Any, store: Storage, scan: pa.Table, keep: set[str], drops: list[dict[str, Any]]
-                  ) -> dict[str, Any]:
-    """drops.jsonl, contact_sheet.png and report.html of a curate-images stage; returns its metrics."""
+def curate_report(cfg: Any, store: Storage, scan: pa.Table, keep: set[str], drops: list[dict[str, Any]],
+                  shards: list[str]) -> dict[str, Any]:
+    """drops.jsonl, contact_sheet.png and report.html of a curate-images stage (``shards``: the files written);
+    returns its metrics."""
     import json
     from collections import Counter
 
     from shared.imageset import decode_image
 
-    written = read_written(store, cfg.name, ["id"])
+    written = read_written(store, shards, ["id"])
     ids = sorted(written.column("id").to_pylist())
     if sorted(keep) != ids:
         raise DataError(f"images/{cfg.name}: {len(ids)} rows written but {len(keep)} kept; rerun the stage")
@@ -211,7 +212,7 @@ def curate_report(cfg: Any, store: Storage, scan: pa.Table, keep: set[str], drop
                                                     for d in pairs])
     first = ids[: cfg.samples]
     if first:
-        table = read_written(store, cfg.name, ["id", "image"], first)
+        table = read_written(store, shards, ["id", "image"], first)
         by_id = dict(zip(table.column("id").to_pylist(), table.column("image").to_pylist()))
         per_row = 8
         groups = {f"kept {i + 1}-{min(i + per_row, len(first))}": [decode_image(by_id[k]) for k in first[i:i + per_row]]

@@ -1,0 +1,150 @@
+"""One way to start Ray Train for every job that trains or scores on workers (prune, distill, train-detector).
+
+    result = fit_workers(train_loop, config, stage, resources, run_name="train")
+
+- Storage: ``<stage>/checkpoints/<config>/<run_name>`` when the run is resumable (a rerun of the same config finds
+  its latest checkpoint through ``ray.train.get_checkpoint()``), else a folder of this attempt.
+- Failures: ``FailureConfig(max_failures)``; a user error raised in a worker comes out as itself (one line, exit 2),
+  not wrapped in Ray Train's exceptions.
+- Process group: on the local instance that ``scopeforge`` starts, the torch rendezvous store listens on 127.0.0.1
+  (torch's default TCPStore listens on every interface) and gloo / NCCL use the loopback interface. On a cluster the
+  usual ``env://`` rendezvous on the node address is kept: workers on other nodes must reach it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
+
+from ray_jobs.runtime import cause_of, started_locally
+from shared.errors import UserError
+from shared.stage import Stage
+
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class WorkerResources:
+    """What each Ray Train worker reserves, and how many worker-group failures a run survives."""
+
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    max_failures: int = 0
+
+
+def fit_workers(train_loop: Callable[[dict[str, Any]], Any], config: dict[str, Any], stage: Stage,
+                resources: WorkerResources, *, run_name: str = "run", resumable: bool = True,
+                datasets: dict[str, ray.data.Dataset] | None = None, dataset_config: DataConfig | None = None,
+                checkpoint_config: CheckpointConfig | None = None, logging_config: Any = None) -> ray.train.Result:
+    """Run ``train_loop(config)`` on the workers and return Ray Train's result."""
+    store = stage.checkpoints if resumable else stage.store.child("ray_train")
+    fs, path = store.pyarrow_filesystem()
+    run_config = RunConfig(name=run_name, storage_path=path, storage_filesystem=fs,
+                           checkpoint_config=checkpoint_config or CheckpointConfig(num_to_keep=2),
+                           failure_config=FailureConfig(max_failures=resources.max_failures),
+                           **({"logging_config": logging_config} if logging_config is not None else {}))
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
+                                     resources_per_worker={"CPU": resources.cpus_per_worker}),
+        torch_config=LoopbackTorchConfig() if started_locally() else TorchConfig(),
+        run_config=run_config, datasets=datasets, dataset_config=dataset_config,
+    )
+    try:
+        return trainer.fit()
+    except Exception as exc:
+        error = user_error_in(exc)
+        if error is not None:
+            raise error from None
+        raise
+
+
+def user_error_in(exc: BaseException) -> UserError | None:
+    """The UserError a worker raised, if that is what failed the run (so the CLI prints its one line)."""
+    pending = [exc, *getattr(exc, "worker_failures", {}).values()]
+    for _ in range(64):
+        if not pending:
+            break
+        error = pending.pop(0)
+        inner = cause_of(error)
+        if isinstance(inner, UserError):
+            return inner
+        pending += [e for e in (getattr(error, "cause", None), error.__cause__, error.__context__)
+                    if isinstance(e, BaseException)]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A process group that listens on loopback only
+
+
+@dataclass
+class LoopbackTorchConfig(TorchConfig):
+    """TorchConfig for a single-node local instance: the rendezvous store and the collectives stay on 127.0.0.1."""
+
+    @property
+    def backend_cls(self):
+        return _LoopbackTorchBackend
+
+
+class _LoopbackTorchBackend(_TorchBackend):
+    def on_start(self, worker_group: Any, backend_config: TorchConfig) -> None:
+        gpus = worker_group.get_resources_per_worker().get("GPU", 0)
+        backend = backend_config.backend or ("nccl" if gpus > 0 else "gloo")
+        world = len(worker_group)
+        port = worker_group.execute_single(0, _serve_store, world, backend_config.timeout_s)
+        worker_group.execute(_set_torch_distributed_env_vars)
+        ray.get([worker_group.execute_single_async(rank, _join_group, backend, rank, world, port,
+                                                   backend_config.timeout_s) for rank in range(world)])
+
+
+_SERVER: Any = None
+"""Rank 0's store server, kept alive for the life of the worker process."""
+
+
+def _serve_store(world: int, timeout_s: int) -> int:
+    """On rank 0: a TCPStore server on a socket bound to 127.0.0.1; returns its port."""
+    import torch.distributed as dist
+
+    global _SERVER
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind((LOOPBACK, 0))
+    listener.listen(1024)
+    port = listener.getsockname()[1]
+    _SERVER = (listener, dist.TCPStore(LOOPBACK, port, world, True, timeout=dt.timedelta(seconds=timeout_s),
+                                       wait_for_workers=False, master_listen_fd=listener.fileno()))
+    return port
+
+
+def _join_group(backend: str, rank: int, world: int, port: int, timeout_s: int) -> None:
+    import torch.distributed as dist
+
+    interface = loopback_interface()
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
+    os.environ.update(MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port))
+    timeout = dt.timedelta(seconds=timeout_s)
+    store = _SERVER[1] if rank == 0 and _SERVER is not None else dist.TCPStore(LOOPBACK, port, world, False,
+                                                                               timeout=timeout)
+    dist.init_process_group(backend=backend, store=dist.PrefixStore("scopeforge", store), rank=rank,
+                            world_size=world, timeout=timeout)
+
+
+def loopback_interface() -> str:
+    """The name of the network interface that holds 127.0.0.1 (``lo`` on Linux, ``lo0`` on macOS)."""
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == LOOPBACK for a in addresses):
+            return name
+    return "lo"
