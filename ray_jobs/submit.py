@@ -5,6 +5,7 @@
     scopeforge logs raysubmit_XXXX --follow
     scopeforge render inspect-model --config my.yaml | kubectl apply -f -              # a RayJob
     scopeforge render pipeline --config pipeline.yaml | kubectl apply -f -             # a Pipeline
+    scopeforge render crd | kubectl apply -f -                                           # the Pipeline CRD
 
 The job runs as ``scopeforge run JOB --config env:SCOPEFORGE_CONFIG`` with the validated config (credentials
 removed) in its runtime environment, exactly as a RayJob runs it on KubeRay. The address: ``--address``, else
@@ -60,10 +61,11 @@ def _add_parsers(sub: argparse._SubParsersAction) -> None:
     logs.add_argument("--follow", "-f", action="store_true", help="stream the logs until the job ends")
     _address_argument(logs)
 
-    render = sub.add_parser("render", help="print the RayJob of a job, or the Pipeline of a pipeline config",
+    render = sub.add_parser("render", help="print the RayJob of a job, the Pipeline of a pipeline config, or the CRD",
                             description="Print a Kubernetes manifest: 'render JOB' a RayJob running the job with the "
-                                        "config; 'render pipeline' a Pipeline custom resource.")
-    render.add_argument("what", metavar="JOB|pipeline", help="a job name, or 'pipeline'")
+                                        "config; 'render pipeline' a Pipeline custom resource; 'render crd' the "
+                                        "Pipeline CRD of this installed version (as in manifests/crds/).")
+    render.add_argument("what", metavar="JOB|pipeline|crd", help="a job name, 'pipeline' or 'crd'")
     add_config_arguments(render)
     render.add_argument("--name", help="metadata.name (default: from the config file's name)")
     render.add_argument("--namespace", "-n", help="metadata.namespace (default: none, kubectl's current one)")
@@ -221,6 +223,11 @@ def _render(args: argparse.Namespace) -> int:
     from shared.configs.pipeline import PipelineConfig
     from shared.pipeline import stage_configs
 
+    if args.what == "crd":
+        from operators.crd import render_crd
+
+        sys.stdout.write(render_crd())
+        return 0
     if args.config is None and args.what == "pipeline":
         raise UserError("render pipeline: --config FILE is required")
     default_name = Path(args.config).stem if args.config and not args.config.startswith("env:") else args.what

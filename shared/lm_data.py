@@ -16,6 +16,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from shared.tokens import cap_text
+
 IGNORE = -100
 """Label of a position that carries no loss (prompt, padding); PyTorch's cross_entropy ignore_index."""
 
@@ -80,8 +82,9 @@ def encode_texts(tokenizer: Any, texts: Sequence[str | None], max_length: int) -
         if text is None or not str(text).strip():
             _skip(skipped, "empty text")
             continue
-        ids = tokenizer(str(text), add_special_tokens=True, truncation=True, max_length=max_length + 1)["input_ids"]
-        if len(ids) > max_length:
+        capped, cut = cap_text(str(text), max_length)
+        ids = tokenizer(capped, add_special_tokens=True, truncation=True, max_length=max_length + 1)["input_ids"]
+        if len(ids) > max_length or cut:
             ids = ids[:max_length]
             truncated += 1
         if len(ids) < 2:
@@ -114,23 +117,27 @@ def encode_pairs(tokenizer: Any, prompts: Sequence[str | None], answers: Sequenc
         if answer is None or not str(answer).strip():
             _skip(skipped, "empty answer")
             continue
-        text = chat_prompt(tokenizer, str(prompt)) if templated else str(prompt)
+        prompt_text, prompt_cut = cap_text(str(prompt), max_length, "tail" if prompt_budget is not None else "head")
+        answer_text, answer_cut = cap_text(str(answer), max_length)
+        text = chat_prompt(tokenizer, prompt_text) if templated else prompt_text
         prompt_ids = tokenizer(text, add_special_tokens=not templated,
                                truncation=True, max_length=max_length)["input_ids"]
-        answer_ids = tokenizer(str(answer), add_special_tokens=False, truncation=True,
+        answer_ids = tokenizer(answer_text, add_special_tokens=False, truncation=True,
                                max_length=max_length + 1)["input_ids"]
+        cut = prompt_cut or answer_cut
         if eos is not None:
             answer_ids = answer_ids + [eos]
         if prompt_budget is not None and len(prompt_ids) > prompt_budget:
             prompt_ids = prompt_ids[-prompt_budget:]
-            truncated += 1
+            cut = True
         room = max_length - len(prompt_ids)
         if room < 1:
             _skip(skipped, "prompt fills max_length")
             continue
         if len(answer_ids) > room:
             answer_ids = answer_ids[:room]
-            truncated += 1
+            cut = True
+        truncated += int(cut)
         ids = list(prompt_ids) + list(answer_ids)
         labels = [IGNORE] * len(prompt_ids) + list(answer_ids)
         examples.append(LMExample(tuple(ids), tuple(labels)))

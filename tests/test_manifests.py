@@ -176,5 +176,8 @@ def test_dockerfile_builds_on_the_pinned_ray_and_python():
     ray = pins["ray"]
     assert f"ARG RAY_IMAGE=rayproject/ray:{ray}-py311-gpu" in dockerfile  # official image, GPU variant
     assert f"ray.__version__ == '{ray}'" in dockerfile and f"grep -qx 'ray=={ray}'" in dockerfile
-    assert '-c constraints.txt ".[demo,operator]"' in dockerfile  # the operator runs from the same image
+    final = dockerfile.rsplit("\nFROM ", 1)[1]  # the image itself, after the wheel-building stage
+    assert "pip wheel" in dockerfile and "COPY --from=wheel" in final
+    assert '-c constraints.txt "$(ls /tmp/dist/scopeforge-*.whl)[demo,operator]"' in final  # the wheel, non-editable
+    assert not re.search(r"^COPY\b.*\b(shared|ray_jobs|operators)\b", final, re.M)  # no source tree in the image
     assert not re.search(r"(AWS_SECRET|AWS_ACCESS|RAY_AUTH_TOKEN)\S*=", dockerfile)

@@ -21,6 +21,7 @@ from shared.curation.retrieval import mean_pool, seed_similarities
 from shared.curation.sae import (SAEShape, TopKSAE, TrainSettings, idf_codes, idf_weights, pooled_codes,
                                  sae_from_state, sae_state, train_sae)
 from shared.errors import DataError
+from shared.tokens import cap_text
 
 Log = Callable[[str], None]
 
@@ -36,9 +37,12 @@ class Tokenized:
 
 
 def tokenize(tokenizer: Any, texts: list[str], max_tokens: int) -> Tokenized:
-    """Token ids per text, cut to ``max_tokens`` (the cut is recorded per text)."""
-    encoded = tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
-    return Tokenized([ids[:max_tokens] for ids in encoded], [len(ids) > max_tokens for ids in encoded])
+    """Token ids per text, cut to ``max_tokens`` (the cut is recorded per text); a huge text is cut to a bounded
+    number of characters before it reaches the tokenizer (``shared.tokens``)."""
+    capped = [cap_text(t, max_tokens) for t in texts]
+    encoded = tokenizer([t for t, _ in capped], add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+    return Tokenized([ids[:max_tokens] for ids in encoded],
+                     [len(ids) > max_tokens or cut for ids, (_, cut) in zip(encoded, capped)])
 
 
 def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

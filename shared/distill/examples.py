@@ -42,10 +42,15 @@ def split_document(text: str, prompt_fraction: float, min_answer_words: int) -> 
 
 def build_examples(rows: list[dict], prompt_fraction: float, min_answer_words: int) -> tuple[list[Example], int]:
     """(examples, documents too short to split). Rows with ``prompt`` and ``answer`` keep them; rows with only
-    ``text`` become continuation tasks."""
+    ``text`` become continuation tasks. Ids must be unique: each example gets its own teacher rewrite by id."""
     examples, too_short = [], 0
+    seen: dict[str, int] = {}
     for i, row in enumerate(rows):
-        rid = str(row.get("id", i))
+        rid = str(row["id"]) if row.get("id") is not None else str(i)
+        if rid in seen:
+            raise DataError(f"id '{rid}' is on rows {seen[rid]} and {i}; ids must be unique (each example gets its "
+                            "own teacher rewrite)")
+        seen[rid] = i
         if row.get("prompt") and row.get("answer"):
             examples.append(Example(rid, str(row["prompt"]), str(row["answer"]), "instruction"))
             continue
