@@ -65,7 +65,8 @@ def config(model: str, gpu: bool, actors: int, docs: int):
     from shared.config import validate_config
     from shared.configs.curate import CurateConfig
 
-    runtime = {"num_actors": actors, "batch_docs": 64 if not gpu else 256, "micro_batch": 8 if not gpu else 64}
+    runtime = {"num_actors": actors, "batch_docs": 64 if not gpu else 256, "micro_batch": 8 if not gpu else 64,
+               "cpus_per_actor": max(1, (os.cpu_count() or 1) // actors)}  # the actors share the cores (threads)
     if gpu:
         runtime.update(gpus_per_actor=1.0 / actors, cpus_per_actor=1.0)
     return validate_config(CurateConfig, {
@@ -152,8 +153,7 @@ def main() -> None:
         cfg1 = config(model, args.gpu, 1, args.docs).model_copy(update={"ngram": {"buckets": 16, "alpha": 1.0}})
         fit = fit_state(cfg1, [r["text"] for r in rows])
         results = [bare_loop(cfg1, rows, fit, weights), ray_pass(cfg1, rows, fit, weights)]
-        cfg2 = cfg1.model_copy(update={"runtime": cfg1.runtime.model_copy(update={
-            "num_actors": 2, "gpus_per_actor": cfg1.runtime.gpus_per_actor / 2})})
+        cfg2 = config(model, args.gpu, 2, args.docs).model_copy(update={"ngram": {"buckets": 16, "alpha": 1.0}})
         results.append(ray_pass(cfg2, rows, fit, weights))
         ray.shutdown()
     for r in results:

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import time
 from typing import Any
@@ -22,6 +21,7 @@ import ray.data
 
 from ray_jobs.data import read_shards, read_source, require_columns, source_rows, write_shards
 from ray_jobs.metrics import Throughput
+from ray_jobs.placement import claim
 from shared.configs.curate import CurateConfig
 from shared.curation.curate_report import write_report
 from shared.curation.features import KINDS, fit_curation, load_embedder, settings_from, tokenize
@@ -90,11 +90,8 @@ def tokenise_batch(batch: dict[str, np.ndarray], cfg: CurateConfig, ngram_weight
 class EmbedActor:
     """Holds the truncated model, the SAE and the seed vectors; scores batches of tokenised documents."""
 
-    def __init__(self, cfg: CurateConfig, layer: int, state: dict[str, Any], threads: int, stage_name: str):
-        import torch
-
-        torch.set_num_threads(threads)
-        device = "cuda" if cfg.runtime.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
+    def __init__(self, cfg: CurateConfig, layer: int, state: dict[str, Any], stage_name: str):
+        device = claim(stage_name, "embed actor", cfg.runtime.gpus_per_actor, cfg.runtime.threads).device
         model, tokenizer = load_causal_lm(cfg.model, dtype=cfg.dtype, device=device, options=cfg.storage)
         self.embedder = load_embedder(model, tokenizer, layer, state)
         self.micro_batch = cfg.runtime.micro_batch
@@ -161,12 +158,12 @@ def block_reduce(batch: dict[str, np.ndarray], plans: list[dict[str, Any]], bins
 # Driver
 
 
-@ray.remote(num_cpus=1)
+@ray.remote
 def fit_task(cfg: CurateConfig, sample_texts: list[str], seed_texts: list[str]) -> dict[str, Any]:
+    """Coordinates, SAE and seed vectors, on the resources of one embedding actor (its GPU when it has one)."""
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+    device = claim(cfg.stage_name, "fit task", cfg.runtime.gpus_per_actor, cfg.runtime.threads).device
     model, tokenizer = load_causal_lm(cfg.model, dtype=cfg.dtype, device=device, options=cfg.storage)
     generator = torch.Generator().manual_seed(cfg.seed)
     fit = fit_curation(model, tokenizer, sample_texts, seed_texts, settings_from(cfg), generator,
@@ -238,7 +235,8 @@ def run(cfg: CurateConfig, stage: Stage) -> dict[str, Any]:
     fraction = min(1.0, 3.0 * cfg.sae.train_docs / rows)
     sample = corpus.random_sample(fraction, seed=cfg.seed).limit(cfg.sae.train_docs).take_all()
     sample_texts = [t for t in (_as_text(r[cfg.text_column]) for r in sample) if t and t.strip()]
-    fit = ray.get(fit_task.remote(cfg, sample_texts, seed_texts))
+    fit = ray.get(fit_task.options(num_cpus=max(1.0, cfg.runtime.cpus_per_actor),
+                                   num_gpus=cfg.runtime.gpus_per_actor).remote(cfg, sample_texts, seed_texts))
     timings["fit_s"] = round(time.time() - t0, 1)
     print(f"fit: layer {fit['layer']}, {len(fit['state']['coords'])} coordinates, SAE FVU {fit['fvu']:.3f}, "
           f"dead latents {fit['dead_fraction']:.1%} ({timings['fit_s']} s)", flush=True)
@@ -263,7 +261,7 @@ def run(cfg: CurateConfig, stage: Stage) -> dict[str, Any]:
 
     # outputs
     primary = cfg.retrieval.scoring
-    subset = check_subset(cfg, selected[primary], totals)
+    subset = check_subset(cfg, selected[primary])
     table = pa.table({
         "id": subset["id"], "text": subset["text"], "score": subset[f"{primary}_score"].astype(np.float32),
         "matched_seed": [seed_ids[i] for i in subset[f"{primary}_seed"]],
@@ -282,14 +280,13 @@ def run(cfg: CurateConfig, stage: Stage) -> dict[str, Any]:
 def score_corpus(cfg: CurateConfig, corpus: ray.data.Dataset, fit: dict[str, Any], ngram_weights: np.ndarray,
                  stage_name: str, rows: int) -> ray.data.Dataset:
     """read -> tokenise (tasks) -> embed and score (actor pool, the model loaded once per actor); lazy."""
-    threads = cfg.runtime.torch_threads()
     blocks = max(cfg.runtime.num_actors * 4, -(-rows // cfg.runtime.batch_docs))
     return (
         corpus.repartition(blocks)
         .map_batches(tokenise_batch, fn_kwargs={"cfg": cfg, "ngram_weights": ngram_weights},
                      batch_size=cfg.runtime.batch_docs, num_cpus=0.25)
         .map_batches(EmbedActor, fn_constructor_kwargs={"cfg": cfg, "layer": fit["layer"], "state": fit["state"],
-                                                         "threads": threads, "stage_name": stage_name},
+                                                         "stage_name": stage_name},
                      compute=ray.data.ActorPoolStrategy(size=cfg.runtime.num_actors),
                      batch_size=cfg.runtime.batch_docs, num_cpus=cfg.runtime.cpus_per_actor,
                      num_gpus=cfg.runtime.gpus_per_actor or None)
@@ -321,7 +318,8 @@ def select_all(cfg: CurateConfig, scores: ray.data.Dataset) -> tuple[dict[str, d
     primary = cfg.retrieval.scoring
     known_size = cfg.retrieval.mode == "global" and cfg.retrieval.threshold is None
     seeded = [k for k in ("sae", "sae_idf") if k != primary] + [b for b in cfg.baselines if b == "dense"]
-    first = [_plan(cfg, primary, m)] + [_plan(cfg, k, m) for k in seeded] + \
+    # without a fixed M (a threshold only), the other methods take as many documents as the subset's method did
+    first = [_plan(cfg, primary, m)] + [_plan(cfg, k, m) for k in seeded if m is not None] + \
         [_plan(cfg, b, m) for b in cfg.baselines if b not in seeded and known_size]
     bins = np.linspace(-1.0, 1.0, 201)
     candidates, totals = _reduce(scores, first, bins, cfg.target_label, primary)
@@ -333,7 +331,10 @@ def select_all(cfg: CurateConfig, scores: ray.data.Dataset) -> tuple[dict[str, d
         raise DataError(f"retrieval.m={m} is larger than the {usable} usable documents of the corpus")
     selected = {plan["method"]: _final(candidates[plan["method"]], plan) for plan in first}
     size = len(selected[primary]["id"])
-    second = [_plan(cfg, b, size) for b in cfg.baselines if b not in selected]
+    if size == 0:
+        raise DataError(f"retrieval.threshold={cfg.retrieval.threshold} selects no document of {cfg.corpus} (the "
+                        f"highest {primary} score is {totals.get('top', float('nan')):.4f}); lower the threshold")
+    second = [_plan(cfg, b, size) for b in dict.fromkeys([*seeded, *cfg.baselines]) if b not in selected]
     if second:
         more, _ = _reduce(scores, second, None, cfg.target_label, primary)
         selected.update({plan["method"]: _final(more[plan["method"]], plan) for plan in second})
@@ -372,13 +373,8 @@ def _final(cols: dict[str, np.ndarray], plan: dict[str, Any]) -> dict[str, np.nd
     return {key: values[order] for key, values in cols.items()}
 
 
-def check_subset(cfg: CurateConfig, subset: dict[str, np.ndarray], totals: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The subset must be non-empty and hold each document once (a corpus with repeated ids cannot be curated by id).
-    """
-    primary = cfg.retrieval.scoring
-    if len(subset["id"]) == 0:
-        raise DataError(f"retrieval.threshold={cfg.retrieval.threshold} selects no document of {cfg.corpus} (the "
-                        f"highest {primary} score is {totals.get('top', float('nan')):.4f}); lower the threshold")
+def check_subset(cfg: CurateConfig, subset: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The subset holds each document once: a corpus with repeated ids cannot be curated by id."""
     ids, counts = np.unique(np.asarray(subset["id"], dtype=object).astype(str), return_counts=True)
     if (counts > 1).any():
         repeated = ids[counts > 1]

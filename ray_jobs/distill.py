@@ -22,6 +22,7 @@ import ray.data
 import ray.train
 
 from ray_jobs.metrics import Throughput, TrainingProgress
+from ray_jobs.placement import claim
 from ray_jobs.train_launch import WorkerResources, fit_workers
 from shared.configs.distill import DistillConfig
 from shared.data import read_table, write_parquet
@@ -38,49 +39,35 @@ DISTILLED = "distilled"
 class TeacherActor:
     """Loads the teacher once; writes a rewrite for each example of a batch (greedy unless sampling is set)."""
 
-    def __init__(self, cfg: DistillConfig, threads: int, stage_name: str):
-        import torch
-
+    def __init__(self, cfg: DistillConfig, stage_name: str):
         from shared.models import load_causal_lm
 
-        torch.set_num_threads(threads)
+        device = claim(stage_name, "teacher actor", cfg.runtime.gpus_per_actor, cfg.runtime.threads).device
         self.cfg = cfg
-        self.model, self.tokenizer = load_causal_lm(cfg.teacher, dtype=cfg.dtype, options=cfg.storage)
+        self.model, self.tokenizer = load_causal_lm(cfg.teacher, dtype=cfg.dtype, device=device, options=cfg.storage)
         self.throughput = Throughput("distill", stage_name, ("documents", "tokens"))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        from shared.generation import chat_prompt
+        from shared.generation import chat_prompt, generate_batch
 
         g = self.cfg.generation
         examples = [Example(str(i), str(p), str(a), str(k))
                     for i, p, a, k in zip(batch["id"], batch["prompt"], batch["answer"], batch["kind"])]
         prompts = [chat_prompt(self.tokenizer, teacher_request(e)) for e in examples]
-        tok = self.tokenizer
-        tok.padding_side = "left"
-        encoded = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        # one seed per batch position derived from the example id keeps sampling reproducible across batchings
-        torch.manual_seed(self.cfg.seed + sum(ord(c) for c in examples[0].id))
-        with torch.inference_mode():
-            out = self.model.generate(**encoded, max_new_tokens=g.max_new_tokens, do_sample=g.do_sample,
-                                      temperature=g.temperature if g.do_sample else None, top_p=None, top_k=None,
-                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        new = out[:, encoded["input_ids"].shape[1]:]
-        finished = [bool((row == tok.eos_token_id).any()) for row in new]
-        texts = tok.batch_decode(new, skip_special_tokens=True)
-        self.throughput.add(documents=len(texts), tokens=int((new != tok.pad_token_id).sum()))
-        return {**batch, "teacher_output": np.array(texts, dtype=object), "finished": np.array(finished)}
+        # a seed derived from the batch's first example id keeps sampling reproducible across runs
+        out = generate_batch(self.model, self.tokenizer, prompts, max_new_tokens=g.max_new_tokens,
+                             do_sample=g.do_sample, temperature=g.temperature,
+                             seed=self.cfg.seed + sum(ord(c) for c in examples[0].id))
+        self.throughput.add(documents=len(out.texts), tokens=out.new_tokens)
+        return {**batch, "teacher_output": np.array(out.texts, dtype=object), "finished": np.array(out.finished)}
 
 
 def teacher_outputs(cfg: DistillConfig, examples: list[Example], stage: Stage) -> dict[str, tuple[str, bool]]:
     """id -> (teacher text, finished) for every example, from an actor pool over a Ray Dataset."""
     rows = [{"id": e.id, "prompt": e.prompt, "answer": e.answer, "kind": e.kind} for e in examples]
-    threads = cfg.runtime.torch_threads()
     ds = ray.data.from_items(rows).repartition(max(cfg.runtime.num_actors * 2,
                                                    -(-len(rows) // cfg.generation.batch_size)))
-    generated = ds.map_batches(TeacherActor, fn_constructor_kwargs={"cfg": cfg, "threads": threads,
-                                                                   "stage_name": stage.name},
+    generated = ds.map_batches(TeacherActor, fn_constructor_kwargs={"cfg": cfg, "stage_name": stage.name},
                                compute=ray.data.ActorPoolStrategy(size=cfg.runtime.num_actors),
                                batch_size=cfg.generation.batch_size, num_cpus=cfg.runtime.cpus_per_actor,
                                num_gpus=cfg.runtime.gpus_per_actor or None)
@@ -116,11 +103,12 @@ def train_loop(config: dict[str, Any]) -> None:
     t = cfg.training
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(config["threads"])
+    device = claim(config["stage_name"], "training worker", 1.0 if cfg.runtime.use_gpu else 0.0,
+                   train=True).device
     torch.manual_seed(cfg.seed)
     examples = [LMExample.from_dict(e) for e in config["examples"]]
-    model, tokenizer = load_causal_lm(cfg.student, dtype="float32", options=cfg.storage)
-    model = prepare_student(model, t.method, t.lora)
+    model, tokenizer = load_causal_lm(cfg.student, dtype="float32", device=device, options=cfg.storage)
+    model = prepare_student(model, t.method, t.lora).to(device)  # on its device before the optimiser state loads
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=t.lr, weight_decay=t.weight_decay)
     schedule = Schedule(len(examples), t.batch_size, t.epochs)
     start, history = 0, []
@@ -170,9 +158,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 def fine_tune(cfg: DistillConfig, stage: Stage, examples: list[Any]) -> list[dict[str, Any]]:
-    threads = cfg.runtime.torch_threads(cfg.runtime.num_workers)
-    config = {"cfg": cfg, "examples": [e.to_dict() for e in examples], "threads": threads,
-              "config_hash": stage.config_hash, "attempt_uri": stage.store.uri(), "stage_name": stage.name}
+    config = {"cfg": cfg, "examples": [e.to_dict() for e in examples], "config_hash": stage.config_hash,
+              "attempt_uri": stage.store.uri(), "stage_name": stage.name}
     resources = WorkerResources(cfg.runtime.num_workers, cfg.runtime.cpus_per_worker, cfg.runtime.use_gpu)
     fit_workers(train_loop, config, stage, resources, run_name="train")
     return stage.store.read_json("training_history.json")

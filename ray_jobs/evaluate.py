@@ -18,6 +18,7 @@ import ray
 import ray.data
 
 from ray_jobs.metrics import Throughput
+from ray_jobs.placement import claim
 from shared.configs.evaluate import EvaluateConfig
 from shared.data import read_table
 from shared.errors import DataError
@@ -65,14 +66,12 @@ def _str(value: Any) -> str | None:
 class EvalActor:
     """One model, loaded once: NLL sums for perplexity, the picked choice for MC rows, the generated answer for QA."""
 
-    def __init__(self, cfg: EvaluateConfig, ref: str, threads: int, stage_name: str):
-        import torch
-
+    def __init__(self, cfg: EvaluateConfig, ref: str, stage_name: str):
         from shared.models import count_parameters, load_causal_lm
 
-        torch.set_num_threads(threads)
+        device = claim(stage_name, "evaluation actor", cfg.runtime.gpus_per_actor, cfg.runtime.threads).device
         self.cfg = cfg
-        self.model, self.tokenizer = load_causal_lm(ref, dtype=cfg.dtype, options=cfg.storage)
+        self.model, self.tokenizer = load_causal_lm(ref, dtype=cfg.dtype, device=device, options=cfg.storage)
         self.parameters = count_parameters(self.model)
         self.throughput = Throughput("evaluate", stage_name, ("documents", "tokens"))
 
@@ -117,9 +116,8 @@ class EvalActor:
 
 
 def evaluate_model(cfg: EvaluateConfig, ref: str, rows: list[dict[str, Any]], stage: Stage) -> list[dict]:
-    threads = cfg.runtime.torch_threads()
     ds = ray.data.from_items(rows).repartition(max(cfg.runtime.num_actors * 2, -(-len(rows) // cfg.batch_size)))
-    scored = ds.map_batches(EvalActor, fn_constructor_kwargs={"cfg": cfg, "ref": ref, "threads": threads,
+    scored = ds.map_batches(EvalActor, fn_constructor_kwargs={"cfg": cfg, "ref": ref,
                                                               "stage_name": stage.name},
                             compute=ray.data.ActorPoolStrategy(size=cfg.runtime.num_actors),
                             batch_size=cfg.batch_size, num_cpus=cfg.runtime.cpus_per_actor,

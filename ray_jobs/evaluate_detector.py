@@ -20,9 +20,9 @@ import pandas as pd
 import pyarrow as pa
 import ray
 import ray.data
-import torch
 
 from ray_jobs.detector_data import decode_mixture
+from ray_jobs.placement import claim
 from shared.config import StorageConfig
 from shared.configs.evaluate_detector import EvaluateDetectorConfig
 from shared.configs.train_detector import SourceConfig, SplitConfig
@@ -42,9 +42,12 @@ class Scorer:
     """Ray Data actor: every detector loaded once; a batch in, one score column per (detector, condition) out."""
 
     def __init__(self, detectors: list[tuple[str, str]], conditions: list[tuple[str, str, float]],
-                 options: StorageConfig | None):
-        torch.set_num_threads(1)
-        self.models = [(name, *load_detector(uri, options)) for name, uri in detectors]
+                 options: StorageConfig | None, stage_name: str, gpus: float):
+        self.device = claim(stage_name, "scoring actor", gpus).device
+        self.models = []
+        for name, uri in detectors:
+            model, spec = load_detector(uri, options)
+            self.models.append((name, model.to(self.device), spec))
         self.conditions = conditions
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -53,7 +56,7 @@ class Scorer:
             images = perturb_batch(batch["image"], kind, strength)  # at the data's resolution, reals and fakes alike
             for name, model, spec in self.models:
                 x = to_tensor(resize_batch(images, spec["input_size"]), spec["mean"], spec["std"])
-                out[f"{name}|{cond}"] = fake_probability(model, x).numpy().astype(np.float64)
+                out[f"{name}|{cond}"] = fake_probability(model, x.to(self.device)).cpu().numpy().astype(np.float64)
         return out
 
 
@@ -108,8 +111,10 @@ def run(cfg: EvaluateDetectorConfig, stage: Stage) -> dict[str, Any]:
         # 2. score every image with every detector under every condition
         scored = decoded.map_batches(
             Scorer, fn_constructor_kwargs={"detectors": [(d.name, d.uri) for d in cfg.detectors], "conditions": conds,
-                                           "options": cfg.storage},
+                                           "options": cfg.storage, "stage_name": cfg.stage_name,
+                                           "gpus": cfg.gpus_per_actor},
             compute=ray.data.ActorPoolStrategy(size=cfg.num_actors), num_cpus=cfg.cpus_per_actor,
+            num_gpus=cfg.gpus_per_actor or None,
             batch_size=cfg.batch_size, batch_format="numpy")
         frame = scored.to_pandas()
         meta = plan.rows.to_pandas()[["index", "id", "source"]]

@@ -26,6 +26,7 @@ import ray.data
 
 from ray_jobs.data import read_dataset, require_columns, shard_uris, write_shards
 from ray_jobs.metrics import Throughput
+from ray_jobs.placement import claim
 from shared.configs.generate import GenerateConfig, GeneratorSpec, Img2ImgGenerator, RealSource
 from shared.diffusion.generate import (GeneratorStage, count_requests, encode_reals, generator_seed, load_prompts,
                                        source_requests)
@@ -66,12 +67,7 @@ class GenerateActor:
 
     def __init__(self, spec: GeneratorSpec, cfg: GenerateConfig, stage_name: str, ledger: Any) -> None:
         started = time.perf_counter()
-        import torch
-
-        from shared.diffusion.pipelines import device_for, torch_threads
-
-        device = device_for(spec.num_gpus)
-        torch.set_num_threads(torch_threads(spec.torch_threads, spec.actors, device != "cpu"))
+        device = claim(stage_name, f"{spec.name} actor", spec.num_gpus, spec.torch_threads).device
         self.spec, self.ledger = spec, ledger
         self.stage = GeneratorStage(spec, cfg.output, cfg.storage, device=device)
         self.stage.setup()

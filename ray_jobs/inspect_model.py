@@ -22,7 +22,9 @@ def _inspect(cfg: InspectModelConfig) -> dict[str, Any]:
     from shared.models import describe_architecture, load_causal_lm
 
     from ray_jobs.metrics import Progress, Throughput
+    from ray_jobs.placement import claim
 
+    claim(cfg.stage_name, "inspect task", 0.0)
     progress = Progress(cfg.JOB, cfg.stage_name)
     progress.report(0.0)
     started = time.perf_counter()

@@ -35,10 +35,15 @@ class PlacementLedger:
     def of(self, stage: str) -> list[dict[str, Any]]:
         return list(self.entries.get(stage, []))
 
+    def reset(self, stage: str) -> None:
+        self.entries.pop(stage, None)
 
-def open_ledger() -> Any:
-    """The ledger of this job (created on first use; workers find it by name in the job's namespace)."""
-    return PlacementLedger.options(name=LEDGER, get_if_exists=True).remote()
+
+def open_ledger(stage: str) -> None:
+    """Start recording the placements of ``stage`` (the ledger is created on first use; workers find it by name in
+    the job's namespace)."""
+    ledger = PlacementLedger.options(name=LEDGER, get_if_exists=True).remote()
+    ray.get(ledger.reset.remote(stage))
 
 
 def claim(stage: str, role: str, gpus: float, threads: int | None = None, *, train: bool = False) -> Placement:

@@ -100,7 +100,8 @@ def run(cfg: PruneConfig, stage: Stage) -> dict[str, Any]:
               "evaluation": [e.to_dict() for e in inputs.evaluation],
               "calibration_tokens": inputs.calibration_stats.target_tokens}
     resources = WorkerResources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu)
-    result = fit_workers(_worker, config, stage, resources, run_name="prune", resumable=False)
+    result = fit_workers(_worker, config, stage, resources, role="importance worker", run_name="prune",
+                         resumable=False)
     worker: dict[str, Any] = result.return_value
     stage.store.rm("ray_train")  # Ray Train left only its storage probe there
 
@@ -115,7 +116,7 @@ def run(cfg: PruneConfig, stage: Stage) -> dict[str, Any]:
         "evaluation": inputs.evaluation_stats.to_dict() if inputs.evaluation_stats else None,
         "per_layer": worker["per_layer"], "layer_widths": worker["widths"], "output": worker["output"],
         "timings_s": worker["timings_s"], "worker_cpu_s": worker["worker_cpu_s"],
-        "torch_threads": max(1, int(cfg.cpus_per_worker)),
+        "torch_threads": worker["torch_threads"],
         "num_workers": cfg.num_workers, "seconds": round(time.perf_counter() - started, 1),
     }
     metrics["timings_s"].update(driver_prepare=round(inputs.seconds, 2), total=metrics["seconds"])
@@ -141,6 +142,7 @@ def _worker(config: dict[str, Any]) -> dict[str, Any] | None:
 
     import shared.pruning.modeling_scopeforge_pruned  # noqa: F401  (a per-layer pruned input model loads too)
     from ray_jobs.metrics import Throughput, TrainingProgress
+    from ray_jobs.placement import claim
     from shared.lm_data import batches, shard
     from shared.models import load_causal_lm
     from shared.perplexity import LossSum, batch_nll, evaluate_loss
@@ -152,8 +154,8 @@ def _worker(config: dict[str, Any]) -> dict[str, Any] | None:
     plan = config["plan"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    placement = claim(config["stage_name"], "importance worker", 1.0 if cfg.use_gpu else 0.0, train=True)
+    device = torch.device(placement.device)
     distributed = dist.is_available() and dist.is_initialized() and world > 1
 
     def say(message: str) -> None:
@@ -265,7 +267,7 @@ def _worker(config: dict[str, Any]) -> dict[str, Any] | None:
     }
     return {"parameters_after": parameters_after, "results": results, "per_layer": per_layer, "widths": widths,
             "output": output,
-            "timings_s": {k: round(v, 2) for k, v in timings.items()},
+            "timings_s": {k: round(v, 2) for k, v in timings.items()}, "torch_threads": placement.threads,
             "worker_cpu_s": {k: round(v, 2) for k, v in cpu.items()}}
 
 

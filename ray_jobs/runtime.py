@@ -88,18 +88,65 @@ def local_only() -> None:
 
 
 def cause_of(exc: BaseException) -> BaseException:
-    """The user-facing exception inside a Ray task / Ray Train wrapper, if any."""
-    seen = 0
-    while seen < 8:
+    """The user-facing exception inside Ray's wrappers, if any: a task's or actor's error (``cause``), Ray Train's
+    controller and worker-group failures (``controller_failure``, ``worker_failures``), chained exceptions."""
+    pending, seen = [exc], 0
+    while pending and seen < 64:
+        error = pending.pop(0)
         seen += 1
-        inner = getattr(exc, "cause", None) or exc.__cause__
-        if isinstance(inner, BaseException) and inner is not exc:
-            if isinstance(inner, UserError):
-                return inner
-            exc = inner
-        else:
-            break
+        if isinstance(error, UserError):
+            return error
+        recovered = _user_error_in_text(error)
+        if recovered is not None:
+            return recovered
+        inner = [getattr(error, "cause", None), getattr(error, "controller_failure", None), error.__cause__,
+                 error.__context__, *(getattr(error, "worker_failures", None) or {}).values()]
+        pending += [e for e in inner if isinstance(e, BaseException) and e is not error]
     return exc
+
+
+def _user_error_in_text(error: BaseException) -> UserError | None:
+    """An actor whose constructor raised dies with only the traceback's text (ActorDiedError.error_msg): the user
+    error it raised is recovered from that text's last line (``shared.placement.PlacementError: stage ...``)."""
+    text = getattr(error, "error_msg", None)
+    if not isinstance(text, str) or not getattr(error, "_actor_init_failed", False):
+        return None
+    for line in reversed([line.strip() for line in text.splitlines() if line.strip()]):
+        name, sep, message = line.partition(": ")
+        module, _, cls_name = name.rpartition(".")
+        if sep and module.startswith("shared.") and cls_name.isidentifier():
+            try:
+                cls = getattr(importlib.import_module(module), cls_name)
+            except (ImportError, AttributeError):
+                return None
+            if isinstance(cls, type) and issubclass(cls, UserError):
+                return cls(message)
+            return None
+    return None
+
+
+class _HideUserErrors(logging.Filter):
+    """Drops Ray's own error logs (with their tracebacks) about a failure whose cause is a user error: the CLI
+    prints that error as one line. Failures with any other cause are logged as Ray logs them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import sys
+
+        error = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        if error is None and isinstance(record.args, tuple):
+            error = next((a for a in record.args if isinstance(a, BaseException)), None)
+        return error is None or not isinstance(cause_of(error), UserError)
+
+
+RAY_ERROR_LOGGERS = ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions",
+                     "ray.data._internal.execution.streaming_executor", "ray.train", "ray.train.v2")
+
+
+def hide_user_error_logs() -> None:
+    for name in RAY_ERROR_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _HideUserErrors) for f in logger.filters):
+            logger.addFilter(_HideUserErrors())
 
 
 def user_message(exc: BaseException) -> str | None:
@@ -107,8 +154,6 @@ def user_message(exc: BaseException) -> str | None:
     inner = cause_of(exc)
     if isinstance(inner, UserError):
         return _first_line(inner.args[0] if inner.args else inner)
-    if isinstance(exc, UserError) and exc.args:
-        return _first_line(exc.args[0])
     return None
 
 
@@ -161,11 +206,19 @@ def run_job(cfg: JobConfig, *, ray_address: str | None = None, force: bool = Fal
     check = getattr(module, "check", None)
     if check is not None:
         check(cfg)  # a job may refuse bad inputs here: before its stage is opened and before Ray starts
+    init_ray(ray_address, dashboard=dashboard)
+    hide_user_error_logs()
+    from ray_jobs.placement import check_gpu_request, open_ledger, placements
+
+    check_gpu_request(cfg.stage_name, cfg.gpus_per_worker(), started_locally())
+    open_ledger(stage.name)
     attempt = stage.begin(dump_config(cfg), fresh=force)
     log.info("stage %s: job %s, config hash %s, attempt %s%s", stage.uri, cfg.JOB, stage.config_hash, attempt,
              " (after an unfinished attempt)" if status == "incomplete" else "")
-    init_ray(ray_address, dashboard=dashboard)
     metrics = module.run(cfg, stage)
+    where = placements(stage.name)
+    if where:
+        metrics["placement"] = where  # where each kind of worker computed, and with how many threads
     stage.commit(metrics)
     log.info("stage %s done in %.1f s (attempt %s)", stage.uri, time.time() - stage.started_at, attempt)
     return metrics

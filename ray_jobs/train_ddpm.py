@@ -11,7 +11,6 @@ Outputs: <stage>/pipeline (DDPMPipeline, the stage's `model` output), history.js
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from typing import Any
@@ -26,27 +25,29 @@ from shared.storage import Storage
 def _train(cfg: TrainDdpmConfig, attempt_uri: str) -> dict[str, Any]:
     import torch
 
+    from ray_jobs.placement import claim
     from shared.diffusion.ddpm import train_ddpm, training_images
     from shared.diffusion.pipelines import PixelDiffusion
     from shared.diffusion.realsets import read_real_table
     from shared.diffusion.report import image_grid
 
     cpu_started = time.process_time()
-    torch.set_num_threads(cfg.torch_threads or os.cpu_count() or 1)
+    device = claim(cfg.stage_name, "training task", cfg.num_gpus, cfg.torch_threads).device
     table = read_real_table(cfg.data, cfg.storage, cfg.limit)
     images, color = training_images(table, cfg.image_size, cfg.color)
-    result = train_ddpm(images, cfg, color, log=lambda line: print(line, flush=True))
+    result = train_ddpm(images, cfg, color, log=lambda line: print(line, flush=True), device=device)
 
-    store = Storage(attempt_uri, cfg.storage)
-    with tempfile.TemporaryDirectory(prefix="scopeforge-ddpm-") as tmp:
-        result.pipeline.save_pretrained(tmp)
-        store.upload(tmp, "pipeline")
     preview = None
     if cfg.preview:
         model = PixelDiffusion(result.pipeline, "ddim")
         samples = model.generate(list(range(cfg.preview)), 50, batch_invariant=False)
         reals = ((images[: cfg.preview].permute(0, 2, 3, 1).numpy() + 1.0) / 2.0).clip(0.0, 1.0)
         preview = image_grid({"real (training)": list(reals), "DDPM (DDIM 50)": list(samples)})
+    store = Storage(attempt_uri, cfg.storage)
+    with tempfile.TemporaryDirectory(prefix="scopeforge-ddpm-") as tmp:
+        result.pipeline.to("cpu").save_pretrained(tmp)
+        store.upload(tmp, "pipeline")
+    if preview is not None:
         store.write_bytes(preview, "preview.png")
     return {"history": result.history, "color": color, "images": int(images.shape[0]),
             "parameters": result.parameters, "preview": preview, "threads": torch.get_num_threads(),
@@ -54,7 +55,7 @@ def _train(cfg: TrainDdpmConfig, attempt_uri: str) -> dict[str, Any]:
 
 
 def run(cfg: TrainDdpmConfig, stage: Stage) -> dict[str, Any]:
-    task = ray.remote(num_cpus=cfg.num_cpus)(_train)
+    task = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)(_train)
     out = ray.get(task.remote(cfg, stage.store.uri()))
     stage.outputs["model"] = "pipeline"
     history = out["history"]

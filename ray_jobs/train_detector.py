@@ -31,6 +31,7 @@ from ray.train import CheckpointConfig, DataConfig, LoggingConfig
 
 from ray_jobs.detector_data import decode_mixture, split_of
 from ray_jobs.metrics import TrainingProgress
+from ray_jobs.placement import claim
 from ray_jobs.train_launch import WorkerResources, fit_workers
 from shared.configs.train_detector import DetectorConfig
 from shared.data import write_parquet
@@ -89,10 +90,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
 
     # --- setup: model, optimiser, booster; state from the latest checkpoint (a crashed run) or resume_from
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))  # as many compute threads as reserved CPUs
+    device = torch.device(claim(cfg.stage_name, "training worker", 1.0 if cfg.use_gpu else 0.0, train=True).device)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng([cfg.seed, rank])
-    device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(build_detector(spec, pretrained=True, options=cfg.storage))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)

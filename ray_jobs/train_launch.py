@@ -6,6 +6,8 @@
   its latest checkpoint through ``ray.train.get_checkpoint()``), else a folder of this attempt.
 - Failures: ``FailureConfig(max_failures)``; a user error raised in a worker comes out as itself (one line, exit 2),
   not wrapped in Ray Train's exceptions.
+- Devices: before the process group is set up, every worker that reserved a GPU checks that it sees one (one line
+  naming the stage otherwise, instead of NCCL's "not built in" or a silent CPU run).
 - Process group: on the local instance that ``scopeforge`` starts, the torch rendezvous store listens on 127.0.0.1
   (torch's default TCPStore listens on every interface) and gloo / NCCL use the loopback interface. On a cluster the
   usual ``env://`` rendezvous on the node address is kept: workers on other nodes must reach it.
@@ -27,6 +29,7 @@ from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBacken
 
 from ray_jobs.runtime import cause_of, started_locally
 from shared.errors import UserError
+from shared.placement import choose_device
 from shared.stage import Stage
 
 LOOPBACK = "127.0.0.1"
@@ -43,7 +46,8 @@ class WorkerResources:
 
 
 def fit_workers(train_loop: Callable[[dict[str, Any]], Any], config: dict[str, Any], stage: Stage,
-                resources: WorkerResources, *, run_name: str = "run", resumable: bool = True,
+                resources: WorkerResources, *, role: str = "training worker", run_name: str = "run",
+                resumable: bool = True,
                 datasets: dict[str, ray.data.Dataset] | None = None, dataset_config: DataConfig | None = None,
                 checkpoint_config: CheckpointConfig | None = None, logging_config: Any = None) -> ray.train.Result:
     """Run ``train_loop(config)`` on the workers and return Ray Train's result."""
@@ -57,7 +61,7 @@ def fit_workers(train_loop: Callable[[dict[str, Any]], Any], config: dict[str, A
         train_loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker={"CPU": resources.cpus_per_worker}),
-        torch_config=LoopbackTorchConfig() if started_locally() else TorchConfig(),
+        torch_config=CheckedTorchConfig(stage=stage.name, role=role, loopback=started_locally()),
         run_config=run_config, datasets=datasets, dataset_config=dataset_config,
     )
     try:
@@ -71,41 +75,56 @@ def fit_workers(train_loop: Callable[[dict[str, Any]], Any], config: dict[str, A
 
 def user_error_in(exc: BaseException) -> UserError | None:
     """The UserError a worker raised, if that is what failed the run (so the CLI prints its one line)."""
-    pending = [exc, *getattr(exc, "worker_failures", {}).values()]
-    for _ in range(64):
-        if not pending:
-            break
-        error = pending.pop(0)
-        inner = cause_of(error)
-        if isinstance(inner, UserError):
-            return inner
-        pending += [e for e in (getattr(error, "cause", None), error.__cause__, error.__context__)
-                    if isinstance(e, BaseException)]
-    return None
+    inner = cause_of(exc)
+    return inner if isinstance(inner, UserError) else None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# A process group that listens on loopback only
+# The process group: devices checked first, and on loopback only on the local instance
 
 
 @dataclass
-class LoopbackTorchConfig(TorchConfig):
-    """TorchConfig for a single-node local instance: the rendezvous store and the collectives stay on 127.0.0.1."""
+class CheckedTorchConfig(TorchConfig):
+    """TorchConfig whose workers check their GPUs before the process group forms; ``loopback`` (a single-node local
+    instance): the rendezvous store and the collectives stay on 127.0.0.1."""
+
+    stage: str = ""
+    role: str = "training worker"
+    loopback: bool = False
 
     @property
     def backend_cls(self):
-        return _LoopbackTorchBackend
+        return _CheckedTorchBackend
 
 
-class _LoopbackTorchBackend(_TorchBackend):
-    def on_start(self, worker_group: Any, backend_config: TorchConfig) -> None:
+@dataclass
+class LoopbackTorchConfig(CheckedTorchConfig):
+    """The loopback-only process group by itself (tests/test_listeners.py)."""
+
+    loopback: bool = True
+
+
+class _CheckedTorchBackend(_TorchBackend):
+    def on_start(self, worker_group: Any, backend_config: CheckedTorchConfig) -> None:
         gpus = worker_group.get_resources_per_worker().get("GPU", 0)
+        if gpus > 0:
+            worker_group.execute(_check_gpu, backend_config.stage, backend_config.role, gpus)
+        if not backend_config.loopback:
+            super().on_start(worker_group, backend_config)
+            return
         backend = backend_config.backend or ("nccl" if gpus > 0 else "gloo")
         world = len(worker_group)
         port = worker_group.execute_single(0, _serve_store, world, backend_config.timeout_s)
         worker_group.execute(_set_torch_distributed_env_vars)
         ray.get([worker_group.execute_single_async(rank, _join_group, backend, rank, world, port,
                                                    backend_config.timeout_s) for rank in range(world)])
+
+
+def _check_gpu(stage: str, role: str, gpus: float) -> None:
+    import torch
+
+    ids = [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
+    choose_device(stage, role, gpus, torch.cuda.device_count() if torch.cuda.is_available() else 0, ids)
 
 
 _SERVER: Any = None

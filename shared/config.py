@@ -52,15 +52,10 @@ class ActorPoolConfig(StrictModel):
     cpus_per_actor: float = Field(0.5, gt=0)
     """Logical CPUs reserved per actor (fractional, so read and preprocessing tasks always find a slot)."""
     gpus_per_actor: float = Field(0, ge=0)
-    """GPUs per actor (0 on CPU machines; fractions share a GPU)."""
-    threads: int | None = None
-    """torch threads per actor. Unset: the machine's cores divided by the number of actors."""
-
-    def torch_threads(self, parallel: int | None = None) -> int:
-        """Threads for one of ``parallel`` processes sharing this machine (default: the actors)."""
-        import os
-
-        return self.threads or max(1, (os.cpu_count() or 1) // (parallel or self.num_actors))
+    """GPUs per actor (0 on CPU machines; fractions share a GPU). An actor that reserved a GPU computes on it, and
+    fails if it sees none."""
+    threads: int | None = Field(None, ge=1)
+    """torch threads per actor. Unset: the CPUs reserved per actor (at least 1, at most the usable cores)."""
 
 
 class JobConfig(StrictModel):
@@ -87,6 +82,10 @@ class JobConfig(StrictModel):
         """Every data or model URI this job reads. Those that are stage folders are checked to be complete, and
         their config hashes feed this stage's hash, so a rerun upstream reruns this stage too."""
         return []
+
+    def gpus_per_worker(self) -> float:
+        """The most GPUs any one of this job's workers requests (checked against the cluster before work starts)."""
+        return 0.0
 
 
 C = TypeVar("C", bound=StrictModel)

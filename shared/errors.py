@@ -10,6 +10,12 @@ class UserError(Exception):
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
 
+    def __reduce__(self):
+        # Crossing a process boundary (a Ray worker to the driver) keeps the one line: text that a wrapper appended
+        # after a newline (Ray Data adds its retry advice to args[0]) is not part of the message.
+        message = str(self.args[0]) if self.args else ""
+        return (type(self), (message.split("\n", 1)[0],))
+
 
 class ConfigError(UserError):
     """A config file or override that does not parse or does not validate."""

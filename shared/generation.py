@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,18 +16,22 @@ def chat_prompt(tokenizer: Any, user: str, system: str | None = None) -> str:
     return (system + "\n\n" if system else "") + user + "\n"
 
 
+@dataclass(frozen=True)
+class Generated:
+    texts: list[str]
+    """The new text of each prompt."""
+    finished: list[bool]
+    """Whether each ended with the end-of-sequence token (rather than at max_new_tokens)."""
+    new_tokens: int
+    """Generated tokens, padding excluded."""
+
+
 @torch.inference_mode()
-def generate_text(
-    model: Any,
-    tokenizer: Any,
-    prompts: list[str],
-    *,
-    max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    seed: int | None = None,
-) -> list[str]:
-    """Generate a continuation for each prompt (left-padded batch); returns only the new text."""
+def generate_batch(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int, do_sample: bool = False,
+                   temperature: float = 1.0, seed: int | None = None) -> Generated:
+    """One left-padded batch through ``model.generate`` on the model's device: greedy unless ``do_sample``; with a
+    ``seed`` the sampling is reproducible. The one generation routine of scopeforge (teacher rewrites, evaluation,
+    samples)."""
     saved_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
@@ -35,10 +40,17 @@ def generate_text(
         tokenizer.padding_side = saved_side
     if seed is not None:
         torch.manual_seed(seed)
-    kwargs: dict[str, Any] = {"do_sample": do_sample, "max_new_tokens": max_new_tokens,
-                              "pad_token_id": tokenizer.pad_token_id}
-    if do_sample:
-        kwargs["temperature"] = temperature
-    out = model.generate(**batch, **kwargs)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                         temperature=temperature if do_sample else None, top_p=None, top_k=None,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     new = out[:, batch["input_ids"].shape[1]:]
-    return tokenizer.batch_decode(new, skip_special_tokens=True)
+    finished = [bool((row == tokenizer.eos_token_id).any()) for row in new]
+    return Generated(tokenizer.batch_decode(new, skip_special_tokens=True), finished,
+                     int((new != tokenizer.pad_token_id).sum()))
+
+
+def generate_text(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int, do_sample: bool = False,
+                  temperature: float = 1.0, seed: int | None = None) -> list[str]:
+    """Generate a continuation for each prompt (left-padded batch); returns only the new text."""
+    return generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                          temperature=temperature, seed=seed).texts

@@ -276,9 +276,10 @@ def load_causal_lm(
 
 
 def save_model(model: Any, tokenizer: Any, store: Storage, *parts: str) -> str:
-    """``save_pretrained`` model + tokenizer into ``store/parts`` (through a local folder when remote)."""
+    """``save_pretrained`` model + tokenizer into ``store/parts`` (through a local folder when remote); a model on a
+    GPU is saved from a CPU copy of its weights."""
     with tempfile.TemporaryDirectory(prefix="scopeforge-save-") as tmp:
-        model.save_pretrained(tmp)
+        model.to("cpu").save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         store.rm(*parts)

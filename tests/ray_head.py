@@ -42,8 +42,14 @@ class RayHead:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.ports['metrics-export-port']}/metrics"
 
+    @property
+    def gcs_address(self) -> str:
+        return f"127.0.0.1:{self.ports['port']}"
+
     @classmethod
-    def start(cls, timeout: float = 90.0) -> RayHead:
+    def start(cls, timeout: float = 90.0, num_gpus: int = 0) -> RayHead:
+        """``num_gpus``: GPUs the head declares (a logical resource: on a machine without CUDA, a worker that takes
+        one sees no device, as on a node whose CUDA driver or torch build is broken)."""
         venv_bin = str(Path(sys.executable).parent)
         ports = {flag: free_port() for flag in PORT_FLAGS}
         token = secrets.token_hex(16)
@@ -56,7 +62,7 @@ class RayHead:
         cmd = [f"{venv_bin}/ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--num-cpus", "4",
                "--object-store-memory", str(400 * 1024 * 1024), "--temp-dir", str(temp_dir),
-               "--min-worker-port", "0", "--max-worker-port", "0"]
+               "--min-worker-port", "0", "--max-worker-port", "0", "--num-gpus", str(num_gpus)]
         for flag, port in ports.items():
             cmd += [f"--{flag}", str(port)]
         process = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,

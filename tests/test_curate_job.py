@@ -60,8 +60,10 @@ def test_curate_end_to_end_on_s3(ray_session, s3_root, labelled_chunks):
                                          "output_root": f"{s3_root}/run"}, "test")
     metrics = run_job(cfg)
 
+    placement = metrics["placement"]
+    assert placement["fit task"]["devices"] == {"cpu": 1} and placement["embed actor"]["devices"] == {"cpu": 1}
     corpus = metrics["corpus"]
-    assert corpus["rows"] == len(pool) + 3 and corpus["usable"] == len(pool) + 1
+    assert corpus["rows"] == corpus["scored"] == len(pool) + 3 and corpus["usable"] == len(pool) + 1
     assert corpus["skipped_empty"] == 2 and corpus["truncated"] >= 1 and corpus["target_documents"] == 30
     for method in ("sae", "sae_idf", "dense", "random", "ngram"):
         entry = metrics["retrieval"][method]

@@ -65,6 +65,9 @@ def test_evaluate_job_table(ray_session, tmp_path, tiny_llama_dir):
         "datasets": {"text": str(tmp_path / "text"), "mc": str(tmp_path / "mc"), "qa": str(tmp_path / "qa.jsonl")},
         "max_length": 48, "max_new_tokens": 4, "output_root": str(tmp_path / "run")}, "test")
     metrics = run_job(cfg)
+    # where the work ran: CPU actors with the default 0.5 reserved CPUs run one torch thread each
+    actors = metrics["placement"]["evaluation actor"]
+    assert set(actors["devices"]) == {"cpu"} and actors["threads"] == [1] and actors["assigned_cpus"] == 0.5
     rows = metrics["models"]
     assert rows["tiny"]["text"]["perplexity"] == pytest.approx(rows["tiny-again"]["text"]["perplexity"])
     assert rows["tiny"]["text"]["skipped"] == 1 and rows["tiny"]["text"]["tokens"] > 0

@@ -75,6 +75,8 @@ def test_prune_job_on_s3_writes_a_model_that_reloads(ray_session, s3_root, tiny_
                                           f"eval_data={s3_root}/held-out", "fraction=0.25"])
     metrics = run_job(cfg)
     assert metrics["calibration"]["kind"] == "prompt_answer"  # loss on the answers only
+    assert metrics["placement"]["importance worker"]["devices"] == {"cpu": 1}
+    assert metrics["torch_threads"] == metrics["placement"]["importance worker"]["threads"][0]
 
     stage = committed(f"{s3_root}/run/prune")
     assert marker(f"{s3_root}/run/prune")["outputs"] == {"model": "model"}

@@ -80,7 +80,7 @@ class NgramConfig(StrictModel):
 
 
 class CurateRuntime(ActorPoolConfig):
-    """Resources of the embedding pass; none of these change the results."""
+    """Resources of the fit task and the embedding pass (both use gpus_per_actor); none change the results."""
 
     batch_docs: int = Field(64, ge=1)
     """Documents per Ray Data batch handed to an actor."""
@@ -140,6 +140,9 @@ class CurateConfig(JobConfig):
 
     def input_uris(self) -> list[str]:
         return [self.model, self.corpus] + ([self.seeds] if isinstance(self.seeds, str) else [])
+
+    def gpus_per_worker(self) -> float:
+        return self.runtime.gpus_per_actor
 
     @model_validator(mode="after")
     def _checks(self) -> CurateConfig:

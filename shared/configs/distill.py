@@ -67,9 +67,9 @@ class DistillRuntime(ActorPoolConfig):
     """Resources: the teacher's actor pool, then the training workers. None of these change the results."""
 
     num_workers: int = Field(1, ge=1)
-    """Ray Train workers (DDP) for fine-tuning; torch threads per worker default to the cores divided by them."""
+    """Ray Train workers (DDP) for fine-tuning."""
     cpus_per_worker: float = Field(1, gt=0)
-    """Logical CPUs per training worker."""
+    """Logical CPUs per training worker; it runs that many torch threads (at least 1)."""
     use_gpu: bool = False
     """Train on GPUs (one per worker)."""
 
@@ -107,6 +107,10 @@ class DistillConfig(JobConfig):
 
     def input_uris(self) -> list[str]:
         return [self.student, self.data] + ([self.teacher] if self.mode == "distilled" and self.teacher else [])
+
+    def gpus_per_worker(self) -> float:
+        teacher = self.runtime.gpus_per_actor if self.mode == "distilled" else 0.0
+        return max(teacher, 1.0 if self.runtime.use_gpu else 0.0)
 
     @model_validator(mode="after")
     def _teacher_needed(self) -> DistillConfig:

@@ -39,6 +39,9 @@ class EvaluateConfig(JobConfig):
     def input_uris(self) -> list[str]:
         return list(self.models.values()) + list(self.datasets.values())
 
+    def gpus_per_worker(self) -> float:
+        return self.runtime.gpus_per_actor
+
     @field_validator("models", "datasets")
     @classmethod
     def _names(cls, value: dict[str, str]) -> dict[str, str]:

@@ -72,9 +72,14 @@ class EvaluateDetectorConfig(JobConfig):
     """Scoring actors (each loads every detector once)."""
     cpus_per_actor: float = Field(0.5, gt=0.0)
     """CPUs per scoring actor (fractional on small machines, so reads always find a slot)."""
+    gpus_per_actor: float = Field(0.0, ge=0.0)
+    """GPUs per scoring actor (> 0 scores on CUDA; fractions share a GPU)."""
 
     def input_uris(self) -> list[str]:
         return [d.uri for d in self.detectors] + [t.uri for t in self.test_sets]
+
+    def gpus_per_worker(self) -> float:
+        return self.gpus_per_actor
 
     @model_validator(mode="after")
     def _unique(self) -> EvaluateDetectorConfig:

@@ -98,12 +98,11 @@ class _Generator(StrictModel):
     """Actors in this generator's pool, each loading the model once."""
     num_cpus: float = Field(0.5, gt=0)
     """Ray CPUs per actor. Fractional by default, so that read and write tasks always find a slot on small
-    machines (the actor's torch threads are set by torch_threads, not by this)."""
+    machines; the actor runs that many torch threads (at least 1) unless torch_threads says otherwise."""
     num_gpus: float = Field(0.0, ge=0)
     """GPUs per actor (fractions share a GPU); > 0 runs the model on CUDA."""
     torch_threads: int | None = Field(None, ge=1)
-    """torch intra-op threads per actor. Unset: the node's CPU count divided by this generator's actors (at least
-    1); 1 on GPU actors."""
+    """torch intra-op threads per actor. Unset: the CPUs reserved per actor (num_cpus, at least 1)."""
     dtype: Dtype = "float32"
     """Model weights dtype (half precision is for GPUs)."""
     batch_invariant: bool = True
@@ -251,3 +250,6 @@ class GenerateConfig(JobConfig):
         if self.prompts is not None and self.prompts.file:
             uris.append(self.prompts.file)
         return uris
+
+    def gpus_per_worker(self) -> float:
+        return max((g.num_gpus for g in self.generators), default=0.0)

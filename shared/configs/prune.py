@@ -89,3 +89,6 @@ class PruneConfig(JobConfig):
 
     def input_uris(self) -> list[str]:
         return [uri for uri in (self.model, self.calibration, self.eval_data) if uri]
+
+    def gpus_per_worker(self) -> float:
+        return 1.0 if self.use_gpu else 0.0

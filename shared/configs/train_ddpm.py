@@ -54,8 +54,10 @@ class TrainDdpmConfig(JobConfig):
     """Seed of initialisation, batching, flips and noise: the same config gives the same weights on one machine."""
     num_cpus: float = Field(1.0, gt=0.0)
     """Ray CPUs reserved for the training task."""
+    num_gpus: float = Field(0.0, ge=0.0)
+    """GPUs reserved for the training task (> 0 trains on CUDA; the task fails if it sees none)."""
     torch_threads: int | None = Field(None, ge=1)
-    """torch intra-op threads. Unset: every CPU of the node."""
+    """torch intra-op threads. Unset: the CPUs reserved (num_cpus, at least 1)."""
     log_every: int | None = Field(None, ge=1)
     """Print a progress line every N epochs. Unset: about 20 lines in all (every epoch when there are few)."""
     preview: int = Field(16, ge=0, le=256)
@@ -78,3 +80,6 @@ class TrainDdpmConfig(JobConfig):
 
     def input_uris(self) -> list[str]:
         return [self.data]
+
+    def gpus_per_worker(self) -> float:
+        return self.num_gpus

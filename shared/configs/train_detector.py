@@ -197,6 +197,9 @@ class DetectorConfig(JobConfig):
     def input_uris(self) -> list[str]:
         return [s.uri for s in self.sources]
 
+    def gpus_per_worker(self) -> float:
+        return 1.0 if self.use_gpu else 0.0
+
     @model_validator(mode="after")
     def _unique_names(self) -> DetectorConfig:
         names = [s.name for s in self.sources]

@@ -74,7 +74,9 @@ class TrainResult:
 
 
 def train_ddpm(images: torch.Tensor, cfg: TrainDdpmConfig, color: str,
-               log: Callable[[str], None] = print) -> TrainResult:
+               log: Callable[[str], None] = print, device: str = "cpu") -> TrainResult:
+    """Train on ``device``; every random draw (order, flips, noise, timesteps) comes from one CPU generator seeded
+    by the config, so the draws are the same on any device."""
     from diffusers import DDPMPipeline, DDPMScheduler
 
     n, channels = images.shape[0], images.shape[1]
@@ -86,8 +88,9 @@ def train_ddpm(images: torch.Tensor, cfg: TrainDdpmConfig, color: str,
     gen = torch.Generator().manual_seed(cfg.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        unet = build_unet(cfg, channels)
+        unet = build_unet(cfg, channels).to(device)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    images = images.to(device)
     scheduler = DDPMScheduler(num_train_timesteps=cfg.train_timesteps, beta_schedule=cfg.beta_schedule)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
 
@@ -105,12 +108,12 @@ def train_ddpm(images: torch.Tensor, cfg: TrainDdpmConfig, color: str,
         order = torch.randperm(n, generator=gen)
         losses = []
         for b in range(steps_per_epoch):
-            x0 = images[order[b * batch:(b + 1) * batch]]                                  # (B, C, H, W)
+            x0 = images[order[b * batch:(b + 1) * batch].to(device)]                       # (B, C, H, W)
             if cfg.hflip:
-                flip = torch.rand(x0.shape[0], generator=gen) < 0.5
+                flip = (torch.rand(x0.shape[0], generator=gen) < 0.5).to(device)
                 x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-            noise = torch.randn(x0.shape, generator=gen)
-            t = torch.randint(0, cfg.train_timesteps, (x0.shape[0],), generator=gen)
+            noise = torch.randn(x0.shape, generator=gen).to(device)
+            t = torch.randint(0, cfg.train_timesteps, (x0.shape[0],), generator=gen).to(device)
             loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t).sample, noise)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)

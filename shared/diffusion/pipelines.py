@@ -15,7 +15,6 @@ different batch shapes, so this is what makes an image byte-identical whatever b
 from __future__ import annotations
 
 import inspect
-import os
 from typing import Any
 
 import numpy as np
@@ -101,12 +100,13 @@ def load_pipeline(ref: str, options: StorageConfig | None = None, dtype: str = "
     return pipe.to(device)
 
 
-def device_for(num_gpus: float) -> str:
-    if num_gpus <= 0:
-        return "cpu"
-    if not torch.cuda.is_available():
-        raise ModelError("num_gpus > 0 but CUDA is not available on this node")
-    return "cuda"
+def device_for(num_gpus: float, where: str = "generator") -> str:
+    """The device outside Ray (benchmarks, tests): 'cpu' without GPUs, else the first CUDA device (an error if none);
+    Ray workers decide through ray_jobs/placement.claim instead."""
+    from shared.placement import choose_device
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return choose_device(where, "process", num_gpus, visible, [])
 
 
 def cpu_generators(seeds: list[int]) -> list[torch.Generator]:
@@ -262,12 +262,3 @@ class TextDiffusion:
                 raise ConfigError(f"{type(self.pipe).__name__}: {str(exc).strip().splitlines()[0]}") from None
 
         return per_image(batch_invariant, len(seeds), run)
-
-
-def torch_threads(requested: int | None, actors: int, on_gpu: bool) -> int:
-    """Intra-op threads for one actor: as requested, else the node's CPUs shared among this generator's actors."""
-    if requested:
-        return requested
-    if on_gpu:
-        return 1
-    return max(1, (os.cpu_count() or 1) // max(1, actors))
