@@ -39,11 +39,18 @@ class PlacementLedger:
         self.entries.pop(stage, None)
 
 
+_LEDGER: tuple[str, Any] | None = None
+"""(Ray job id, the driver's handle): an actor lives as long as its owner holds its handle."""
+
+
 def open_ledger(stage: str) -> None:
     """Start recording the placements of ``stage`` (the ledger is created on first use; workers find it by name in
     the job's namespace)."""
-    ledger = PlacementLedger.options(name=LEDGER, get_if_exists=True).remote()
-    ray.get(ledger.reset.remote(stage))
+    global _LEDGER
+    job = ray.get_runtime_context().get_job_id()
+    if _LEDGER is None or _LEDGER[0] != job:  # once per Ray connection: replacing the owner's handle ends the actor
+        _LEDGER = (job, PlacementLedger.options(name=LEDGER, get_if_exists=True).remote())
+    ray.get(_LEDGER[1].reset.remote(stage))
 
 
 def claim(stage: str, role: str, gpus: float, threads: int | None = None, *, train: bool = False) -> Placement:

@@ -8,8 +8,13 @@ import json
 import pyarrow as pa
 import pytest
 
+from ray_jobs.runtime import run_job
+from shared.config import load_config
+from shared.configs.curate import CurateConfig
+from shared.configs.distill import DistillConfig
 from shared.curation.features import tokenize
 from shared.data import write_parquet
+from shared.errors import UserError
 from shared.models import load_tokenizer
 from shared.storage import Storage
 from shared.tokens import CHARS_PER_TOKEN, cap_text
@@ -62,25 +67,26 @@ def test_jsonl_that_is_not_utf8_names_the_file_and_line_from_a_ray_task(tmp_path
 
 
 @pytest.mark.ray
-def test_repeated_ids_and_an_empty_selection_are_one_line_errors(tmp_path, env, tiny_llama_dir):
+def test_repeated_ids_and_an_empty_selection_are_one_line_errors(ray_session, tmp_path, tiny_llama_dir):
     texts = _texts(20)
     rows = [{"id": f"d{i}", "text": t} for i, t in enumerate(texts)] + [{"id": "d3", "text": texts[3]}]
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    base = [*SMALL, "--set", f"corpus={tmp_path / 'corpus.jsonl'}", "--set", f"output_root={tmp_path / 'run'}",
-            "--set", f"seeds=[{texts[3]}]"]
-    repeated = run_cli("run", "curate", *base, "--set", "retrieval.m=4", env=env)
-    _one_line(repeated, "id 'd3' is on 2 rows", "ids must be unique")
-    nothing = run_cli("run", "curate", *base, "--set", "retrieval.m=null", "--set", "retrieval.threshold=1.5",
-                      env=env)
-    _one_line(nothing, "retrieval.threshold=1.5 selects no document", "the highest sae score is")
+    overrides = [o for o in SMALL if o != "--set"] + [f"corpus={tmp_path / 'corpus.jsonl'}",
+                                                      f"output_root={tmp_path / 'run'}", f"seeds=[{texts[3]}]"]
+    # in this process (the CLI prints the same UserError as one line: tests above and tests/test_cli.py)
+    with pytest.raises(UserError, match="id 'd3' is on 2 rows .* ids must be unique"):
+        run_job(load_config(CurateConfig, None, [*overrides, "retrieval.m=4"]))
+    with pytest.raises(UserError, match=r"retrieval.threshold=1.5 selects no document .* \(the highest sae score is"):
+        run_job(load_config(CurateConfig, None, [*overrides, "retrieval.m=null", "retrieval.threshold=1.5"]))
     assert not (tmp_path / "run" / "curate" / "_SUCCESS").exists()
 
-    # distill: two rows with one id would share one teacher rewrite
+    # distill: two rows with one id would share one teacher rewrite; refused before the teacher loads
     curated = [{"id": "x", "text": texts[0]}, {"id": "y", "text": texts[1]}, {"id": "x", "text": texts[2]}]
     (tmp_path / "curated.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curated))
-    distill = run_cli("run", "distill", "--set", f"data={tmp_path / 'curated.jsonl'}", "--set", "student=tiny-llama",
-                      "--set", "teacher=tiny-llama", "--set", f"output_root={tmp_path / 'run'}", env=env)
-    _one_line(distill, f"data {tmp_path / 'curated.jsonl'}: id 'x' is on rows 0 and 2; ids must be unique")
+    with pytest.raises(UserError, match=f"data {tmp_path / 'curated.jsonl'}: id 'x' is on rows 0 and 2; ids must "
+                                        "be unique"):
+        run_job(load_config(DistillConfig, None, [f"data={tmp_path / 'curated.jsonl'}", "student=tiny-llama",
+                                                  "teacher=tiny-llama", f"output_root={tmp_path / 'run'}"]))
 
 
 def test_a_huge_document_reaches_the_tokenizer_cut_to_a_bound(tiny_llama_dir):
