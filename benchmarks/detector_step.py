@@ -91,7 +91,8 @@ def throughput(epochs: int) -> dict:
     data = Storage(str(work)).child("faces")
     write_parquet(standin_table(faces), data, "part-0.parquet")
     settings = {"output_root": str(work / "runs"), "sources": [{"name": "faces", "uri": data.uri()}],
-                "model": MODEL, "epochs": epochs, "batch_size": 32, "num_workers": 1, "max_failures": 0,
+                "model": MODEL, "epochs": epochs, "batch_size": 32,
+                "runtime": {"num_workers": 1, "max_failures": 0},
                 "boosting": {"method": "momentum", "warmup_epochs": 1}}
     cfg = validate_config(DetectorConfig, settings, "benchmark")
 

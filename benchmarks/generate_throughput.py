@@ -52,10 +52,12 @@ def build_model(gpu: bool, folder: Path) -> None:
 def generator_spec(gpu: bool, model: str, count: int, actors: int) -> dict:
     if gpu:
         return {"name": "sd15", "mode": "text2img", "model": model, "count": count, "steps": 20, "guidance": 7.5,
-                "scheduler": "dpm-solver", "dtype": "bfloat16", "num_gpus": 1.0 / actors, "num_cpus": 1.0,
-                "actors": actors, "batch_size": 8, "batch_invariant": False}
+                "scheduler": "dpm-solver", "dtype": "bfloat16", "batch_size": 8, "batch_invariant": False,
+                "runtime": {"num_actors": actors, "gpus_per_actor": 1.0 / actors, "cpus_per_actor": 1.0}}
+    # the actors share the cores: each reserves (and runs torch threads on) its share
     return {"name": "ddpm", "mode": "unconditional", "model": model, "count": count, "steps": 25, "scheduler": "ddim",
-            "actors": actors, "batch_size": 8}
+            "batch_size": 8, "runtime": {"num_actors": actors,
+                                         "cpus_per_actor": max(1, (os.cpu_count() or 1) // actors)}}
 
 
 def make_config(spec: dict, output_root: str, gpu: bool):
@@ -81,7 +83,7 @@ def bare_loop(cfg, out: Path) -> tuple[float, int, dict[str, bytes]]:
 
     spec = cfg.generators[0]
     started = time.perf_counter()
-    stage = GeneratorStage(spec, cfg.output, device=device_for(spec.num_gpus))
+    stage = GeneratorStage(spec, cfg.output, device=device_for(spec.runtime.gpus_per_actor))
     stage.setup()
     prompts = load_prompts(cfg.prompts)
     requests = count_requests(spec, generator_seed(spec, cfg.seed), prompts, np.arange(spec.count))
@@ -92,7 +94,7 @@ def bare_loop(cfg, out: Path) -> tuple[float, int, dict[str, bytes]]:
         pq.write_table(result.table, out / f"part-{i:05d}.parquet")
         images.update(zip(result.table.column("id").to_pylist(), result.table.column("image").to_pylist()))
         dropped += len(result.drops)
-    if spec.num_gpus:
+    if spec.runtime.gpus_per_actor:
         torch.cuda.synchronize()
     return time.perf_counter() - started, dropped, images
 

@@ -220,7 +220,7 @@ def _torch_pruning(model: Any, calibration: list, pad: int, scale: float, target
     pruner.step()
     _mark("torch-pruning: pruner.step() done", clock)
     model.zero_grad(set_to_none=True)
-    for index, layer in enumerate(model.model.layers):  # what Torch-Pruning's LLM example patches by hand
+    for layer in model.model.layers:  # what Torch-Pruning's LLM example patches by hand
         attn = layer.self_attn
         heads = attn.q_proj.out_features // attn.head_dim
         kv = attn.k_proj.out_features // attn.head_dim

@@ -26,8 +26,13 @@ sys.path.insert(0, str(ROOT))
 def activations(model_ref: str, docs: int, k_act: int):
     import torch
 
-    from shared.curation.activations import default_layer, select_coordinates, statistic_scores, token_mask, \
-        truncate_to_layer
+    from shared.curation.activations import (
+        default_layer,
+        select_coordinates,
+        statistic_scores,
+        token_mask,
+        truncate_to_layer,
+    )
     from shared.curation.corpus import chunk_documents, news, newsgroups
     from shared.curation.features import length_batches, pad_batch, tokenize
     from shared.models import load_causal_lm

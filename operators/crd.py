@@ -16,8 +16,17 @@ from typing import Any
 import yaml
 
 from operators.schema import structural
-from operators.spec import (API_VERSION, GROUP, KIND, PIPELINE_FIELDS, PLURAL, VERSION, PipelineSpec, StageOptions,
-                            secret_fields)
+from operators.spec import (
+    API_VERSION,
+    GROUP,
+    KIND,
+    PIPELINE_FIELDS,
+    PLURAL,
+    VERSION,
+    PipelineSpec,
+    StageOptions,
+    secret_fields,
+)
 from shared.config import StorageConfig, json_schema
 from shared.configs import JOB_CONFIGS, summary
 from shared.configs.pipeline import StageSpec

@@ -192,7 +192,8 @@ def plan(pipeline: Pipeline, meta: dict[str, Any], api_version: str, status: dic
         elif outcome == "Running":
             entry.update(state="Retrying" if number else "Running")
             current, blocked = stage.name, True
-            message = f"stage {index + 1}/{total} {stage.name}: attempt {number + 1} of {stage.spec.retries + 1} running"
+            message = (f"stage {index + 1}/{total} {stage.name}: attempt {number + 1} of {stage.spec.retries + 1} "
+                       "running")
         else:
             reason = failure_reason(latest)
             entry["message"] = reason

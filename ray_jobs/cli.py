@@ -14,10 +14,10 @@ finished stage exits 0.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import sys
-import inspect
 from collections.abc import Callable
 
 from shared.config import describe_fields, json_schema, load_config
@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("jobs", help="list the jobs, one line each")
 
     run = sub.add_parser("run", help="run one job on Ray", add_help=False,
-                         description="Run one job on Ray: RAY_ADDRESS (or --ray-address) if set, else a local instance.")
+                         description="Run one job on Ray: RAY_ADDRESS (or --ray-address) if set, else a local "
+                                     "instance.")
     run.add_argument("job", nargs="?", help="job name (see 'scopeforge jobs')")
     add_config_arguments(run)
     run.add_argument("--force", action="store_true", help="rerun even if the stage is done for this config")

@@ -391,7 +391,8 @@ def save_sae(stage: Stage, fit: dict[str, Any], cfg: CurateConfig) -> None:
 
     state = fit["state"]
     stage.store.write_bytes(save(state["sae_tensors"]), "sae", "sae.safetensors")
-    stage.store.write_bytes(save({"latent_idf": torch.as_tensor(np.array(state["idf"]))}), "sae", "latent_idf.safetensors")
+    stage.store.write_bytes(save({"latent_idf": torch.as_tensor(np.array(state["idf"]))}), "sae",
+                            "latent_idf.safetensors")
     meta = {"model": cfg.model, "layer": fit["layer"], "selector": cfg.coordinates.selector,
             "skip_first_token": cfg.skip_first_token, **state["sae_shape"]}
     stage.store.write_text(yaml.safe_dump(meta, sort_keys=False), "sae", "config.yaml")

@@ -30,8 +30,9 @@ def run(cfg: CurateImagesConfig, stage: Stage) -> dict[str, Any]:
     base = manifest_base(source.location)
 
     print(f"curate-images: scanning {cfg.manifest} (prompt filter, size bounds, perceptual hashes)", flush=True)
-    scan = read_dataset(cfg.manifest, cfg.storage).repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
-        scan_batch, fn_args=(cfg, base), batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=cfg.num_cpus)
+    run = cfg.runtime
+    scan = read_dataset(cfg.manifest, cfg.storage).repartition(target_num_rows_per_block=run.batch_size).map_batches(
+        scan_batch, fn_args=(cfg, base), batch_size=run.batch_size, batch_format="pyarrow", num_cpus=run.cpus_per_task)
     table = _concat([ray.get(ref) for ref in scan.to_arrow_refs()])
     if table.num_rows == 0:
         raise DataError(f"manifest {cfg.manifest}: no rows")
@@ -41,9 +42,9 @@ def run(cfg: CurateImagesConfig, stage: Stage) -> dict[str, Any]:
 
     shards = []
     if keep:
-        encoded = read_dataset(cfg.manifest, cfg.storage).repartition(target_num_rows_per_block=cfg.batch_size) \
-            .map_batches(encode_batch, fn_args=(cfg, keep, base), batch_size=cfg.batch_size, batch_format="pyarrow",
-                         num_cpus=cfg.num_cpus)
+        encoded = read_dataset(cfg.manifest, cfg.storage).repartition(target_num_rows_per_block=run.batch_size) \
+            .map_batches(encode_batch, fn_args=(cfg, keep, base), batch_size=run.batch_size, batch_format="pyarrow",
+                         num_cpus=run.cpus_per_task)
         shards = shard_uris(stage, f"images/{cfg.name}", write_shards(encoded, stage, "images", cfg.name))
     stage.outputs["dataset"] = "images"
 

@@ -93,7 +93,8 @@ def results(cfg: DeepfakeDemoConfig, summary: dict[str, Any], seconds: float) ->
                                 "best_val_auc": train["best_val_auc"], "best_epoch": train["best_epoch"],
                                 "train_samples": train["samples"]["train"], "train_seconds": train["train_seconds"]}
         rows.append(f"| {variant} | {'one generator' if variant.startswith('single') else 'all but held-out'} | "
-                    f"{'momentum boosting' if variant.endswith('boost') else 'uniform'} | {train['samples']['train']} | "
+                    f"{'momentum boosting' if variant.endswith('boost') else 'uniform'} | "
+                    f"{train['samples']['train']} | "
                     f"{train['best_val_auc']:.3f} | {cell['clean']['auc']:.3f} | {cell['clean']['ap']:.3f} | "
                     f"{cell['clean']['eer']:.3f} | {cell['clean']['acc']:.3f} |")
     counts = evaluation["matrix"][VARIANTS[0]][held]["clean"]

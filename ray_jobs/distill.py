@@ -23,7 +23,7 @@ import ray.train
 
 from ray_jobs.metrics import Throughput, TrainingProgress
 from ray_jobs.placement import claim
-from ray_jobs.train_launch import WorkerResources, fit_workers
+from ray_jobs.train_launch import fit_workers
 from shared.configs.distill import DistillConfig
 from shared.data import read_table, write_parquet
 from shared.distill.examples import Example, build_examples
@@ -93,8 +93,15 @@ def train_loop(config: dict[str, Any]) -> None:
     """Per worker: load the student, resume from the latest checkpoint of this stage, train, checkpoint, save."""
     import torch
 
-    from shared.distill.finetune import (Schedule, check_resume, merged_for_saving, prepare_student, step_examples,
-                                         train_step, trainable_parameters)
+    from shared.distill.finetune import (
+        Schedule,
+        check_resume,
+        merged_for_saving,
+        prepare_student,
+        step_examples,
+        train_step,
+        trainable_parameters,
+    )
     from shared.lm_data import LMExample
     from shared.models import load_causal_lm, save_model
     from shared.storage import Storage
@@ -160,8 +167,7 @@ def train_loop(config: dict[str, Any]) -> None:
 def fine_tune(cfg: DistillConfig, stage: Stage, examples: list[Any]) -> list[dict[str, Any]]:
     config = {"cfg": cfg, "examples": [e.to_dict() for e in examples], "config_hash": stage.config_hash,
               "attempt_uri": stage.store.uri(), "stage_name": stage.name}
-    resources = WorkerResources(cfg.runtime.num_workers, cfg.runtime.cpus_per_worker, cfg.runtime.use_gpu)
-    fit_workers(train_loop, config, stage, resources, run_name="train")
+    fit_workers(train_loop, config, stage, cfg.runtime, run_name="train")
     return stage.store.read_json("training_history.json")
 
 

@@ -76,7 +76,7 @@ class EvalActor:
         self.throughput = Throughput("evaluate", stage_name, ("documents", "tokens"))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from shared.evaluation import example_nll, exact_match, pick_choice
+        from shared.evaluation import exact_match, example_nll, pick_choice
         from shared.generation import chat_prompt, generate_text
         from shared.lm_data import encode_pairs, encode_texts
 

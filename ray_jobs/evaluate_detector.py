@@ -23,7 +23,7 @@ import ray.data
 
 from ray_jobs.detector_data import decode_mixture
 from ray_jobs.placement import claim
-from shared.config import StorageConfig
+from shared.config import ActorPoolConfig, StorageConfig
 from shared.configs.evaluate_detector import EvaluateDetectorConfig
 from shared.configs.train_detector import SourceConfig, SplitConfig
 from shared.data import write_parquet
@@ -42,8 +42,8 @@ class Scorer:
     """Ray Data actor: every detector loaded once; a batch in, one score column per (detector, condition) out."""
 
     def __init__(self, detectors: list[tuple[str, str]], conditions: list[tuple[str, str, float]],
-                 options: StorageConfig | None, stage_name: str, gpus: float):
-        self.device = claim(stage_name, "scoring actor", gpus).device
+                 options: StorageConfig | None, stage_name: str, pool: ActorPoolConfig):
+        self.device = claim(stage_name, "scoring actor", pool.gpus_per_actor, pool.threads).device
         self.models = []
         for name, uri in detectors:
             model, spec = load_detector(uri, options)
@@ -102,7 +102,7 @@ def run(cfg: EvaluateDetectorConfig, stage: Stage) -> dict[str, Any]:
         keep = SPLITS if t.split == "all" else (t.split,)
         plan = plan_mixture([SourceConfig(name=t.name, uri=t.uri)], split, cfg.storage, keep_splits=keep,
                             require_both_classes=(), what=f"test set '{t.name}'")
-        decoded, bad = decode_mixture(plan, cfg.storage, blocks=max(2, 2 * cfg.num_actors))
+        decoded, bad = decode_mixture(plan, cfg.storage, blocks=max(2, 2 * cfg.runtime.num_actors))
         dropped += [{**row, "test_set": t.name} for row in bad]
         if bad:
             print(f"test set '{t.name}': dropped {len(bad)} undecodable image(s), e.g. {bad[0]['id']}: "
@@ -112,9 +112,9 @@ def run(cfg: EvaluateDetectorConfig, stage: Stage) -> dict[str, Any]:
         scored = decoded.map_batches(
             Scorer, fn_constructor_kwargs={"detectors": [(d.name, d.uri) for d in cfg.detectors], "conditions": conds,
                                            "options": cfg.storage, "stage_name": cfg.stage_name,
-                                           "gpus": cfg.gpus_per_actor},
-            compute=ray.data.ActorPoolStrategy(size=cfg.num_actors), num_cpus=cfg.cpus_per_actor,
-            num_gpus=cfg.gpus_per_actor or None,
+                                           "pool": cfg.runtime},
+            compute=ray.data.ActorPoolStrategy(size=cfg.runtime.num_actors), num_cpus=cfg.runtime.cpus_per_actor,
+            num_gpus=cfg.runtime.gpus_per_actor or None,
             batch_size=cfg.batch_size, batch_format="numpy")
         frame = scored.to_pandas()
         meta = plan.rows.to_pandas()[["index", "id", "source"]]
@@ -132,7 +132,7 @@ def run(cfg: EvaluateDetectorConfig, stage: Stage) -> dict[str, Any]:
     matrix, columns = evaluation_matrix(testset, source, label, by_key, cfg.threshold)
     names = [d.name for d in cfg.detectors]
     column_meta = {}
-    for col, mask in columns.items():
+    for col in columns:
         t_name = col.split("/", 1)[0] if len(cfg.test_sets) > 1 else cfg.test_sets[0].name
         src = col.split("/", 1)[1] if len(cfg.test_sets) > 1 else col
         is_real = bool(((source == src) & (label == 0) & (testset == t_name)).any())

@@ -28,8 +28,14 @@ from ray_jobs.data import read_dataset, require_columns, shard_uris, write_shard
 from ray_jobs.metrics import Throughput
 from ray_jobs.placement import claim
 from shared.configs.generate import GenerateConfig, GeneratorSpec, Img2ImgGenerator, RealSource
-from shared.diffusion.generate import (GeneratorStage, count_requests, encode_reals, generator_seed, load_prompts,
-                                       source_requests)
+from shared.diffusion.generate import (
+    GeneratorStage,
+    count_requests,
+    encode_reals,
+    generator_seed,
+    load_prompts,
+    source_requests,
+)
 from shared.diffusion.realsets import REAL_ALIASES, REAL_COLUMNS, file_id, image_files, real_kind
 from shared.errors import DataError
 from shared.stage import Stage
@@ -58,7 +64,8 @@ class DropLedger:
         self.drops.extend(drops)
 
     def summary(self) -> dict[str, Any]:
-        return {"made": dict(self.made), "model_seconds": dict(self.model_seconds), "cpu_seconds": dict(self.cpu_seconds),
+        return {"made": dict(self.made), "model_seconds": dict(self.model_seconds),
+                "cpu_seconds": dict(self.cpu_seconds),
                 "setup_seconds": {k: list(v) for k, v in self.setup_seconds.items()}, "drops": list(self.drops)}
 
 
@@ -67,7 +74,7 @@ class GenerateActor:
 
     def __init__(self, spec: GeneratorSpec, cfg: GenerateConfig, stage_name: str, ledger: Any) -> None:
         started = time.perf_counter()
-        device = claim(stage_name, f"{spec.name} actor", spec.num_gpus, spec.torch_threads).device
+        device = claim(stage_name, f"{spec.name} actor", spec.runtime.gpus_per_actor, spec.runtime.threads).device
         self.spec, self.ledger = spec, ledger
         self.stage = GeneratorStage(spec, cfg.output, cfg.storage, device=device)
         self.stage.setup()
@@ -144,7 +151,8 @@ def request_dataset(spec: GeneratorSpec, cfg: GenerateConfig, prompts: list[str]
         total = spec.count
         ds = ray.data.range(total).map_batches(
             lambda batch: count_requests(spec, base_seed, prompts, batch["id"]), batch_format="numpy", num_cpus=0.25)
-    blocks = max(2 * spec.actors, min(math.ceil(total / spec.batch_size), 16 * spec.actors))
+    actors = spec.runtime.num_actors
+    blocks = max(2 * actors, min(math.ceil(total / spec.batch_size), 16 * actors))
     return ds.repartition(blocks)
 
 
@@ -179,13 +187,14 @@ def run(cfg: GenerateConfig, stage: Stage) -> dict[str, Any]:
         _check_drops(cfg, real.name, ray.get(ledger.summary.remote()))
 
     for spec in cfg.generators:
-        print(f"generate: {spec.name} ({spec.mode}, {spec.model}) on {spec.actors} actor(s) -> images/{spec.name}",
+        pool = spec.runtime
+        print(f"generate: {spec.name} ({spec.mode}, {spec.model}) on {pool.num_actors} actor(s) -> images/{spec.name}",
               flush=True)
         started = time.perf_counter()
         ds = request_dataset(spec, cfg, prompts).map_batches(
             GenerateActor, fn_constructor_args=(spec, cfg, stage.name, ledger),
-            compute=ray.data.ActorPoolStrategy(size=spec.actors), batch_size=spec.batch_size, batch_format="pyarrow",
-            num_cpus=spec.num_cpus, num_gpus=spec.num_gpus)
+            compute=ray.data.ActorPoolStrategy(size=pool.num_actors), batch_size=spec.batch_size,
+            batch_format="pyarrow", num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor or None)
         shards[spec.name] = _write(ds, stage, spec.name)
         wall[spec.name] = time.perf_counter() - started
         _check_drops(cfg, spec.name, ray.get(ledger.summary.remote()))

@@ -18,11 +18,10 @@ from shared.stage import Stage
 def _inspect(cfg: InspectModelConfig) -> dict[str, Any]:
     import torch
 
-    from shared.generation import chat_prompt, generate_text
-    from shared.models import describe_architecture, load_causal_lm
-
     from ray_jobs.metrics import Progress, Throughput
     from ray_jobs.placement import claim
+    from shared.generation import chat_prompt, generate_text
+    from shared.models import describe_architecture, load_causal_lm
 
     claim(cfg.stage_name, "inspect task", 0.0)
     progress = Progress(cfg.JOB, cfg.stage_name)
@@ -39,7 +38,8 @@ def _inspect(cfg: InspectModelConfig) -> dict[str, Any]:
             started = time.perf_counter()
             prompt = chat_prompt(tokenizer, cfg.prompt)
             report["sample"] = {"prompt": cfg.prompt,
-                                "answer": generate_text(model, tokenizer, [prompt], max_new_tokens=cfg.max_new_tokens)[0],
+                                "answer": generate_text(model, tokenizer, [prompt],
+                                                        max_new_tokens=cfg.max_new_tokens)[0],
                                 "seconds": round(time.perf_counter() - started, 3)}
             tokens = len(tokenizer(report["sample"]["answer"], add_special_tokens=False)["input_ids"])
             Throughput(cfg.JOB, cfg.stage_name, ("tokens",)).add(tokens=tokens)  # ray_scopeforge_tokens_total

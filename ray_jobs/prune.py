@@ -25,7 +25,7 @@ from typing import Any
 import ray
 import ray.train
 
-from ray_jobs.train_launch import WorkerResources, fit_workers
+from ray_jobs.train_launch import fit_workers
 from shared.configs.prune import PruneConfig
 from shared.errors import DataError
 from shared.lm_data import EncodeStats, LMExample, load_examples
@@ -59,10 +59,10 @@ def prepare(cfg: PruneConfig) -> Inputs:
     calibration, stats = load_examples(cfg.calibration, tokenizer, max_length=cfg.max_length,
                                        max_examples=cfg.max_examples, seed=cfg.seed, text_column=cfg.text_column,
                                        options=cfg.storage, what="calibration")
-    if stats.examples < max(cfg.min_examples, cfg.num_workers):
+    if stats.examples < max(cfg.min_examples, cfg.runtime.num_workers):
         skipped = ", ".join(f"{n} {reason}" for reason, n in stats.skipped.items()) or "none skipped"
         raise DataError(f"calibration {cfg.calibration}: {stats.examples} usable examples of {stats.rows} rows "
-                        f"({skipped}); need at least {max(cfg.min_examples, cfg.num_workers)} (min_examples)")
+                        f"({skipped}); need at least {max(cfg.min_examples, cfg.runtime.num_workers)} (min_examples)")
     evaluation: list[LMExample] = []
     eval_stats = None
     if cfg.eval_data:
@@ -93,14 +93,13 @@ def run(cfg: PruneConfig, stage: Stage) -> dict[str, Any]:
           f"{inputs.target.num_layers} -> keep {first.kv_groups} KV groups and {first.channels} channels each; "
           f"{plan.params_before:,} -> {plan.params_after:,} parameters ({plan.achieved_fraction:.3f} removed, "
           f"target {cfg.fraction}); importance {cfg.importance} on {inputs.calibration_stats.examples} examples / "
-          f"{inputs.calibration_stats.target_tokens:,} tokens, {cfg.num_workers} worker(s)", flush=True)
+          f"{inputs.calibration_stats.target_tokens:,} tokens, {cfg.runtime.num_workers} worker(s)", flush=True)
 
     config = {"cfg": cfg, "stage_name": stage.name, "attempt_uri": stage.store.uri(), "plan": plan,
               "layers": inputs.target.layers, "calibration": [e.to_dict() for e in inputs.calibration],
               "evaluation": [e.to_dict() for e in inputs.evaluation],
               "calibration_tokens": inputs.calibration_stats.target_tokens}
-    resources = WorkerResources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu)
-    result = fit_workers(_worker, config, stage, resources, role="importance worker", run_name="prune",
+    result = fit_workers(_worker, config, stage, cfg.runtime, role="importance worker", run_name="prune",
                          resumable=False)
     worker: dict[str, Any] = result.return_value
     stage.store.rm("ray_train")  # Ray Train left only its storage probe there
@@ -117,7 +116,7 @@ def run(cfg: PruneConfig, stage: Stage) -> dict[str, Any]:
         "per_layer": worker["per_layer"], "layer_widths": worker["widths"], "output": worker["output"],
         "timings_s": worker["timings_s"], "worker_cpu_s": worker["worker_cpu_s"],
         "torch_threads": worker["torch_threads"],
-        "num_workers": cfg.num_workers, "seconds": round(time.perf_counter() - started, 1),
+        "num_workers": cfg.runtime.num_workers, "seconds": round(time.perf_counter() - started, 1),
     }
     metrics["timings_s"].update(driver_prepare=round(inputs.seconds, 2), total=metrics["seconds"])
     stage.outputs["model"] = "model"
@@ -154,7 +153,7 @@ def _worker(config: dict[str, Any]) -> dict[str, Any] | None:
     plan = config["plan"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    placement = claim(config["stage_name"], "importance worker", 1.0 if cfg.use_gpu else 0.0, train=True)
+    placement = claim(config["stage_name"], "importance worker", 1.0 if cfg.runtime.use_gpu else 0.0, train=True)
     device = torch.device(placement.device)
     distributed = dist.is_available() and dist.is_initialized() and world > 1
 

@@ -27,6 +27,7 @@ def run(cfg: StandinFacesConfig, stage: Stage) -> dict[str, Any]:
         write_parquet(part, stage.store, "dataset", f"part-{shard:05d}.parquet")
     stage.outputs["dataset"] = "dataset"
     counts = dict(sorted(Counter(sources).items()))
-    print(f"stand-in faces: {table.num_rows} images of {cfg.size}x{cfg.size} ({', '.join(f'{k}: {v}' for k, v in counts.items())})"
+    per_source = ", ".join(f"{k}: {v}" for k, v in counts.items())
+    print(f"stand-in faces: {table.num_rows} images of {cfg.size}x{cfg.size} ({per_source})"
           f" -> {stage.store.uri('dataset')}")
     return {"images": table.num_rows, "per_source": counts, "size": cfg.size, "standin": True}

@@ -32,7 +32,7 @@ def _train(cfg: TrainDdpmConfig, attempt_uri: str) -> dict[str, Any]:
     from shared.diffusion.report import image_grid
 
     cpu_started = time.process_time()
-    device = claim(cfg.stage_name, "training task", cfg.num_gpus, cfg.torch_threads).device
+    device = claim(cfg.stage_name, "training task", cfg.runtime.num_gpus, cfg.runtime.threads).device
     table = read_real_table(cfg.data, cfg.storage, cfg.limit)
     images, color = training_images(table, cfg.image_size, cfg.color)
     result = train_ddpm(images, cfg, color, log=lambda line: print(line, flush=True), device=device)
@@ -55,7 +55,7 @@ def _train(cfg: TrainDdpmConfig, attempt_uri: str) -> dict[str, Any]:
 
 
 def run(cfg: TrainDdpmConfig, stage: Stage) -> dict[str, Any]:
-    task = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)(_train)
+    task = ray.remote(num_cpus=cfg.runtime.num_cpus, num_gpus=cfg.runtime.num_gpus)(_train)
     out = ray.get(task.remote(cfg, stage.store.uri()))
     stage.outputs["model"] = "pipeline"
     history = out["history"]

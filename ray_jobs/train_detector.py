@@ -32,14 +32,13 @@ from ray.train import CheckpointConfig, DataConfig, LoggingConfig
 from ray_jobs.detector_data import decode_mixture, split_of
 from ray_jobs.metrics import TrainingProgress
 from ray_jobs.placement import claim
-from ray_jobs.train_launch import WorkerResources, fit_workers
+from ray_jobs.train_launch import fit_workers
 from shared.configs.train_detector import DetectorConfig
 from shared.data import write_parquet
 from shared.detection.augment import resize_batch, to_tensor
 from shared.detection.backbones import build_detector, fake_probability, make_spec, save_detector, unwrap
 from shared.detection.boosting import Booster, torch_all_gather
-from shared.detection.checkpoint import (FINGERPRINT_FILE, check_fingerprint, load_training_state,
-                                         save_training_state)
+from shared.detection.checkpoint import FINGERPRINT_FILE, check_fingerprint, load_training_state, save_training_state
 from shared.detection.metrics import accuracy, average_precision, roc_auc
 from shared.detection.mixture import LABEL_NAMES, plan_mixture
 from shared.detection.report import training_report
@@ -90,7 +89,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
 
     # --- setup: model, optimiser, booster; state from the latest checkpoint (a crashed run) or resume_from
-    device = torch.device(claim(cfg.stage_name, "training worker", 1.0 if cfg.use_gpu else 0.0, train=True).device)
+    gpus = 1.0 if cfg.runtime.use_gpu else 0.0
+    device = torch.device(claim(cfg.stage_name, "training worker", gpus, train=True).device)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng([cfg.seed, rank])
     model = ray.train.torch.prepare_model(build_detector(spec, pretrained=True, options=cfg.storage))
@@ -191,7 +191,8 @@ def run(cfg: DetectorConfig, stage: Stage) -> dict[str, Any]:
         print(f"  {row['dataset']}: {row['source']} ({row['label']}) {row['split']}: {row['rows']}")
     fingerprint = {"config": cfg.fingerprint(), "mixture": plan.fingerprint}
     resume_from = _resume_checkpoint(cfg, fingerprint)
-    decoded, dropped = decode_mixture(plan, cfg.storage, blocks=max(8, 4 * cfg.num_workers), shuffle_seed=cfg.seed)
+    decoded, dropped = decode_mixture(plan, cfg.storage, blocks=max(8, 4 * cfg.runtime.num_workers),
+                                      shuffle_seed=cfg.seed)
     if dropped:
         print(f"dropped {len(dropped)} undecodable image(s), e.g. {dropped[0]['dataset']}/{dropped[0]['id']}: "
               f"{dropped[0]['reason']}", flush=True)
@@ -217,8 +218,7 @@ def run(cfg: DetectorConfig, stage: Stage) -> dict[str, Any]:
               "group_names": plan.group_names, "resume_from": resume_from}
     started = time.time()
     result = fit_workers(
-        train_loop, config, stage, WorkerResources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu,
-                                                   cfg.max_failures), run_name=RUN_NAME,
+        train_loop, config, stage, cfg.runtime, run_name=RUN_NAME,
         checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_auc",
                                            checkpoint_score_order="max"),
         logging_config=LoggingConfig(log_level="WARNING"),
@@ -247,7 +247,8 @@ def run(cfg: DetectorConfig, stage: Stage) -> dict[str, Any]:
         "samples": {s: int((splits == s).sum()) for s in ("train", "val")}, "groups": plan.group_names,
         "dropped": {"count": len(dropped), "rows": dropped[:50]}, "skipped_rows": plan.skipped,
         "train_seconds": round(time.time() - started, 1), "mixture_fingerprint": plan.fingerprint,
-        "world_size": cfg.num_workers, "resumed_at_epoch": (result.return_value or {}).get("start_epoch") or None,
+        "world_size": cfg.runtime.num_workers,
+        "resumed_at_epoch": (result.return_value or {}).get("start_epoch") or None,
         "state_checksum": history[-1]["state_checksum"],
         "history": history, "difficulty_history": difficulty_history,
     }

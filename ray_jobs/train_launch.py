@@ -18,8 +18,9 @@ from __future__ import annotations
 import datetime as dt
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import ray
 import ray.train
@@ -28,6 +29,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
 
 from ray_jobs.runtime import cause_of, started_locally
+from shared.config import WorkersConfig
 from shared.errors import UserError
 from shared.placement import choose_device
 from shared.stage import Stage
@@ -35,18 +37,8 @@ from shared.stage import Stage
 LOOPBACK = "127.0.0.1"
 
 
-@dataclass(frozen=True)
-class WorkerResources:
-    """What each Ray Train worker reserves, and how many worker-group failures a run survives."""
-
-    num_workers: int = 1
-    cpus_per_worker: float = 1.0
-    use_gpu: bool = False
-    max_failures: int = 0
-
-
 def fit_workers(train_loop: Callable[[dict[str, Any]], Any], config: dict[str, Any], stage: Stage,
-                resources: WorkerResources, *, role: str = "training worker", run_name: str = "run",
+                resources: WorkersConfig, *, role: str = "training worker", run_name: str = "run",
                 resumable: bool = True,
                 datasets: dict[str, ray.data.Dataset] | None = None, dataset_config: DataConfig | None = None,
                 checkpoint_config: CheckpointConfig | None = None, logging_config: Any = None) -> ray.train.Result:

@@ -45,7 +45,8 @@ class StorageConfig(StrictModel):
 
 
 class ActorPoolConfig(StrictModel):
-    """Resources of a Ray Data actor pool. None of them changes a job's results (they are not in its config hash)."""
+    """Resources of a Ray Data actor pool. None of them changes a job's results: like every ``runtime`` section,
+    they are not in the stage's config hash."""
 
     num_actors: int = Field(1, ge=1)
     """Actors in the pool; each loads its model once."""
@@ -58,13 +59,46 @@ class ActorPoolConfig(StrictModel):
     """torch threads per actor. Unset: the CPUs reserved per actor (at least 1, at most the usable cores)."""
 
 
+class WorkersConfig(StrictModel):
+    """Resources of a Ray Train worker group. Not in the stage's config hash."""
+
+    num_workers: int = Field(1, ge=1, le=1024)
+    """Ray Train workers (DDP ranks)."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """Logical CPUs reserved per worker; it runs that many torch threads (at least 1)."""
+    use_gpu: bool = False
+    """One GPU per worker (a worker that sees none fails with one line, before the process group forms)."""
+    max_failures: int = Field(0, ge=0, le=100)
+    """Worker-group failures Ray Train recovers from, restarting from the latest checkpoint."""
+
+
+class TasksConfig(StrictModel):
+    """Resources of the Ray Data tasks of a job (no actors). Not in the stage's config hash."""
+
+    cpus_per_task: float = Field(0.5, gt=0)
+    """Logical CPUs per task (fractional on small machines, so several run at once)."""
+
+
+class TaskConfig(StrictModel):
+    """Resources of one Ray task. Not in the stage's config hash."""
+
+    num_cpus: float = Field(1.0, gt=0)
+    """Logical CPUs reserved for the task; it runs that many torch threads (at least 1) unless threads says
+    otherwise."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs reserved for the task (> 0 computes on CUDA; the task fails if it sees none)."""
+    threads: int | None = Field(None, ge=1)
+    """torch intra-op threads. Unset: the CPUs reserved (at least 1)."""
+
+
 class JobConfig(StrictModel):
     """Fields shared by every job: where the stage writes and how storage is reached."""
 
     JOB: ClassVar[str] = ""
     """Registered job name; set by each subclass."""
-    HASH_EXCLUDE: ClassVar[frozenset[str]] = frozenset({"output_root", "stage", "storage", "runtime"})
-    """Fields that do not change a stage's results, hence not part of its config hash."""
+    HASH_EXCLUDE: ClassVar[frozenset[str]] = frozenset({"output_root", "stage", "storage"})
+    """Fields that do not change a stage's results, hence not part of its config hash (as every ``runtime``
+    section, at any depth, is not)."""
 
     output_root: str = "runs/default"
     """Root URI of the run: a local path, file://, s3://bucket/prefix (or memory:// in tests). The stage writes
@@ -217,11 +251,20 @@ def config_hash(cfg: JobConfig, upstream: list[str] | None = None) -> str:
     """Stable hash of what determines a stage's results (plus the hashes of the stages it read)."""
     payload = {
         "job": cfg.JOB,
-        "config": cfg.model_dump(mode="json", exclude=set(cfg.HASH_EXCLUDE)),
+        "config": _without_runtime(cfg.model_dump(mode="json", exclude=set(cfg.HASH_EXCLUDE))),
         "upstream": sorted(upstream or []),
     }
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _without_runtime(value: Any) -> Any:
+    """The config tree without its ``runtime`` sections (resources: where and how fast, never what)."""
+    if isinstance(value, dict):
+        return {k: _without_runtime(v) for k, v in value.items() if k != "runtime"}
+    if isinstance(value, list):
+        return [_without_runtime(v) for v in value]
+    return value
 
 
 def dump_config(cfg: StrictModel) -> str:

@@ -104,8 +104,8 @@ TINY_CHAT_TEMPLATE = (
 
 def _tiny_training_text() -> list[str]:
     """Fixed text for the tiny tokenizer: the Zen of Python plus generated English-like sentences."""
-    import this  # noqa: F401  (prints nothing when imported a second time; the text is rot13 in this.s)
     import random
+    import this  # noqa: F401  (prints nothing when imported a second time; the text is rot13 in this.s)
 
     zen = codecs.decode(this.s, "rot13")
     words = (
@@ -129,7 +129,8 @@ def _build_tiny_llama(out: Path) -> None:
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False
     )
     bpe.train_from_iterator(_tiny_training_text(), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(

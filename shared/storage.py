@@ -103,7 +103,8 @@ def storage_errors(uri: str) -> Iterator[None]:
     except FileNotFoundError:
         raise StorageError(f"{uri}: not found") from None
     except PermissionError as exc:
-        raise StorageError(f"{uri}: access denied ({_first_line(exc) or 'check credentials and permissions'})") from None
+        reason = _first_line(exc) or "check credentials and permissions"
+        raise StorageError(f"{uri}: access denied ({reason})") from None
     except IsADirectoryError:
         raise StorageError(f"{uri}: is a directory") from None
     except NotADirectoryError:

@@ -17,8 +17,9 @@ import itertools
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import kmock
 import requests
@@ -174,7 +175,8 @@ class EmulatedCluster:
 class OperatorThread:
     """The real operator: ``operators.handlers.register`` on a fresh registry, run by ``kopf.operator`` in its own
     thread and event loop, for all namespaces as in the Deployment (kmock cannot list namespaces: GET
-    /api/v1/namespaces fails to parse, so namespace patterns would not work) (at shutdown Kopf cancels every task of its loop, so it must not share the test's)."""
+    /api/v1/namespaces fails to parse, so namespace patterns would not work). At shutdown Kopf cancels every task of
+    its loop, so it must not share the test's."""
 
     def __init__(self, interval_s: float = 0.2, image: str = "img:test"):
         self.interval_s, self.image = interval_s, image

@@ -5,8 +5,16 @@ from typing import ClassVar, Literal
 import pytest
 from pydantic import Field
 
-from shared.config import (JobConfig, StrictModel, apply_overrides, config_hash, dump_config, json_schema,
-                           load_config, parse_override)
+from shared.config import (
+    JobConfig,
+    StrictModel,
+    apply_overrides,
+    config_hash,
+    dump_config,
+    json_schema,
+    load_config,
+    parse_override,
+)
 from shared.errors import ConfigError
 
 
@@ -100,3 +108,20 @@ def test_json_schema_is_inline_and_documented():
     assert schema["properties"]["sae"]["properties"]["k"]["description"] == "Active latents."
     assert schema["properties"]["model"]["description"] == "Model reference."
     assert schema["additionalProperties"] is False
+
+
+def test_runtime_sections_at_any_depth_are_outside_the_hash():
+    """Resources say where and how fast, never what: changing them reuses a finished stage (and its checkpoints)."""
+    from shared.configs.generate import GenerateConfig
+    from shared.configs.train_detector import DetectorConfig
+
+    detector = DetectorConfig(sources=[{"name": "d", "uri": "x"}])
+    assert config_hash(detector) == config_hash(detector.model_copy(
+        update={"runtime": detector.runtime.model_copy(update={"num_workers": 8, "use_gpu": True})}))
+    assert config_hash(detector) != config_hash(detector.model_copy(update={"lr": 0.5}))
+    gen = GenerateConfig(generators=[{"name": "g", "mode": "gan", "count": 2}])
+    faster = gen.generators[0].model_copy(update={"runtime": gen.generators[0].runtime.model_copy(
+        update={"num_actors": 4, "cpus_per_actor": 2.0})})
+    assert config_hash(gen) == config_hash(gen.model_copy(update={"generators": [faster]}))
+    assert config_hash(gen) != config_hash(gen.model_copy(
+        update={"generators": [gen.generators[0].model_copy(update={"count": 3})]}))

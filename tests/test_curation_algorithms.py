@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from shared.curation.activations import (default_layer, jvp_sensitivity, select_coordinates, statistic_scores,
-                                         token_mask, truncate_to_layer)
+from shared.curation.activations import (
+    default_layer,
+    jvp_sensitivity,
+    select_coordinates,
+    statistic_scores,
+    token_mask,
+    truncate_to_layer,
+)
 from shared.curation.corpus import Document, chunk_text, split_corpus, strip_news_headers
 from shared.curation.features import length_batches, pad_batch
 from shared.curation.ngram import gumbel_keys, hashed_ngrams, log_distribution, log_importance, stable_uniform
@@ -173,7 +179,7 @@ def test_pooled_codes_ignore_padding_and_are_unit_length():
     assert torch.allclose(mean_pool(acts, mask)[0], acts[0, :3].mean(0))
 
 
-# --- selection ---------------------------------------------------------------------------------------------------------
+# --- selection --------------------------------------------------------------------------------------------------
 
 
 def test_selection_modes():

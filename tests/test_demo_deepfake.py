@@ -62,11 +62,11 @@ def test_demo_on_a_tiny_config_writes_results_and_heldout_aucs(ray_session, tmp_
     config.write_text(yaml.safe_dump({
         "output_root": str(tmp_path / "demo"), "data_pipeline": str(data_pipeline),
         "single_generator": "standin-pca", "heldout_generator": "standin-noise",
-        "train": {"model": {"kind": "small-cnn", "width": 4}, "epochs": 2, "batch_size": 16, "max_failures": 0,
-                  "num_workers": 1,
+        "train": {"model": {"kind": "small-cnn", "width": 4}, "epochs": 2, "batch_size": 16,
+                  "runtime": {"max_failures": 0, "num_workers": 1},
                   "split": {"seed": 0, "val_fraction": 0.25, "test_fraction": 0.3}},
         "boost": {"method": "momentum", "warmup_epochs": 1},
-        "evaluate": {"num_actors": 1, "robustness": {"jpeg_quality": [60], "blur_sigma": [1.0]}}}))
+        "evaluate": {"runtime": {"num_actors": 1}, "robustness": {"jpeg_quality": [60], "blur_sigma": [1.0]}}}))
     # the CLI as a user runs it, on the session's Ray (RAY_ADDRESS) to spare a Ray start
     result = run_cli("demo", "deepfake", "--config", str(config), timeout=900,
                      env={"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address})

@@ -183,5 +183,5 @@ def test_checkpoint_of_a_different_config_is_refused(tmp_path):
     with pytest.raises(ModelError, match="mixture: \"abc\" there, \"other\" here"):
         load_training_state(tmp_path, {"config": a.fingerprint(), "mixture": "other"}, "ck")
     # epochs and workers may change between a checkpoint and its resume
-    longer = DetectorConfig(sources=[{"name": "d", "uri": "x"}], epochs=50, num_workers=1)
+    longer = DetectorConfig(sources=[{"name": "d", "uri": "x"}], epochs=50, runtime={"num_workers": 1})
     assert load_training_state(tmp_path, {"config": longer.fingerprint(), "mixture": "abc"}, "ck")["epoch"] == 3

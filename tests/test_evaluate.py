@@ -13,7 +13,7 @@ from shared.config import validate_config
 from shared.configs.evaluate import EvaluateConfig
 from shared.data import write_parquet
 from shared.errors import UserError
-from shared.evaluation import choice_examples, example_nll, exact_match, pick_choice
+from shared.evaluation import choice_examples, exact_match, example_nll, pick_choice
 from shared.lm_data import encode_texts
 from shared.models import load_causal_lm
 from shared.perplexity import evaluate_loss

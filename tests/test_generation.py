@@ -9,8 +9,15 @@ import pytest
 
 from shared.config import load_config, validate_config
 from shared.configs.generate import GenerateConfig
-from shared.diffusion.generate import (REQUEST_SCHEMA, GeneratorStage, count_requests, encode_reals, generator_seed,
-                                       load_prompts, source_requests)
+from shared.diffusion.generate import (
+    REQUEST_SCHEMA,
+    GeneratorStage,
+    count_requests,
+    encode_reals,
+    generator_seed,
+    load_prompts,
+    source_requests,
+)
 from shared.diffusion.realsets import read_real_table
 from shared.errors import ConfigError, DataError, ModelError
 from shared.imageset import IMAGE_SCHEMA, check_image_table, decode_image, encode_image, finish_image
@@ -71,8 +78,8 @@ def test_unconditional_rows_follow_the_schema(tiny_ddpm_dir):
 
 def test_img2img_keeps_the_source_the_more_the_lower_the_strength(tiny_ddpm_dir):
     reals = read_real_table("lfw-faces", limit=3)
-    cfg = config([{"name": f"i2i-{int(s * 10)}", "mode": "img2img", "model": tiny_ddpm_dir, "sources": "lfw", "strength": s,
-                   "steps": 10} for s in (0.2, 0.9)])
+    cfg = config([{"name": f"i2i-{int(s * 10)}", "mode": "img2img", "model": tiny_ddpm_dir, "sources": "lfw",
+                   "strength": s, "steps": 10} for s in (0.2, 0.9)])
     sources = np.stack([finish_image(decode_image(b), SIZE).astype(float) for b in reals.column("image").to_pylist()])
     distances = []
     for index, strength in enumerate((0.2, 0.9)):

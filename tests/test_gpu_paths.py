@@ -59,8 +59,9 @@ def test_curate_fits_and_embeds_on_the_gpu(ray_session, tmp_path, tiny_llama_dir
 
 def test_prune_scores_on_the_gpu(ray_session, tmp_path, tiny_llama_dir, texts):
     cfg = validate_config(PruneConfig, {"model": "tiny-llama", "calibration": texts, "output_root": str(tmp_path),
-                                        "max_length": 64, "micro_batch_size": 4, "cpus_per_worker": 1,
-                                        "use_gpu": True, "sample_tokens": 4, "min_examples": 4}, "gpu test")
+                                        "max_length": 64, "micro_batch_size": 4, "sample_tokens": 4,
+                                        "min_examples": 4, "runtime": {"cpus_per_worker": 1, "use_gpu": True}},
+                          "gpu test")
     on_gpu(run_job(cfg), "importance worker")
 
 
@@ -79,25 +80,26 @@ def test_evaluate_scores_on_the_gpu(ray_session, tmp_path, tiny_llama_dir, texts
 
 def test_train_ddpm_then_generate_on_the_gpu(ray_session, tmp_path):
     ddpm = validate_config(TrainDdpmConfig, {"limit": 8, "image_size": 16, "widths": [8, 16], "epochs": 1,
-                                             "batch_size": 4, "preview": 2, "num_gpus": 1,
+                                             "batch_size": 4, "preview": 2, "runtime": {"num_gpus": 1},
                                              "output_root": str(tmp_path)}, "gpu test")
     on_gpu(run_job(ddpm), "training task")
     gen = validate_config(GenerateConfig, {
         "output_root": str(tmp_path), "output": {"size": 16, "color": "gray"}, "reals": [],
         "generators": [{"name": "u", "mode": "unconditional", "model": str(tmp_path / "train-ddpm"), "steps": 3,
-                        "count": 2, "num_gpus": 1}]}, "gpu test")
+                        "count": 2, "runtime": {"gpus_per_actor": 1}}]}, "gpu test")
     on_gpu(run_job(gen), "u actor")
 
 
 def test_detectors_train_and_score_on_the_gpu(ray_session, tmp_path):
     data = Storage(str(tmp_path)).child("faces")
     write_parquet(standin_table(FACES), data, "part-0.parquet")
-    train = validate_config(DetectorConfig, {**TINY_TRAINING, "epochs": 1, "num_workers": 1, "use_gpu": True,
+    train = validate_config(DetectorConfig, {**TINY_TRAINING, "epochs": 1,
+                                             "runtime": {"num_workers": 1, "use_gpu": True},
                                              "output_root": str(tmp_path), "stage": "detector",
                                              "sources": [{"name": "faces", "uri": data.uri()}]}, "gpu test")
     on_gpu(run_job(train), "training worker")
     ev = validate_config(EvaluateDetectorConfig, {
-        "output_root": str(tmp_path), "stage": "evaluate", "num_actors": 1, "gpus_per_actor": 1,
+        "output_root": str(tmp_path), "stage": "evaluate", "runtime": {"num_actors": 1, "gpus_per_actor": 1},
         "detectors": [{"name": "d", "uri": str(tmp_path / "detector")}],
         "test_sets": [{"name": "faces", "uri": data.uri()}]}, "gpu test")
     metrics = run_job(ev)

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from ray_jobs.runtime import run_job
-from shared.config import load_config, validate_config
+from shared.config import ActorPoolConfig, load_config, validate_config
 from shared.configs.curate_images import CurateImagesConfig
 from shared.configs.generate import GenerateConfig
 from shared.configs.pipeline import PipelineConfig
@@ -49,7 +49,7 @@ def test_generate_end_to_end_on_s3(ray_session, s3_root, tiny_ddpm_dir, tiny_sd_
         "reals": [{"name": "lfw", "uri": "lfw-faces", "limit": 4}, {"name": "photos", "uri": store.uri("photos")}],
         "generators": [
             {"name": "uncond", "mode": "unconditional", "model": store.uri("models", "ddpm"), "scheduler": "ddpm",
-             "steps": 4, "count": 4, "actors": 2, "batch_size": 1},
+             "steps": 4, "count": 4, "runtime": {"num_actors": 2}, "batch_size": 1},
             {"name": "i2i", "mode": "img2img", "model": store.uri("models", "ddpm"), "sources": "photos",
              "strength": 0.5, "steps": 4},
             {"name": "sd", "mode": "text2img", "model": tiny_sd_dir, "count": 2, "steps": 2},
@@ -84,7 +84,7 @@ def test_generate_end_to_end_on_s3(ray_session, s3_root, tiny_ddpm_dir, tiny_sd_
     # the same requests at batch size 4 on one actor (instead of 1 on two) give byte-identical images
     local = cfg.model_copy(update={
         "output_root": str(tmp_path), "reals": [], "max_drop_fraction": 0.05,
-        "generators": [cfg.generators[0].model_copy(update={"batch_size": 4, "actors": 1}),
+        "generators": [cfg.generators[0].model_copy(update={"batch_size": 4, "runtime": ActorPoolConfig(num_actors=1)}),
                        cfg.generators[3].model_copy(update={"batch_size": 4})]})
     assert run_job(local)["sources"]["uncond"]["batch_size"] == 4
     again = images_by_id(read_table(str(tmp_path / "generate")))

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from real_text import chunks
+
 from shared.errors import DataError
 from shared.lm_data import IGNORE, LMExample, batches, collate, encode_pairs, encode_table, encode_texts, load_examples
 from shared.perplexity import LossSum, evaluate_loss, perplexity, token_nll

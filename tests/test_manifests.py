@@ -1,5 +1,6 @@
 """Everything manifests/ builds validates: KubeRay objects strictly against the real KubeRay CRDs plus KubeRay's
-operator-side rules, core objects with kubernetes-validate; one image setting; no credentials; generated files current."""
+operator-side rules, core objects with kubernetes-validate; one image setting; no credentials; generated files
+current."""
 
 from __future__ import annotations
 

@@ -229,7 +229,8 @@ def test_a_failed_attempt_whose_job_may_still_run_is_stopped_before_its_retry(ap
     ([{"name": "a", "curat": {}}], "stage 'a': unknown job or key 'curat'"),
     ([{"name": "a", "inspect-model": {"modle": "tiny-llama"}}],
      "stage 'a' config: unknown key 'modle' (did you mean 'model'?)"),
-    ([{"name": "a", "inspect-model": {}, "retries": 1, "prune-everything": {}}], "unknown job or key 'prune-everything'"),
+    ([{"name": "a", "inspect-model": {}, "retries": 1, "prune-everything": {}}],
+     "unknown job or key 'prune-everything'"),
 ])
 def test_invalid_specs_get_a_condition_not_a_crash(api, ns, stages, message):
     p = Pipelines(api, ns)

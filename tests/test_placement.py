@@ -85,5 +85,6 @@ def test_workers_that_reserved_a_gpu_they_cannot_see_fail_with_one_line(gpu_head
     _one_line(actor, "stage evaluate: its evaluation actor requested 1 GPU(s) but sees no CUDA device")
     worker = run_cli("run", "prune", "--set", f"output_root={tmp_path / 'run'}", "--set", "model=tiny-llama",
                      "--set", f"calibration={tmp_path / 't.jsonl'}", "--set", "min_examples=4", "--set",
-                     "use_gpu=true", "--set", "cpus_per_worker=1", "--set", "sample_prompt=", env=env, timeout=300)
+                     "runtime.use_gpu=true", "--set", "runtime.cpus_per_worker=1", "--set", "sample_prompt=", env=env,
+                     timeout=300)
     _one_line(worker, "stage prune: its importance worker requested 1 GPU(s) but sees no CUDA device")

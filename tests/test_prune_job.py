@@ -7,19 +7,18 @@ import json
 import pyarrow as pa
 import pytest
 import torch
+from real_text import CALIBRATION_MODULES, HELD_OUT_MODULES, chunks
 
 from ray_jobs.runtime import run_job
-from real_text import CALIBRATION_MODULES, HELD_OUT_MODULES, chunks
 from shared.config import load_config
 from shared.configs.prune import PruneConfig
 from shared.data import write_parquet
 from shared.errors import UserError
 from shared.lm_data import load_examples
 from shared.storage import Storage
-
 from tests.conftest import committed, committed_path, marker, run_cli
 
-SMALL = ["model=tiny-llama", "max_length=64", "micro_batch_size=4", "cpus_per_worker=1", "sample_tokens=4"]
+SMALL = ["model=tiny-llama", "max_length=64", "micro_batch_size=4", "runtime.cpus_per_worker=1", "sample_tokens=4"]
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +125,8 @@ def test_two_workers_sum_their_shards(ray_session, tmp_path, tiny_llama_dir, cal
 
     write_parquet(texts_table(calibration_texts), Storage(str(tmp_path)), "calibration.parquet")
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(PruneConfig, None, [*SMALL, "output_root=run", "calibration=calibration.parquet", "num_workers=2",
+    cfg = load_config(PruneConfig, None, [*SMALL, "output_root=run", "calibration=calibration.parquet",
+                                          "runtime.num_workers=2",
                                           "importance=vectorize", "layers=all", "fraction=0.3", "sample_prompt="])
     metrics = run_job(cfg)
 

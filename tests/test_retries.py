@@ -111,7 +111,8 @@ def test_a_killed_curate_images_rerun_on_s3_writes_every_image_once(ray_session,
     store.write_bytes(buffer.getvalue(), "collection", "manifest.parquet")
     args = ["run", "curate-images", "--set", f"output_root={s3_root}/run", "--set",
             f"manifest={s3_root}/collection/manifest.parquet", "--set", "name=noise", "--set", "columns.image=image",
-            "--set", "min_side=32", "--set", "output.size=32", "--set", "batch_size=4", "--set", "num_cpus=3",
+            "--set", "min_side=32", "--set", "output.size=32", "--set", "runtime.batch_size=4", "--set",
+            "runtime.cpus_per_task=3",
             "--set", "dedup_distance=0"]
     env = {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     run = Storage(f"{s3_root}/run")

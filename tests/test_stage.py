@@ -10,8 +10,7 @@ import pytest
 
 from shared.data import read_table, resolve_dataset, write_parquet
 from shared.errors import DataError, StorageError
-from shared.stage import (ATTEMPTS, MARKER, CommittedFile, LeaseLost, Stage, completed_stage, locate,
-                          stage_metrics)
+from shared.stage import ATTEMPTS, MARKER, CommittedFile, LeaseLost, Stage, completed_stage, locate, stage_metrics
 from shared.storage import Storage
 
 

@@ -61,7 +61,8 @@ def test_s3_round_trip_through_s3fs_and_pyarrow(s3_root):
 
 @pytest.mark.s3
 def test_s3_wrong_credentials_and_missing_bucket_are_one_line_errors(s3_server, s3_root):
-    bad = StorageConfig(access_key_id=SecretStr(s3_server.access_key_id), secret_access_key=SecretStr("not-the-secret-42"))
+    bad = StorageConfig(access_key_id=SecretStr(s3_server.access_key_id),
+                        secret_access_key=SecretStr("not-the-secret-42"))
     with pytest.raises(StorageError) as err:
         Storage(s3_root, bad).check_writable()
     message = str(err.value)

@@ -36,7 +36,8 @@ pytestmark = [pytest.mark.ray]
 FACES = StandinFacesConfig(size=16, reals=40, fakes_per_generator=16, generators=["pca", "blur", "noise"])
 SPLIT = {"seed": 0, "val_fraction": 0.25, "test_fraction": 0.25}
 TINY_TRAINING = {"model": {"kind": "small-cnn", "width": 4}, "batch_size": 16, "split": SPLIT,
-                 "boosting": {"method": "momentum", "warmup_epochs": 1}, "num_workers": 2, "max_failures": 0}
+                 "boosting": {"method": "momentum", "warmup_epochs": 1},
+                 "runtime": {"num_workers": 2, "max_failures": 0}}
 
 
 def faces_with_corrupt_images() -> tuple[pa.Table, dict[str, str]]:
@@ -102,7 +103,7 @@ def test_train_and_evaluate_on_s3_with_two_workers(ray_session, s3_root):
 
     ev = validate_config(EvaluateDetectorConfig, {
         "output_root": s3_root, "stage": "evaluate", "detectors": [{"name": "boost", "uri": stage_root.uri()}],
-        "test_sets": [{"name": "faces", "uri": data.uri()}], "num_actors": 2,
+        "test_sets": [{"name": "faces", "uri": data.uri()}], "runtime": {"num_actors": 2},
         "robustness": {"jpeg_quality": [50], "blur_sigma": [1.5]}}, "test")
     result = run_job(ev)
     columns = ["standin-blur", "standin-noise", "standin-pca", "lfw"]
@@ -168,7 +169,8 @@ def test_killed_after_a_checkpoint_then_rerun_resumes_with_the_difficulty_state(
     epochs = 6
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump({**TINY_TRAINING, "output_root": str(tmp_path / "runs"), "epochs": epochs,
-                                      "max_failures": 1, "sources": [{"name": "faces", "uri": data.uri()}]}))
+                                      "runtime": {**TINY_TRAINING["runtime"], "max_failures": 1},
+                                      "sources": [{"name": "faces", "uri": data.uri()}]}))
     exe = str(Path(sys.executable).with_name("scopeforge"))
     stage = tmp_path / "runs" / "train-detector"
     checkpoints = stage / "checkpoints"  # <config hash>/run below it

@@ -94,7 +94,8 @@ class CurateConfig(JobConfig):
     Coordinates of one layer are chosen by their sensitivity to the input embeddings, a TopK SAE is trained on them
     over a corpus sample, and every document is scored by the cosine between its mean-pooled SAE code and the
     nearest seed's. Random, dense (mean-pooled hidden state) and DSIR-style n-gram baselines select from the same
-    pool with the same M (an idf-weighted variant of the SAE score is reported too). Outputs: subset/ (Parquet: id, text, score, matched_seed, label), sae/, coordinates.json,
+    pool with the same M (an idf-weighted variant of the SAE score is reported too). Outputs: subset/ (Parquet: id,
+    text, score, matched_seed, label), sae/, coordinates.json,
     scores/, metrics.json (retrieval.<method>.purity/recall when labels are known), report.html.
     """
 

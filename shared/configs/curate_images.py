@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from shared.config import JobConfig, StrictModel
+from shared.config import JobConfig, StrictModel, TasksConfig
 from shared.configs.generate import ImageFormat, Name
 
 
@@ -88,6 +88,13 @@ class SubjectFilter(StrictModel):
         return words
 
 
+class CurateImagesRuntime(TasksConfig):
+    """Resources of the scan and re-encode passes."""
+
+    batch_size: int = Field(64, ge=1)
+    """Rows per Ray Data batch."""
+
+
 class CurateImagesConfig(JobConfig):
     """Curate an existing collection of generated images: subject filter, near-duplicate removal, size bounds.
 
@@ -121,10 +128,8 @@ class CurateImagesConfig(JobConfig):
     """Drop images whose longer/shorter side ratio is above this (the output is square). Unset: no limit."""
     output: ImageFormat = Field(default_factory=ImageFormat)
     """Image size, encoding and colour of the rows written (use the generated set's, for a mixed dataset)."""
-    batch_size: int = Field(64, ge=1)
-    """Rows per Ray Data batch."""
-    num_cpus: float = Field(0.5, gt=0.0)
-    """Ray CPUs per decoding task."""
+    runtime: CurateImagesRuntime = Field(default_factory=lambda: CurateImagesRuntime())
+    """Resources of the decoding tasks (cpus_per_task, batch_size). Not part of the config hash."""
     samples: int = Field(16, ge=1, le=128)
     """Images on the report's contact sheet (kept and near-duplicate examples)."""
 

@@ -35,7 +35,7 @@ class DeepfakeDemoConfig(StrictModel):
     boost: dict[str, Any] = Field(default_factory=lambda: {"method": "momentum"})
     """The 'boosting' section of the boosted variants (the uniform variants use method: uniform)."""
     evaluate: dict[str, Any] = Field(default_factory=dict)
-    """evaluate-detector keys (robustness, threshold, num_actors, ...); not 'detectors' or 'test_sets'."""
+    """evaluate-detector keys (robustness, threshold, runtime, ...); not 'detectors' or 'test_sets'."""
 
     @model_validator(mode="after")
     def _checks(self) -> DeepfakeDemoConfig:

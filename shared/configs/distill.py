@@ -4,7 +4,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from shared.config import ActorPoolConfig, JobConfig, StrictModel
+from shared.config import ActorPoolConfig, JobConfig, StrictModel, WorkersConfig
 
 
 class GenerationConfig(StrictModel):
@@ -63,15 +63,9 @@ class TrainingConfig(StrictModel):
     """Adapter settings (method lora)."""
 
 
-class DistillRuntime(ActorPoolConfig):
-    """Resources: the teacher's actor pool, then the training workers. None of these change the results."""
-
-    num_workers: int = Field(1, ge=1)
-    """Ray Train workers (DDP) for fine-tuning."""
-    cpus_per_worker: float = Field(1, gt=0)
-    """Logical CPUs per training worker; it runs that many torch threads (at least 1)."""
-    use_gpu: bool = False
-    """Train on GPUs (one per worker)."""
+class DistillRuntime(ActorPoolConfig, WorkersConfig):
+    """Resources: the teacher's actor pool (num_actors, cpus_per_actor, gpus_per_actor, threads), then the training
+    workers (num_workers, cpus_per_worker, use_gpu, max_failures). None of these change the results."""
 
 
 class DistillConfig(JobConfig):

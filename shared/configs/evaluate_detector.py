@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from shared.config import JobConfig, StrictModel
+from shared.config import ActorPoolConfig, JobConfig, StrictModel
 from shared.configs.train_detector import SplitConfig
 
 
@@ -49,6 +49,13 @@ class RobustnessConfig(StrictModel):
         return self
 
 
+class ScoringRuntime(ActorPoolConfig):
+    """Resources of the scoring actors."""
+
+    num_actors: int = Field(2, ge=1, le=1024)
+    """Actors in the pool; each loads every detector once."""
+
+
 class EvaluateDetectorConfig(JobConfig):
     """Evaluate detectors on test sets with Ray Data: a matrix of ACC, AUC, AP and EER per generator and collection.
 
@@ -68,22 +75,19 @@ class EvaluateDetectorConfig(JobConfig):
     """Score threshold for ACC (score = probability of fake)."""
     batch_size: int = Field(64, ge=1, le=4096)
     """Images per scoring batch."""
-    num_actors: int = Field(2, ge=1, le=1024)
-    """Scoring actors (each loads every detector once)."""
-    cpus_per_actor: float = Field(0.5, gt=0.0)
-    """CPUs per scoring actor (fractional on small machines, so reads always find a slot)."""
-    gpus_per_actor: float = Field(0.0, ge=0.0)
-    """GPUs per scoring actor (> 0 scores on CUDA; fractions share a GPU)."""
+    runtime: ScoringRuntime = Field(default_factory=lambda: ScoringRuntime())
+    """The scoring actors (each loads every detector once). Not part of the config hash."""
 
     def input_uris(self) -> list[str]:
         return [d.uri for d in self.detectors] + [t.uri for t in self.test_sets]
 
     def gpus_per_worker(self) -> float:
-        return self.gpus_per_actor
+        return self.runtime.gpus_per_actor
 
     @model_validator(mode="after")
     def _unique(self) -> EvaluateDetectorConfig:
-        for kind, names in (("detector", [d.name for d in self.detectors]), ("test set", [t.name for t in self.test_sets])):
+        for kind, names in (("detector", [d.name for d in self.detectors]),
+                            ("test set", [t.name for t in self.test_sets])):
             dup = sorted({n for n in names if names.count(n) > 1})
             if dup:
                 raise ValueError(f"{kind} name '{dup[0]}' is used twice")

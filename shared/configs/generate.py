@@ -8,11 +8,11 @@ Torch-free (pydantic only): the CLI, the operator and the CRD generator import i
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal, Union
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from shared.config import JobConfig, StrictModel
+from shared.config import ActorPoolConfig, JobConfig, StrictModel
 
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
 """A source name: lowercase letters, digits, '_' and '-' (it names a folder and the `source` column)."""
@@ -94,15 +94,9 @@ class _Generator(StrictModel):
     whatever batch or actor made it. Unset: derived from the job seed and the name."""
     batch_size: int = Field(8, ge=1, le=4096)
     """Requests per actor call."""
-    actors: int = Field(1, ge=1, le=1024)
-    """Actors in this generator's pool, each loading the model once."""
-    num_cpus: float = Field(0.5, gt=0)
-    """Ray CPUs per actor. Fractional by default, so that read and write tasks always find a slot on small
-    machines; the actor runs that many torch threads (at least 1) unless torch_threads says otherwise."""
-    num_gpus: float = Field(0.0, ge=0)
-    """GPUs per actor (fractions share a GPU); > 0 runs the model on CUDA."""
-    torch_threads: int | None = Field(None, ge=1)
-    """torch intra-op threads per actor. Unset: the CPUs reserved per actor (num_cpus, at least 1)."""
+    runtime: ActorPoolConfig = ActorPoolConfig()
+    """This generator's actor pool (num_actors, cpus_per_actor, gpus_per_actor > 0 runs the model on CUDA, threads).
+    Not part of the config hash."""
     dtype: Dtype = "float32"
     """Model weights dtype (half precision is for GPUs)."""
     batch_invariant: bool = True
@@ -178,7 +172,7 @@ class GanGenerator(_Generator):
     """Images to generate."""
 
 
-GeneratorSpec = Annotated[Union[UnconditionalGenerator, Text2ImgGenerator, Img2ImgGenerator, GanGenerator],
+GeneratorSpec = Annotated[UnconditionalGenerator | Text2ImgGenerator | Img2ImgGenerator | GanGenerator,
                           Field(discriminator="mode")]
 
 
@@ -205,7 +199,7 @@ class GenerateConfig(JobConfig):
     generators: list[GeneratorSpec] = Field(default_factory=_default_generators)
     """Generators, each with a `mode`: unconditional (model, scheduler, steps, count), text2img (model, scheduler,
     steps, guidance, count; uses `prompts`), img2img (model, scheduler, steps, strength, sources, per_source), gan
-    (model, count). Common keys: name, seed, batch_size, actors, num_cpus, num_gpus, torch_threads, dtype,
+    (model, count). Common keys: name, seed, batch_size, runtime (the actor pool), dtype,
     batch_invariant, resolution (diffusion)."""
     prompts: PromptSource | None = None
     """Prompts for text-conditioned generators: file, inline or faces (composed face prompts)."""
@@ -238,9 +232,9 @@ class GenerateConfig(JobConfig):
             if isinstance(gen, Text2ImgGenerator) and self.prompts is None:
                 raise ValueError(f"generator '{gen.name}' (text2img) needs prompts: set prompts.file, prompts.inline "
                                  "or prompts.faces")
-            if gen.num_gpus == 0 and gen.dtype == "float16":
-                raise ValueError(f"generator '{gen.name}': dtype float16 needs a GPU (num_gpus > 0); use float32 or "
-                                 "bfloat16 on CPUs")
+            if gen.runtime.gpus_per_actor == 0 and gen.dtype == "float16":
+                raise ValueError(f"generator '{gen.name}': dtype float16 needs a GPU (runtime.gpus_per_actor > 0); "
+                                 "use float32 or bfloat16 on CPUs")
         if not self.generators and not any(r.write for r in self.reals):
             raise ValueError("nothing to write: no generators and no real collection with write: true")
         return self
@@ -252,4 +246,4 @@ class GenerateConfig(JobConfig):
         return uris
 
     def gpus_per_worker(self) -> float:
-        return max((g.num_gpus for g in self.generators), default=0.0)
+        return max((g.runtime.gpus_per_actor for g in self.generators), default=0.0)

@@ -4,7 +4,14 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from shared.config import JobConfig
+from shared.config import JobConfig, WorkersConfig
+
+
+class PruneRuntime(WorkersConfig):
+    """Resources of the importance workers."""
+
+    cpus_per_worker: float = Field(2.0, gt=0)
+    """Logical CPUs reserved per worker; it runs that many torch threads (at least 1)."""
 
 
 class PruneConfig(JobConfig):
@@ -60,12 +67,9 @@ class PruneConfig(JobConfig):
 
     activation_checkpointing: bool = True
     """Recompute activations in backward instead of keeping them (less memory, about a third more compute)."""
-    num_workers: int = Field(1, ge=1, le=256)
-    """Ray Train workers; each scores its shard of the calibration set."""
-    cpus_per_worker: float = Field(2.0, gt=0)
-    """CPUs reserved per worker; torch uses that many threads (at least one)."""
-    use_gpu: bool = False
-    """One GPU per worker."""
+    runtime: PruneRuntime = PruneRuntime()
+    """Ray Train workers (each scores its shard of the calibration set; the summed scores do not depend on how many
+    there are). Not part of the config hash."""
     sample_prompt: str = "Explain in one sentence what a rocket engine does."
     """Prompt answered greedily by the reloaded pruned model, as a smoke test ('' to skip)."""
     sample_tokens: int = Field(32, ge=1, le=512)
@@ -91,4 +95,4 @@ class PruneConfig(JobConfig):
         return [uri for uri in (self.model, self.calibration, self.eval_data) if uri]
 
     def gpus_per_worker(self) -> float:
-        return 1.0 if self.use_gpu else 0.0
+        return 1.0 if self.runtime.use_gpu else 0.0

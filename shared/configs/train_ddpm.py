@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from shared.config import JobConfig
+from shared.config import JobConfig, TaskConfig
 
 
 class TrainDdpmConfig(JobConfig):
@@ -52,12 +52,9 @@ class TrainDdpmConfig(JobConfig):
     """Random horizontal flips (faces are roughly symmetric)."""
     seed: int = Field(0, ge=0)
     """Seed of initialisation, batching, flips and noise: the same config gives the same weights on one machine."""
-    num_cpus: float = Field(1.0, gt=0.0)
-    """Ray CPUs reserved for the training task."""
-    num_gpus: float = Field(0.0, ge=0.0)
-    """GPUs reserved for the training task (> 0 trains on CUDA; the task fails if it sees none)."""
-    torch_threads: int | None = Field(None, ge=1)
-    """torch intra-op threads. Unset: the CPUs reserved (num_cpus, at least 1)."""
+    runtime: TaskConfig = TaskConfig()
+    """The training task's resources (num_cpus, num_gpus > 0 trains on CUDA, threads). Not part of the config
+    hash."""
     log_every: int | None = Field(None, ge=1)
     """Print a progress line every N epochs. Unset: about 20 lines in all (every epoch when there are few)."""
     preview: int = Field(16, ge=0, le=256)
@@ -82,4 +79,4 @@ class TrainDdpmConfig(JobConfig):
         return [self.data]
 
     def gpus_per_worker(self) -> float:
-        return self.num_gpus
+        return self.runtime.num_gpus

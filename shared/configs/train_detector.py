@@ -6,7 +6,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from shared.config import JobConfig, StrictModel
+from shared.config import JobConfig, StrictModel, WorkersConfig
 
 Label = Literal["real", "fake"]
 
@@ -146,6 +146,15 @@ class BoostingConfig(StrictModel):
         return self
 
 
+class DetectorRuntime(WorkersConfig):
+    """Resources of the training workers."""
+
+    num_workers: int = Field(2, ge=1, le=1024)
+    """Ray Train workers (DDP ranks)."""
+    max_failures: int = Field(1, ge=0, le=100)
+    """Worker-group failures Ray Train recovers from, restarting from the latest checkpoint."""
+
+
 class DetectorConfig(JobConfig):
     """Train a real/fake image detector on a mixture of image datasets with Ray Train (DDP).
 
@@ -177,14 +186,8 @@ class DetectorConfig(JobConfig):
     """AdamW weight decay."""
     seed: int = 0
     """Seed of initialisation, augmentations and shuffling (each worker adds its rank)."""
-    num_workers: int = Field(2, ge=1, le=1024)
-    """Ray Train workers (DDP ranks)."""
-    cpus_per_worker: float = Field(1.0, gt=0.0)
-    """CPUs reserved per worker."""
-    use_gpu: bool = False
-    """One GPU per worker."""
-    max_failures: int = Field(1, ge=0, le=100)
-    """Worker-group failures Ray Train recovers from (restarting from the latest checkpoint)."""
+    runtime: DetectorRuntime = DetectorRuntime()
+    """Ray Train workers (DDP ranks). Not part of the config hash."""
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
     """Undecodable images are dropped, counted and reported; above this fraction of the mixture the job fails."""
     shuffle_buffer: int = Field(2048, ge=0)
@@ -198,7 +201,7 @@ class DetectorConfig(JobConfig):
         return [s.uri for s in self.sources]
 
     def gpus_per_worker(self) -> float:
-        return 1.0 if self.use_gpu else 0.0
+        return 1.0 if self.runtime.use_gpu else 0.0
 
     @model_validator(mode="after")
     def _unique_names(self) -> DetectorConfig:

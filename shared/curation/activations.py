@@ -28,7 +28,8 @@ def default_layer(num_layers: int) -> int:
 
 def truncate_to_layer(model: Any, layer: int) -> nn.Module:
     """The decoder of a causal LM, keeping layers 0..layer and dropping the final norm; its ``last_hidden_state`` is
-    the residual stream after ``layer``. Works on LLaMA-family models (``model.model.layers`` / ``model.model.norm``)."""
+    the residual stream after ``layer``. Works on LLaMA-family models (``model.model.layers`` /
+    ``model.model.norm``)."""
     base = getattr(model, "model", None)
     if base is None or not hasattr(base, "layers") or not hasattr(base, "norm"):
         raise ModelError(f"{type(model).__name__}: expected a LLaMA-family causal LM (model.layers, model.norm)")

@@ -15,11 +15,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.curation.activations import (default_layer, hidden_states, jvp_sensitivity, select_coordinates,
-                                         statistic_scores, token_mask, truncate_to_layer)
+from shared.curation.activations import (
+    default_layer,
+    hidden_states,
+    jvp_sensitivity,
+    select_coordinates,
+    statistic_scores,
+    token_mask,
+    truncate_to_layer,
+)
 from shared.curation.retrieval import mean_pool, seed_similarities
-from shared.curation.sae import (SAEShape, TopKSAE, TrainSettings, idf_codes, idf_weights, pooled_codes,
-                                 sae_from_state, sae_state, train_sae)
+from shared.curation.sae import (
+    SAEShape,
+    TopKSAE,
+    TrainSettings,
+    idf_codes,
+    idf_weights,
+    pooled_codes,
+    sae_from_state,
+    sae_state,
+    train_sae,
+)
 from shared.errors import DataError
 from shared.tokens import cap_text
 

@@ -7,7 +7,8 @@ collection R (R's reals against every fake of the test set). With several test s
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

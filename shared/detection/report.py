@@ -12,7 +12,7 @@ from shared.report import Report
 def training_report(cfg: Any, plan: Any, metrics: dict[str, Any]) -> Report:
     report = Report(f"train-detector: {cfg.stage_name}")
     report.text(f"Backbone {cfg.model.kind}, boosting '{cfg.boosting.method}', {metrics['epochs']} epochs on "
-                f"{cfg.num_workers} worker(s); best validation AUC {metrics['best_val_auc']:.4f} at epoch "
+                f"{cfg.runtime.num_workers} worker(s); best validation AUC {metrics['best_val_auc']:.4f} at epoch "
                 f"{metrics['best_epoch'] + 1} (exported as the stage's model).")
     report.table("Mixture (rows per source, label and split)", plan.counts())
     if metrics["dropped"]["count"]:

@@ -135,7 +135,7 @@ def generate_report(cfg: Any, store: Storage, wall: dict[str, float], ledger: di
         if ledger.get("setup_seconds", {}).get(name):
             entry["actor_setup_seconds"] = round(max(ledger["setup_seconds"][name]), 2)
         if spec is not None:
-            entry.update(model=spec.model, actors=spec.actors, batch_size=spec.batch_size,
+            entry.update(model=spec.model, actors=spec.runtime.num_actors, batch_size=spec.batch_size,
                          batch_invariant=spec.batch_invariant)
             for key in ("scheduler", "steps", "strength", "guidance", "sources", "per_source"):
                 if hasattr(spec, key):
@@ -156,11 +156,10 @@ def generate_report(cfg: Any, store: Storage, wall: dict[str, float], ledger: di
     report.text(f"Every image is {out.size}x{out.size} {out.color}, encoded as {out.encoding}"
                 f"{f' (quality {out.quality})' if out.encoding == 'jpeg' else ''}, real and fake alike. "
                 f"Throughput is images written per second of wall time per source, model loading and Ray start-up "
-                f"included; model_seconds is the time spent inside the models (summed over actors), actor_cpu_seconds the "
-                f"CPU time of the actors' batches (all threads; a measure of work that a busy machine inflates less than "
-                f"wall time), actor_setup_seconds "
-                f"the slowest actor's start-up (imports, model loading). The live rate is "
-                f"exported as the Ray metric scopeforge_images_per_second / scopeforge_images_total.")
+                f"included; model_seconds is the time spent inside the models (summed over actors), actor_cpu_seconds "
+                f"the CPU time of the actors' batches (all threads; a measure of work that a busy machine inflates "
+                f"less than wall time), actor_setup_seconds the slowest actor's start-up (imports, model loading). The "
+                f"live rate is exported as the Ray metric scopeforge_images_per_second / scopeforge_images_total.")
     report.table("Per source", rows)
     if ledger["drops"]:
         report.table(f"Dropped ({len(ledger['drops'])}; all in drops.jsonl)",

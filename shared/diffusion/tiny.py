@@ -23,7 +23,8 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 @lru_cache(maxsize=1)
 def _byte_symbols() -> list[str]:
     """The 256 printable stand-ins for bytes used by byte-level BPE (GPT-2 / CLIP)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+            + list(range(ord("®"), ord("ÿ") + 1)))
     symbols, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -77,7 +78,8 @@ def tiny_sd_pipeline(seed: int = 0):
             projection_dim=32))
         unet = UNet2DConditionModel(
             sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
         vae = AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
@@ -86,7 +88,8 @@ def tiny_sd_pipeline(seed: int = 0):
         return text_encoder, unet, vae
 
     text_encoder, unet, vae = _seeded(seed, build)
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear",
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,

@@ -29,8 +29,9 @@ class Target:
 
 def read_config(path: str, ref: str) -> Any:
     """The model's config (per-layer pruned configs included); a one-line ModelError when it cannot be read."""
-    import shared.pruning.modeling_scopeforge_pruned  # noqa: F401  (registers the per-layer pruned model types)
     from transformers import AutoConfig
+
+    import shared.pruning.modeling_scopeforge_pruned  # noqa: F401  (registers the per-layer pruned model types)
 
     try:
         return AutoConfig.from_pretrained(path)
