@@ -1,7 +1,7 @@
 """prune: structured pruning of a LLaMA-family model, calibrated on domain data, as a Ray Train job.
 
     scopeforge run prune --set calibration=runs/finescope/curate --set fraction=0.35
-    scopeforge run prune --set model=tiny-llama --set calibration=calib.parquet --set num_workers=2 \
+    scopeforge run prune --set model=tiny-llama --set calibration=calib.parquet --set runtime.num_workers=2 \
         --set cpus_per_worker=1
 
 1. Driver: read the model's config, check the architecture, solve how many KV groups and channels each pruned layer

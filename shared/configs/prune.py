@@ -86,8 +86,8 @@ class PruneConfig(JobConfig):
     def _consistent(self) -> PruneConfig:
         if self.min_examples > self.max_examples:
             raise ValueError(f"min_examples ({self.min_examples}) exceeds max_examples ({self.max_examples})")
-        if self.num_workers > self.max_examples:
-            raise ValueError(f"num_workers ({self.num_workers}) exceeds max_examples ({self.max_examples}): "
+        if self.runtime.num_workers > self.max_examples:
+            raise ValueError(f"runtime.num_workers ({self.runtime.num_workers}) exceeds max_examples ({self.max_examples}): "
                              "some workers would have no calibration data")
         return self
 
