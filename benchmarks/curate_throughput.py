@@ -76,45 +76,48 @@ def config(model: str, gpu: bool, actors: int, docs: int):
     }, "benchmark")
 
 
-def fit_state(cfg, texts: list[str]) -> dict:
-    """Coordinates, SAE and seed vectors from a short fit (their values do not change the throughput)."""
+def fit_model(cfg, texts: list[str]):
+    """A CurationModel from a short fit (its values do not change the throughput)."""
     import ray
 
     from ray_jobs.curate import fit_task
+    from shared.curation.features import settings_from
+    from shared.curation.model import CurationModel
 
     options = {"num_gpus": 1} if cfg.runtime.gpus_per_actor else {}
-    return ray.get(fit_task.options(**options).remote(cfg, texts[: cfg.sae.train_docs], list(cfg.seeds)))
+    fit = ray.get(fit_task.options(**options).remote(cfg, texts[: cfg.sae.train_docs], list(cfg.seeds)))
+    return CurationModel.from_fit(fit, cfg.model, settings_from(cfg), [f"seed-{i}" for i in range(len(cfg.seeds))])
 
 
-def bare_loop(cfg, rows: list[dict], fit: dict, weights) -> dict:
+def bare_loop(cfg, rows: list[dict], curation, weights) -> dict:
+    """The same two steps the job maps, called in a plain loop."""
     import numpy as np
     import torch
 
-    from ray_jobs.curate import tokenise_batch
-    from shared.curation.features import load_embedder
-    from shared.models import load_causal_lm
+    from shared.curation.scoring import DocumentScorer, DocumentTokenizer
 
     started = time.perf_counter()
     torch.set_num_threads(os.cpu_count() or 1)
     device = "cuda" if cfg.runtime.gpus_per_actor else "cpu"
-    model, tokenizer = load_causal_lm(cfg.model, dtype=cfg.dtype, device=device)
-    embedder = load_embedder(model, tokenizer, fit["layer"], fit["state"])
+    tokenise = DocumentTokenizer(cfg.model, cfg.text_column, cfg.max_tokens, cfg.seed, weights)
+    score = DocumentScorer(curation, cfg.runtime.micro_batch, cfg.dtype, device)
+    tokenise.setup()
+    score.setup()
     tokens = 0
     size = cfg.runtime.batch_docs
     for start in range(0, len(rows), size):
         part = rows[start: start + size]
         batch = {"id": np.array([r["id"] for r in part], dtype=object),
                  "text": np.array([r["text"] for r in part], dtype=object)}
-        batch = tokenise_batch(batch, cfg, weights)
-        ids = [np.frombuffer(b, dtype=np.int32).tolist() for b in batch["input_ids"]]
-        embedder.score(ids, cfg.runtime.micro_batch)
+        batch = tokenise(batch)
+        score(batch)
         tokens += int(batch["n_tokens"].sum())
     seconds = time.perf_counter() - started
     return {"side": "bare_loop", "docs": len(rows), "tokens": tokens, "seconds": round(seconds, 2),
             "tokens_per_s": round(tokens / seconds, 1)}
 
 
-def ray_pass(cfg, rows: list[dict], fit: dict, weights) -> dict:
+def ray_pass(cfg, rows: list[dict], curation, weights) -> dict:
     import ray.data
 
     from ray_jobs.curate import score_corpus
@@ -122,7 +125,7 @@ def ray_pass(cfg, rows: list[dict], fit: dict, weights) -> dict:
     started = time.perf_counter()
     ds = ray.data.from_items(rows)
     tokens = 0
-    for batch in score_corpus(cfg, ds, fit, weights, "benchmark", len(rows)).iter_batches(batch_size=None):
+    for batch in score_corpus(cfg, ds, curation, weights, len(rows)).iter_batches(batch_size=None):
         tokens += int(batch["n_tokens"].sum())
     seconds = time.perf_counter() - started
     return {"side": f"ray_{cfg.runtime.num_actors}_actor", "docs": len(rows), "tokens": tokens,
@@ -151,7 +154,7 @@ def main() -> None:
         init_ray()
         weights = np.zeros(16)  # the n-gram key is computed on both sides; its weights do not matter here
         cfg1 = config(model, args.gpu, 1, args.docs).model_copy(update={"ngram": {"buckets": 16, "alpha": 1.0}})
-        fit = fit_state(cfg1, [r["text"] for r in rows])
+        fit = fit_model(cfg1, [r["text"] for r in rows])
         results = [bare_loop(cfg1, rows, fit, weights), ray_pass(cfg1, rows, fit, weights)]
         cfg2 = config(model, args.gpu, 2, args.docs).model_copy(update={"ngram": {"buckets": 16, "alpha": 1.0}})
         results.append(ray_pass(cfg2, rows, fit, weights))

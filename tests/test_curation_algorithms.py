@@ -19,8 +19,9 @@ from shared.curation.activations import (
 from shared.curation.corpus import Document, chunk_text, split_corpus, strip_news_headers
 from shared.curation.features import length_batches, pad_batch
 from shared.curation.ngram import gumbel_keys, hashed_ngrams, log_distribution, log_importance, stable_uniform
-from shared.curation.retrieval import block_candidates, mean_pool, purity_and_recall, select
+from shared.curation.retrieval import mean_pool, purity_and_recall, select
 from shared.curation.sae import SAEShape, TopKSAE, TrainSettings, idf_codes, idf_weights, pooled_codes, train_sae
+from shared.curation.selection import SelectionPlan, finish, merge, summarise_block
 from shared.errors import DataError, ModelError
 from shared.models import load_causal_lm
 
@@ -196,18 +197,35 @@ def test_selection_modes():
 
 
 @pytest.mark.parametrize("mode", ["global", "per_seed"])
-def test_block_candidates_make_the_streaming_reduce_exact(mode):
+def test_block_summaries_make_the_streaming_reduce_exact(mode):
+    """Any split into blocks (uneven ones, in any order) selects what one pass over the whole corpus selects, and
+    the counts add up; unusable rows are never candidates."""
     rng = np.random.default_rng(0)
-    seed_scores = rng.random((500, 4))
-    scores = seed_scores.max(1)
-    expected = select(scores, mode, 25, None, seed_scores)
-    kept = []
-    for start in range(0, 500, 37):  # uneven blocks
-        block = slice(start, min(start + 37, 500))
-        kept.extend(start + block_candidates(scores[block], mode, 25, None, seed_scores[block]))
-    kept = np.array(kept)
-    merged = kept[select(scores[kept], mode, 25, None, seed_scores[kept])]
-    assert sorted(merged.tolist()) == sorted(expected.tolist())
+    n = 500
+    seed_scores = rng.random((n, 4))
+    status = np.where(rng.random(n) < 0.05, "empty", "ok").astype(object)
+    batch = {"id": np.array([f"d{i}" for i in range(n)], dtype=object), "status": status,
+             "sae_score": seed_scores.max(1), "sae_seed_scores": seed_scores,
+             "random_key": rng.random(n), "truncated": np.zeros(n, bool), "n_tokens": np.full(n, 3),
+             "label": np.where(rng.random(n) < 0.3, "target", "other").astype(object)}
+    plans = [SelectionPlan("sae", 25, mode), SelectionPlan("random", 40)]
+    whole, counts = merge([summarise_block(batch, plans, "sae", "target")])
+    bounds = [0, 37, 38, 200, 311, 500]
+    blocks = [{k: v[a:b] for k, v in batch.items()}
+              for a, b in zip(bounds, bounds[1:])]
+    split, split_counts = merge([summarise_block(b, plans, "sae", "target") for b in reversed(blocks)])
+    for plan in plans:
+        one, many = finish(whole[plan.method], plan), finish(split[plan.method], plan)
+        assert sorted(one["id"]) == sorted(many["id"])
+        assert len(one["id"]) == (40 if plan.method == "random" else len(one["id"]))
+        assert set(one["id"]) <= {f"d{i}" for i in np.flatnonzero(status == "ok")}
+    ok = status == "ok"
+    assert (split_counts.ok, split_counts.empty, split_counts.rows) == (int(ok.sum()), int((~ok).sum()), n)
+    assert split_counts.target == int(((batch["label"] == "target") & ok).sum())
+    assert split_counts.hist.sum() == ok.sum()
+    assert split_counts.top == pytest.approx(seed_scores.max(1)[ok].max())
+    expected = np.flatnonzero(ok)[select(seed_scores.max(1)[ok], mode, 25, None, seed_scores[ok])]
+    assert sorted(finish(split["sae"], plans[0])["id"]) == sorted(f"d{i}" for i in expected)
 
 
 def test_purity_and_recall():

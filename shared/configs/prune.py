@@ -87,8 +87,8 @@ class PruneConfig(JobConfig):
         if self.min_examples > self.max_examples:
             raise ValueError(f"min_examples ({self.min_examples}) exceeds max_examples ({self.max_examples})")
         if self.runtime.num_workers > self.max_examples:
-            raise ValueError(f"runtime.num_workers ({self.runtime.num_workers}) exceeds max_examples ({self.max_examples}): "
-                             "some workers would have no calibration data")
+            raise ValueError(f"runtime.num_workers ({self.runtime.num_workers}) exceeds max_examples "
+                             f"({self.max_examples}): some workers would have no calibration data")
         return self
 
     def input_uris(self) -> list[str]:

@@ -3,21 +3,68 @@ features the seeds use most with their top-activating snippets, and a preview of
 
 from __future__ import annotations
 
+import time
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 
+from shared.curation.features import FitResult
+from shared.curation.model import CurationModel
+from shared.curation.retrieval import purity_and_recall
+from shared.curation.selection import SCORE_BINS, Columns, CorpusCounts
 from shared.report import Report
 from shared.storage import Storage
 
 
-def write_report(store: Storage, cfg: Any, fit: dict[str, Any], metrics: dict[str, Any], hist: np.ndarray,
-                 bins: np.ndarray, subset: dict[str, np.ndarray], seed_texts: list[str]) -> str:
+def curate_metrics(cfg: Any, fit: FitResult, curation: CurationModel, counts: CorpusCounts,
+                   selected: dict[str, Columns], rows: int, timings: dict[str, float], started: float
+                   ) -> dict[str, Any]:
+    """metrics.json of a curate stage (``cfg`` is its CurateConfig)."""
+    retrieval: dict[str, Any] = {}
+    for method, cols in selected.items():
+        entry: dict[str, Any] = {"selected": int(len(cols["id"]))}
+        if cfg.target_label is not None and "label" in cols:
+            entry.update(purity_and_recall(list(cols["label"]), counts.target, cfg.target_label))
+        retrieval[method] = entry
+    embed_s = max(timings.get("embed_s", 0.0), 1e-9)
+    timings["total_s"] = round(time.time() - started, 1)
+    return {
+        "corpus": {"rows": rows, "scored": counts.rows, "usable": counts.ok, "skipped_empty": counts.empty,
+                   "skipped_not_text": counts.not_text, "truncated": counts.truncated, "tokens": counts.tokens,
+                   "target_documents": counts.target, "max_tokens": cfg.max_tokens},
+        "layer": curation.layer,
+        "coordinates": {"selector": curation.selector, "k": int(len(curation.coords))},
+        "sae": {"fvu": fit.fvu, "dead_fraction": fit.dead_fraction, **asdict(curation.shape), "history": fit.history},
+        "fit": fit.stats,
+        "retrieval": retrieval, "subset_method": cfg.retrieval.scoring,
+        "retrieval_mode": cfg.retrieval.mode, "m": cfg.retrieval.m, "threshold": cfg.retrieval.threshold,
+        "target_label": cfg.target_label,
+        "throughput": {"documents_per_s": round(counts.ok / embed_s, 2),
+                       "tokens_per_s": round(counts.tokens / embed_s, 1)},
+        "timings": timings,
+    }
+
+
+def summary_lines(metrics: dict[str, Any]) -> list[str]:
+    """What the job prints at the end: documents scored and skipped, then each method's selection."""
+    c = metrics["corpus"]
+    lines = [f"scored {c['usable']} documents ({c['skipped_empty']} empty and {c['skipped_not_text']} non-text "
+             f"skipped, {c['truncated']} truncated to {c['max_tokens']} tokens) at "
+             f"{metrics['throughput']['tokens_per_s']} tokens/s"]
+    for method, entry in metrics["retrieval"].items():
+        extra = (f": purity {entry['purity']:.3f}, recall {entry['recall']:.3f}" if "purity" in entry else "")
+        lines.append(f"  {method:<7} selected {entry['selected']}{extra}")
+    return lines
+
+
+def write_report(store: Storage, cfg: Any, fit: FitResult, curation: CurationModel, metrics: dict[str, Any],
+                 hist: np.ndarray, subset: Columns) -> str:
     report = Report(f"curate: {cfg.target_label or 'domain'} from {cfg.corpus}")
     c = metrics["corpus"]
     report.text(f"Model {cfg.model}, layer {metrics['layer']}, {metrics['coordinates']['k']} coordinates "
-                f"({cfg.coordinates.selector}); SAE {fit['state']['sae_shape']['n_latents']} latents, "
-                f"k={fit['state']['sae_shape']['k']}; {len(seed_texts)} seeds; {c['usable']} of {c['rows']} "
+                f"({curation.selector}); SAE {curation.shape.n_latents} latents, "
+                f"k={curation.shape.k}; {len(curation.seed_ids)} seeds; {c['usable']} of {c['rows']} "
                 f"documents scored ({c['skipped_empty']} empty and {c['skipped_not_text']} non-text skipped, "
                 f"{c['truncated']} truncated to {c['max_tokens']} tokens); selection: {cfg.retrieval.mode}, "
                 f"M={cfg.retrieval.m}, threshold={cfg.retrieval.threshold}.")
@@ -27,7 +74,7 @@ def write_report(store: Storage, cfg: Any, fit: dict[str, Any], metrics: dict[st
         rows.append({"method": method, **{k: entry[k] for k in ("selected", "purity", "recall") if k in entry}})
     report.table("Retrieval (same pool, same size)", rows)
 
-    history = fit["history"]
+    history = fit.history
     fig, axes = report.figure(ncols=2)
     if history:
         steps = [h["step"] for h in history]
@@ -40,9 +87,10 @@ def write_report(store: Storage, cfg: Any, fit: dict[str, Any], metrics: dict[st
         axes[1].plot(steps, [h["dead_fraction"] for h in history])
         axes[1].set_xlabel("step")
         axes[1].set_title("dead-latent fraction")
-    report.add_figure(fig, f"SAE training: final FVU {fit['fvu']:.3f}, dead latents {fit['dead_fraction']:.1%}")
+    report.add_figure(fig, f"SAE training: final FVU {fit.fvu:.3f}, dead latents {fit.dead_fraction:.1%}")
 
     fig, ax = report.figure()
+    bins = SCORE_BINS
     centres = (bins[:-1] + bins[1:]) / 2
     ax.bar(centres, hist, width=bins[1] - bins[0], color="#4c72b0")
     score_column = f"{cfg.retrieval.scoring}_score"
@@ -58,7 +106,7 @@ def write_report(store: Storage, cfg: Any, fit: dict[str, Any], metrics: dict[st
     report.add_figure(fig, "SAE score histogram with the selection cut")
 
     report.heading("SAE features the seeds use most")
-    for feature in fit["features"]:
+    for feature in fit.features:
         snippets = " | ".join(f"…{s['left']}[{s['token']}]{s['right']}…" for s in feature["snippets"])
         report.text(f"latent {feature['latent']}: seed mean {feature['seed_mean']:.4f}, corpus mean "
                     f"{feature['corpus_mean']:.4f}. Top activations: {snippets}")

@@ -32,8 +32,6 @@ from shared.curation.sae import (
     idf_codes,
     idf_weights,
     pooled_codes,
-    sae_from_state,
-    sae_state,
     train_sae,
 )
 from shared.errors import DataError
@@ -131,16 +129,6 @@ class Embedder:
         return out
 
 
-def load_embedder(model: Any, tokenizer: Any, layer: int, state: dict[str, Any]) -> Embedder:
-    """Rebuild a worker's embedder from :func:`fit_curation`'s portable state."""
-    tensor = lambda a: torch.tensor(np.array(a))  # noqa: E731  (a writable copy of Ray's read-only arrays)
-    return Embedder(base=truncate_to_layer(model, layer), pad_id=tokenizer.pad_token_id,
-                    coords=tensor(state["coords"]),
-                    sae=sae_from_state({k: v.clone() for k, v in state["sae_tensors"].items()}, state["sae_shape"]),
-                    skip_first=state["skip_first"], idf=tensor(state["idf"]),
-                    seeds={kind: tensor(v) for kind, v in state["seeds"].items()})
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Fitting on a sample
 
@@ -178,11 +166,6 @@ class FitResult:
     seeds: dict[str, np.ndarray]
     features: list[dict[str, Any]]
     stats: dict[str, Any] = field(default_factory=dict)
-
-    def portable(self, skip_first: bool) -> dict[str, Any]:
-        tensors, shape = sae_state(self.sae)
-        return {"coords": self.coords, "sae_tensors": tensors, "sae_shape": shape, "skip_first": skip_first,
-                "idf": self.idf, "seeds": self.seeds}
 
 
 def fit_curation(model: Any, tokenizer: Any, sample_texts: list[str], seed_texts: list[str], settings: FitSettings,

@@ -1,8 +1,7 @@
 """Scoring and selection: cosine to the nearest seed, global top-M, per-seed top-M union, score thresholds.
 
-Selection over a large corpus is a streaming reduce: each block keeps only its own candidates
-(:func:`block_candidates`), and the final choice (:func:`select`) runs on the union of those, which is exact because
-a document in the global top-M is in the top-M of its own block.
+:func:`select` is exact on any superset of the selected documents, which makes selection over a large corpus a
+streaming reduce (:mod:`shared.curation.selection`).
 """
 
 from __future__ import annotations
@@ -58,12 +57,6 @@ def select(scores: np.ndarray, mode: Mode, m: int | None, threshold: float | Non
             chosen.setdefault(int(i), None)
     picked = np.fromiter(chosen, dtype=np.int64, count=len(chosen))
     return picked[np.argsort(-scores[picked], kind="stable")]
-
-
-def block_candidates(scores: np.ndarray, mode: Mode, m: int | None, threshold: float | None,
-                     seed_scores: np.ndarray | None = None) -> np.ndarray:
-    """Positions in one block that can still be selected globally (a superset of the block's share)."""
-    return select(scores, mode, m, threshold, seed_scores)
 
 
 def purity_and_recall(selected_labels: list, all_labels_count: int, target: str) -> dict[str, float]:
