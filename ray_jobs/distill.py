@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from typing import Any
 
@@ -93,9 +91,9 @@ def train_loop(config: dict[str, Any]) -> None:
     """Per worker: load the student, resume from the latest checkpoint of this stage, train, checkpoint, save."""
     import torch
 
+    from ray_jobs.train_launch import report_state, restore_state
     from shared.distill.finetune import (
         Schedule,
-        check_resume,
         merged_for_saving,
         prepare_student,
         step_examples,
@@ -119,11 +117,9 @@ def train_loop(config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=t.lr, weight_decay=t.weight_decay)
     schedule = Schedule(len(examples), t.batch_size, t.epochs)
     start, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=False)
-        check_resume(state.get("config_hash"), config["config_hash"], checkpoint.path)
+    fingerprint = {"config": config["config_hash"]}
+    state = restore_state(fingerprint, "distill")
+    if state is not None:
         model.load_state_dict(state["model"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         start, history = state["step"], state["history"]
@@ -146,16 +142,10 @@ def train_loop(config: dict[str, Any]) -> None:
             print(f"step {step + 1}/{schedule.total_steps}: loss {loss:.4f} ({tokens} answer tokens)", flush=True)
         last = step + 1 == schedule.total_steps
         if (step + 1) % t.checkpoint_every == 0 or last:
-            with tempfile.TemporaryDirectory() as folder:
-                if rank == 0:
-                    inner = getattr(model, "module", model)
-                    trainable = {k: v for k, v in inner.state_dict().items()
-                                 if t.method == "full" or "lora_" in k}
-                    torch.save({"model": trainable, "optimizer": optimizer.state_dict(), "step": step + 1,
-                                "history": history, "config_hash": config["config_hash"]},
-                               os.path.join(folder, "state.pt"))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0
-                                 else None)
+            inner = getattr(model, "module", model)
+            trainable = {k: v for k, v in inner.state_dict().items() if t.method == "full" or "lora_" in k}
+            report_state(metrics, {"model": trainable, "optimizer": optimizer.state_dict(), "step": step + 1,
+                                   "history": history}, fingerprint, rank=rank)
         else:
             ray.train.report(metrics)
     if rank == 0:

@@ -33,12 +33,12 @@ from ray_jobs.detector_data import decode_mixture, split_of
 from ray_jobs.metrics import TrainingProgress
 from ray_jobs.placement import claim
 from ray_jobs.train_launch import fit_workers
+from shared.checkpoint import FINGERPRINT_FILE, check_fingerprint, load_training_state, save_training_state
 from shared.configs.train_detector import DetectorConfig
 from shared.data import write_parquet
 from shared.detection.augment import resize_batch, to_tensor
 from shared.detection.backbones import build_detector, fake_probability, make_spec, save_detector, unwrap
 from shared.detection.boosting import Booster, torch_all_gather
-from shared.detection.checkpoint import FINGERPRINT_FILE, check_fingerprint, load_training_state, save_training_state
 from shared.detection.metrics import accuracy, average_precision, roc_auc
 from shared.detection.mixture import LABEL_NAMES, plan_mixture
 from shared.detection.report import training_report

@@ -6,6 +6,10 @@
   its latest checkpoint through ``ray.train.get_checkpoint()``), else a folder of this attempt.
 - Failures: ``FailureConfig(max_failures)``; a user error raised in a worker comes out as itself (one line, exit 2),
   not wrapped in Ray Train's exceptions.
+- State: ``report_state`` / ``restore_state`` put a worker's state in Ray Train checkpoints as
+  ``shared.checkpoint`` folders (state + fingerprint, loaded with weights_only=True): one folder written by rank 0,
+  or one ``rank-<r>/`` folder per worker when every worker's state differs (Ray Train merges them into one
+  checkpoint).
 - Devices: before the process group is set up, every worker that reserved a GPU checks that it sees one (one line
   naming the stage otherwise, instead of NCCL's "not built in" or a silent CPU run).
 - Process group: on the local instance that ``scopeforge`` starts, the torch rendezvous store listens on 127.0.0.1
@@ -16,10 +20,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import socket
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -63,6 +70,41 @@ def fit_workers(train_loop: Callable[[dict[str, Any]], Any], config: dict[str, A
         if error is not None:
             raise error from None
         raise
+
+
+def _state_folder(root: str | Path, rank: int | None) -> Path:
+    return Path(root) if rank is None else Path(root) / f"rank-{rank}"
+
+
+def report_state(metrics: dict[str, Any], state: dict[str, Any], fingerprint: dict[str, Any], *, rank: int,
+                 per_rank: bool = False) -> None:
+    """``ray.train.report`` with ``state`` as a checkpoint: rank 0's only, or (``per_rank``) every worker's in its
+    own folder. Every worker must call it the same number of times."""
+    from shared.checkpoint import save_training_state
+
+    if not per_rank and rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        save_training_state(_state_folder(folder, rank if per_rank else None), state, fingerprint)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def restore_state(fingerprint: dict[str, Any], job: str, *, rank: int | None = None) -> dict[str, Any] | None:
+    """The state of this run's latest checkpoint (``rank``: this worker's own), or None when there is none, or when
+    it was written by another number of workers (``fingerprint["workers"]``; the caller starts over). Any other
+    difference in the fingerprint is an error naming it."""
+    from shared.checkpoint import FINGERPRINT_FILE, load_training_state
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as root:
+        folder = _state_folder(root, rank)
+        found = json.loads((folder / FINGERPRINT_FILE).read_text()) if (folder / FINGERPRINT_FILE).is_file() else {}
+        if "workers" in fingerprint and found.get("workers") != fingerprint["workers"]:
+            return None
+        return load_training_state(folder, fingerprint, checkpoint.path, job=job)
 
 
 def user_error_in(exc: BaseException) -> UserError | None:

@@ -10,13 +10,13 @@ import pyarrow as pa
 import pytest
 import torch
 
+from shared.checkpoint import load_training_state, save_training_state
 from shared.config import validate_config
 from shared.configs.standin_faces import StandinFacesConfig
 from shared.configs.train_detector import BackboneConfig, DetectorConfig, SourceConfig, SplitConfig
 from shared.data import write_parquet
 from shared.detection.augment import augment_batch, perturb_batch, to_tensor
 from shared.detection.backbones import build_detector, fake_probability, load_detector, make_spec, save_detector
-from shared.detection.checkpoint import load_training_state, save_training_state
 from shared.detection.mixture import assign_split, decode_batch, plan_mixture, read_metadata
 from shared.detection.standin import standin_table
 from shared.errors import ConfigError, DataError, ModelError
@@ -185,3 +185,17 @@ def test_checkpoint_of_a_different_config_is_refused(tmp_path):
     # epochs and workers may change between a checkpoint and its resume
     longer = DetectorConfig(sources=[{"name": "d", "uri": "x"}], epochs=50, runtime={"num_workers": 1})
     assert load_training_state(tmp_path, {"config": longer.fingerprint(), "mixture": "abc"}, "ck")["epoch"] == 3
+
+
+class _Payload:
+    """Any object other than tensors and plain values: unpickling it could run code."""
+
+
+def test_a_checkpoint_holding_an_object_is_refused_not_unpickled(tmp_path):
+    fingerprint = {"config": "abc"}
+    save_training_state(tmp_path, {"step": 1, "extra": _Payload()}, fingerprint)
+    with pytest.raises(ModelError, match="checkpoint ck: state.pt holds objects other than tensors"):
+        load_training_state(tmp_path, fingerprint, "ck")
+    save_training_state(tmp_path, {"step": 2, "optimizer": torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))])
+                                   .state_dict(), "history": [{"loss": 0.5, "step": 2}]}, fingerprint)
+    assert load_training_state(tmp_path, fingerprint, "ck")["history"] == [{"loss": 0.5, "step": 2}]

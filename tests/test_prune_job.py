@@ -111,10 +111,12 @@ def test_prune_job_on_s3_writes_a_model_that_reloads(ray_session, s3_root, tiny_
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_workers_sum_their_shards(ray_session, tmp_path, tiny_llama_dir, calibration_texts, monkeypatch):
+def test_two_workers_sum_their_shards_and_a_rerun_resumes_their_pass(ray_session, tmp_path, tiny_llama_dir,
+                                                                     calibration_texts, monkeypatch):
     """Two workers score halves of the calibration set; the summed vector-wise Taylor scores (exact under any split)
     must equal one process scoring everything. Every layer is pruned alike, so the model has a standard config.
-    Paths are relative to the working directory, as a user types them: the model lands in the stage folder."""
+    Paths are relative to the working directory, as a user types them: the model lands in the stage folder.
+    A rerun of a stage that never committed resumes the importance pass from each worker's checkpoint."""
     from transformers import LlamaForCausalLM
 
     from shared.lm_data import batches
@@ -126,9 +128,10 @@ def test_two_workers_sum_their_shards(ray_session, tmp_path, tiny_llama_dir, cal
     write_parquet(texts_table(calibration_texts), Storage(str(tmp_path)), "calibration.parquet")
     monkeypatch.chdir(tmp_path)
     cfg = load_config(PruneConfig, None, [*SMALL, "output_root=run", "calibration=calibration.parquet",
-                                          "runtime.num_workers=2",
+                                          "runtime.num_workers=2", "runtime.checkpoint_every=1",
                                           "importance=vectorize", "layers=all", "fraction=0.3", "sample_prompt="])
     metrics = run_job(cfg)
+    assert metrics["importance_resumed_after"] == 0
 
     model, tokenizer = load_causal_lm("tiny-llama")
     examples = examples_of(cfg, cfg.calibration, cfg.max_examples)
@@ -151,6 +154,18 @@ def test_two_workers_sum_their_shards(ray_session, tmp_path, tiny_llama_dir, cal
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "llama" and "layer_widths" not in config
     assert isinstance(LlamaForCausalLM.from_pretrained(folder), LlamaForCausalLM)
+
+    # the commit is lost (a crash after the pass, say during the upload): the rerun resumes where both workers
+    # checkpointed last, with the same sums
+    (tmp_path / "run" / "prune" / "_SUCCESS").unlink()
+    checkpoints = sorted(p for p in (tmp_path / "run" / "prune" / "checkpoints").glob("*/prune/checkpoint_*")
+                         if p.is_dir())
+    assert checkpoints and {p.name for p in checkpoints[-1].iterdir()} >= {"rank-0", "rank-1"}
+    again = run_job(cfg)
+    steps = -(-len(examples) // 2 // 4)  # micro-batches of 4 on each worker's half
+    assert again["importance_resumed_after"] == steps
+    assert [r["attention_scores"] for r in again["per_layer"]] == [r["attention_scores"] for r in metrics["per_layer"]]
+    assert again["calibration_loss_before"] == metrics["calibration_loss_before"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -345,3 +345,31 @@ def test_random_scores_follow_the_seed(tiny):
     layers = prunable_layers(tiny[0], [1, 2])
     a, b, c = static_scores(layers, "random", 0), static_scores(layers, "random", 0), static_scores(layers, "random", 1)
     assert torch.equal(a[1]["mlp"], b[1]["mlp"]) and not torch.equal(a[1]["mlp"], c[1]["mlp"])
+
+
+def test_an_importance_pass_resumed_from_its_progress_ends_with_the_same_sums(tiny, calibration, tiny_llama_dir):
+    """The pass on one worker, stopped after two micro-batches and resumed from its checkpointed progress in a fresh
+    model (as a retried worker does), ends with the scores and loss of one uninterrupted pass."""
+    from shared.models import load_causal_lm
+    from shared.pruning.step import ImportancePass, ImportanceProgress
+
+    def run(model, stop=None, resume=None):
+        layers = prunable_layers(model, [1, 4])
+        with ImportancePass(model, layers, "param_first", micro_batch=3, pad_id=pad, scale=1e-3) as importance:
+            if resume is not None:
+                importance.resume(ImportanceProgress.from_state(resume))
+            for step, _ in importance.run(calibration):
+                if step == stop:
+                    return importance.progress().state()
+            return importance.scores(), importance.loss
+
+    model, tokenizer = tiny
+    pad = tokenizer.pad_token_id
+    whole, loss = run(model)
+    state = run(load_causal_lm("tiny-llama")[0], stop=2)
+    assert state["step"] == 2 and 0 < state["tokens"] < loss.tokens
+    resumed, resumed_loss = run(load_causal_lm("tiny-llama")[0], resume=state)
+    assert resumed_loss.tokens == loss.tokens and resumed_loss.nll == pytest.approx(loss.nll, rel=1e-6)
+    for index in (1, 4):
+        for kind in ("attention", "mlp"):
+            torch.testing.assert_close(resumed[index][kind], whole[index][kind], rtol=1e-5, atol=1e-12)

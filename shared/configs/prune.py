@@ -12,6 +12,9 @@ class PruneRuntime(WorkersConfig):
 
     cpus_per_worker: float = Field(2.0, gt=0)
     """Logical CPUs reserved per worker; it runs that many torch threads (at least 1)."""
+    checkpoint_every: int = Field(16, ge=1)
+    """Importance micro-batches between checkpoints: a failed or killed pass resumes from the last one (the sums are
+    the same either way). A run with another number of workers starts the pass over."""
 
 
 class PruneConfig(JobConfig):

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from shared.errors import ConfigError
 from shared.lm_data import LMExample, collate
 from shared.perplexity import batch_nll
 
@@ -98,13 +97,6 @@ def train_step(model: Any, optimizer: torch.optim.Optimizer, examples: Sequence[
     torch.nn.utils.clip_grad_norm_(trainable_parameters(model), 1.0)
     optimizer.step()
     return total, tokens
-
-
-def check_resume(saved_hash: str | None, config_hash: str, where: str) -> None:
-    """A checkpoint written by another config is never resumed from."""
-    if saved_hash != config_hash:
-        raise ConfigError(f"checkpoint at {where} was written by config {saved_hash}, not this one ({config_hash}); "
-                          "remove the stage folder or rerun with the config that wrote it")
 
 
 def merged_for_saving(model: Any) -> Any:

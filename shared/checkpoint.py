@@ -1,13 +1,15 @@
-"""Training checkpoints of a detector: model, optimiser, difficulty state and history, plus a fingerprint of the
-config and mixture that wrote them, so a checkpoint is never resumed under a different config.
+"""Training checkpoints of every Ray Train stage (prune importance, distill, train-detector): a state and the
+fingerprint of what wrote it, so a checkpoint is never resumed under a different config or different data.
 
-    <dir>/state.pt           torch.save of {"model", "optimizer", "booster", "epoch", "history"} (weights_only-safe)
-    <dir>/fingerprint.json   {"config": {...}, "mixture": "<hash of the indexed rows>"}
+    <dir>/state.pt           torch.save of the state: tensors, numbers, strings, lists and dicts only, loaded back
+                             with weights_only=True (a checkpoint cannot run code when it is read)
+    <dir>/fingerprint.json   what wrote it, e.g. {"config": "<config hash>", "data": "<hash of the rows>"}
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,9 @@ FINGERPRINT_FILE = "fingerprint.json"
 
 
 def save_training_state(folder: str | Path, state: dict[str, Any], fingerprint: dict[str, Any]) -> None:
+    """Write ``state`` and ``fingerprint`` into ``folder`` (a local directory Ray Train then uploads)."""
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     torch.save(state, folder / STATE_FILE)
     (folder / FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
 
@@ -46,9 +50,15 @@ def check_fingerprint(expected: dict[str, Any], found: dict[str, Any], where: st
                          "it cannot be resumed: start a fresh run or use the same settings")
 
 
-def load_training_state(folder: str | Path, expected: dict[str, Any], where: str) -> dict[str, Any]:
+def load_training_state(folder: str | Path, expected: dict[str, Any], where: str, job: str = "training"
+                        ) -> dict[str, Any]:
+    """The state in ``folder`` after checking its fingerprint against ``expected``; ``where`` names it in errors."""
     folder = Path(folder)
     if not (folder / STATE_FILE).is_file() or not (folder / FINGERPRINT_FILE).is_file():
-        raise ModelError(f"checkpoint {where}: no {STATE_FILE} / {FINGERPRINT_FILE} (not a train-detector checkpoint)")
+        raise ModelError(f"checkpoint {where}: no {STATE_FILE} / {FINGERPRINT_FILE} (not a {job} checkpoint)")
     check_fingerprint(expected, json.loads((folder / FINGERPRINT_FILE).read_text()), where)
-    return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ModelError(f"checkpoint {where}: {STATE_FILE} holds objects other than tensors and plain values; it is "
+                         "not loaded (a checkpoint must not run code when it is read)") from None

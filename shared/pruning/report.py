@@ -1,0 +1,64 @@
+"""report.html of a prune stage: parameters and losses before and after, the width of every decoder layer, the
+per-layer table, how to load the model and a greedy sample before and after."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared.report import Report
+from shared.storage import Storage
+
+
+def write_report(model: str, m: dict[str, Any], store: Storage) -> None:
+    """``m`` is the stage's metrics."""
+    report = Report(f"prune: {model}, {m['achieved_fraction']:.1%} of the parameters removed")
+    report.text(f"Importance {m['importance_method']} on {m['calibration']['examples']} calibration examples "
+                f"({m['calibration']['target_tokens']:,} tokens) from {m['calibration_source']}; "
+                f"{m['num_workers']} worker(s); {m['seconds']} s.")
+    summary = [
+        {"": "parameters", "before": m["parameters_before"], "after": m["parameters_after"]},
+        {"": "calibration loss", "before": m["calibration_loss_before"], "after": m["calibration_loss_after"]},
+        {"": "calibration perplexity", "before": m["calibration_perplexity_before"],
+         "after": m["calibration_perplexity_after"]},
+    ]
+    if m["domain_perplexity_before"] is not None:
+        summary.append({"": f"domain perplexity ({m['domain_tokens']:,} tokens of {m['eval_data']})",
+                        "before": m["domain_perplexity_before"], "after": m["domain_perplexity_after"]})
+    report.table("Before and after", summary)
+
+    widths = m["layer_widths"]
+    layers = [w["layer"] for w in widths]
+    pruned = set(m["layers_pruned"])
+    fig, axes = report.figure(ncols=2, width=5.5)
+    for ax, (key, label) in zip(axes, (("heads", "attention heads"), ("channels", "MLP channels"))):
+        ax.bar(layers, [w[f"{key}_before"] for w in widths], color="#dddddd", label="before")
+        ax.bar(layers, [w[f"{key}_after"] for w in widths], label="after",
+               color=["#3b6ea8" if w["layer"] in pruned else "#9bb7d4" for w in widths])
+        ax.set_xlabel("decoder layer (light: outside the pruned range)")
+        ax.set_ylabel(label)
+        ax.set_xticks(layers if len(layers) <= 16 else layers[::2])
+        ax.legend(loc="lower right")
+    report.add_figure(fig, "Width of each decoder layer before and after pruning")
+    report.table("Per layer", [{k: v for k, v in row.items() if k != "attention_scores"} for row in m["per_layer"]])
+    output = m["output"]
+    report.text(f"Model: {output['uri']} ({output['format']} config, {output['class']}); load with "
+                f"{output['loading']}. Reloaded logits differ from the in-memory model by at most "
+                f"{output['reload_max_logit_difference']:.1e}.")
+    if output.get("sample_prompt"):
+        report.table("Greedy sample", [{"prompt": output["sample_prompt"], "before": output["sample_before"] or "",
+                                        "after (reloaded)": output["sample_after"] or ""}])
+    skipped = m["calibration"]["skipped"]
+    report.text(f"Calibration rows: {m['calibration']['source_rows']} in the data, {m['calibration']['rows']} "
+                f"sampled, kept {m['calibration']['examples']}, truncated "
+                f"{m['calibration']['truncated']}, skipped {sum(skipped.values())} {skipped or ''}.")
+    report.save(store, "report.html")
+
+
+def summary_line(r: dict[str, Any], model_uri: str) -> str:
+    """The line the job prints at the end (``r``: the stage's metrics)."""
+    domain = (f"; domain perplexity {r['domain_perplexity_before']:.2f} -> {r['domain_perplexity_after']:.2f}"
+              if r["domain_perplexity_before"] is not None else "")
+    return (f"pruned {r['parameters_before']:,} -> {r['parameters_after']:,} parameters "
+            f"({r['achieved_fraction']:.3f} removed); calibration loss {r['calibration_loss_before']:.3f} -> "
+            f"{r['calibration_loss_after']:.3f}{domain}; model in {model_uri} ({r['output']['format']} config); "
+            f"{r['seconds']} s")
