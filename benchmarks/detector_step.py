@@ -32,6 +32,7 @@ from shared.detection.backbones import build_detector, make_spec
 from shared.detection.boosting import Booster
 from shared.detection.mixture import plan_mixture
 from shared.detection.standin import standin_table
+from shared.detection.trainer import DetectorTrainer
 from shared.detection.training import train_step
 from shared.imageset import decode_image
 from shared.storage import Storage
@@ -107,21 +108,18 @@ def throughput(epochs: int) -> dict:
     spec = make_spec(cfg.model, plan.height)
 
     def bare_loop() -> tuple[list[float], list[float]]:
-        torch.manual_seed(0)
-        model = build_detector(spec)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        booster = Booster(cfg.boosting, plan.column("group"), plan.group_names)
-        rng = np.random.default_rng(0)
+        """The job's DetectorTrainer.train_epoch over in-memory batches (a plain permutation per epoch)."""
+        trainer = DetectorTrainer(cfg, spec, plan.column("group"), plan.group_names)
+        order_rng = np.random.default_rng(0)
         rates, cpu_rates = [], []
         for epoch in range(epochs):
-            order = rng.permutation(len(labels))
-            w0, c0 = time.perf_counter(), time.process_time()
-            for k in range(0, len(order), cfg.batch_size):
-                sel = order[k: k + cfg.batch_size]
-                train_step(model, opt, booster, {"image": images[sel], "label": labels[sel], "index": index[sel]},
-                           epoch, spec, cfg.augment, rng)
-            rates.append(len(order) / (time.perf_counter() - w0))
-            cpu_rates.append(len(order) / (time.process_time() - c0))
+            order = order_rng.permutation(len(labels))
+            batches = ({"image": images[sel], "label": labels[sel], "index": index[sel]}
+                       for sel in (order[k: k + cfg.batch_size] for k in range(0, len(order), cfg.batch_size)))
+            totals = trainer.train_epoch(batches, epoch)
+            trainer.booster.end_epoch(epoch)
+            rates.append(totals.samples / totals.seconds)
+            cpu_rates.append(totals.samples / totals.cpu_seconds)
         return rates, cpu_rates
 
     before = bare_loop()

@@ -95,8 +95,8 @@ def condition(kind: str, value: str, reason: str, message: str, previous: list[d
     """A status condition; lastTransitionTime moves only when its status value changes."""
     before = next((c for c in previous if c.get("type") == kind), None)
     changed = before is None or before.get("status") != value
-    return {"type": kind, "status": value, "reason": reason, "message": message,
-            "lastTransitionTime": now() if changed else before.get("lastTransitionTime", now())}
+    when = now() if before is None or changed else before.get("lastTransitionTime", now())
+    return {"type": kind, "status": value, "reason": reason, "message": message, "lastTransitionTime": when}
 
 
 def invalid(status: dict[str, Any], message: str, generation: int | None) -> dict[str, Any]:

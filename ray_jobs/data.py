@@ -26,7 +26,7 @@ from ray.data.datasource import Datasink
 from ray.data.datasource.datasink import WriteResult
 
 from shared.config import StorageConfig
-from shared.data import DatasetSource, read_file, resolve_dataset
+from shared.data import DatasetSource, Format, read_file, resolve_dataset
 from shared.errors import DataError
 from shared.stage import CommittedFile, Stage
 from shared.storage import Storage
@@ -55,7 +55,7 @@ def read_source(source: DatasetSource, options: StorageConfig | None = None, col
         batch_size=1, batch_format="numpy", num_cpus=READ_CPUS)
 
 
-def _read_files(batch: dict[str, np.ndarray], fmt: str, options: StorageConfig | None,
+def _read_files(batch: dict[str, np.ndarray], fmt: Format, options: StorageConfig | None,
                 columns: list[str] | None) -> Iterator[pa.Table]:
     for file, rows in zip(batch["file"], batch["rows"]):
         table = read_file(str(file), fmt, options, columns=columns, expected_rows=None if rows < 0 else int(rows))
@@ -66,7 +66,7 @@ def _read_files(batch: dict[str, np.ndarray], fmt: str, options: StorageConfig |
 def source_rows(source: DatasetSource, options: StorageConfig | None = None) -> int | None:
     """Rows of a dataset without reading its data: the committed counts, else Parquet footers; None for JSON."""
     if source.rows is not None and all(r is not None for r in source.rows):
-        return int(sum(source.rows))
+        return int(sum(r for r in source.rows if r is not None))
     if source.format != "parquet":
         return None
     total = 0

@@ -51,6 +51,8 @@ def compose(cfg: DeepfakeDemoConfig) -> tuple[PipelineConfig, str]:
     if cfg.data_uri:
         data = cfg.data_uri
     else:
+        if cfg.data_pipeline is None:
+            raise ConfigError("set data_pipeline (to build the dataset) or data_uri (to use an existing one)")
         data_spec = read_yaml(_config_file(cfg.data_pipeline))
         stages += list(data_spec.get("stages") or [])
         if cfg.data_stage not in [s.get("name") for s in stages]:

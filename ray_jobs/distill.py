@@ -26,12 +26,18 @@ from shared.configs.distill import DistillConfig
 from shared.data import read_table, write_parquet
 from shared.distill.examples import Example, build_examples
 from shared.distill.teacher import judge, tally, teacher_request
-from shared.errors import DataError
+from shared.errors import ConfigError, DataError
 from shared.models import load_tokenizer
 from shared.report import Report
 from shared.stage import Stage
 
 DISTILLED = "distilled"
+
+
+def _teacher(cfg: DistillConfig) -> str:
+    if cfg.teacher is None:
+        raise ConfigError("distill: mode=distilled needs a teacher")
+    return cfg.teacher
 
 
 class TeacherActor:
@@ -42,7 +48,7 @@ class TeacherActor:
 
         device = claim(stage_name, "teacher actor", cfg.runtime.gpus_per_actor, cfg.runtime.threads).device
         self.cfg = cfg
-        self.model, self.tokenizer = load_causal_lm(cfg.teacher, dtype=cfg.dtype, device=device, options=cfg.storage)
+        self.model, self.tokenizer = load_causal_lm(_teacher(cfg), dtype=cfg.dtype, device=device, options=cfg.storage)
         self.throughput = Throughput("distill", stage_name, ("documents", "tokens"))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -76,7 +82,7 @@ def check_tokenizers(cfg: DistillConfig) -> Any:
     """The student's tokenizer; with a teacher, both must share one vocabulary (the student learns its token ids)."""
     student = load_tokenizer(cfg.student, cfg.storage)
     if cfg.mode == "distilled":
-        teacher = load_tokenizer(cfg.teacher, cfg.storage)
+        teacher = load_tokenizer(_teacher(cfg), cfg.storage)
         if teacher.get_vocab() != student.get_vocab():
             raise DataError(f"teacher {cfg.teacher} and student {cfg.student} have different tokenizers "
                             f"({len(teacher)} vs {len(student)} tokens); distillation needs the same vocabulary")

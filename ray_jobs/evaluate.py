@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -45,7 +46,7 @@ def dataset_rows(cfg: EvaluateConfig) -> tuple[list[dict[str, Any]], dict[str, d
         else:
             raise DataError(f"dataset '{name}' ({uri}): needs a text column, prompt+answer, question+answer or "
                             f"question+choices+answer_index (columns: {', '.join(sorted(cols))})")
-        picked = range(table.num_rows)
+        picked: Sequence[int] = range(table.num_rows)
         if table.num_rows > cfg.max_examples:
             picked = sorted(random.Random(f"{cfg.seed}:{name}").sample(range(table.num_rows), cfg.max_examples))
         data = table.take(list(picked)).to_pylist()

@@ -148,11 +148,11 @@ def run(cfg: EvaluateDetectorConfig, stage: Stage) -> dict[str, Any]:
         curves = roc_curves(label, by_key[(d, "clean")], columns)
         png = report.add_figure(roc_figure(report, d, curves), f"ROC curves of {d} (clean test images)")
         stage.store.write_bytes(png, "roc", f"{d}.png")
-    for d in cfg.detectors:  # which sources were hard to learn, for detectors that are train-detector stages
-        folder = Storage(committed_folder(d.uri, cfg.storage), cfg.storage)
+    for det in cfg.detectors:  # which sources were hard to learn, for detectors that are train-detector stages
+        folder = Storage(committed_folder(det.uri, cfg.storage), cfg.storage)
         if folder.exists("difficulty", "history.json"):
             report.add_figure(difficulty_figure(report, folder.read_json("difficulty", "history.json")),
-                              f"{d.name}: mean difficulty (EMA of the loss) and loss weight per training group")
+                              f"{det.name}: mean difficulty (EMA of the loss) and loss weight per training group")
     if dropped:
         report.table(f"Dropped: {len(dropped)} undecodable test image(s)", dropped[:50])
     report.save(stage.store, "report.html")

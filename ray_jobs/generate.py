@@ -171,7 +171,7 @@ def check_inputs(cfg: GenerateConfig) -> list[str] | None:
 
 def run(cfg: GenerateConfig, stage: Stage) -> dict[str, Any]:
     prompts = check_inputs(cfg)
-    ledger = DropLedger.remote()
+    ledger = DropLedger.remote()  # type: ignore[attr-defined]  # added by @ray.remote, unseen by mypy
     wall: dict[str, float] = {}
     shards: dict[str, list[str]] = {}
 

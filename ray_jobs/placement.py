@@ -49,7 +49,8 @@ def open_ledger(stage: str) -> None:
     global _LEDGER
     job = ray.get_runtime_context().get_job_id()
     if _LEDGER is None or _LEDGER[0] != job:  # once per Ray connection: replacing the owner's handle ends the actor
-        _LEDGER = (job, PlacementLedger.options(name=LEDGER, get_if_exists=True).remote())
+        ledger = PlacementLedger.options(name=LEDGER, get_if_exists=True)  # type: ignore[attr-defined]  # @ray.remote
+        _LEDGER = (job, ledger.remote())
     ray.get(_LEDGER[1].reset.remote(stage))
 
 

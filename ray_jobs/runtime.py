@@ -181,8 +181,8 @@ def open_stage(cfg: JobConfig) -> Stage:
                         "local path or s3://")
     root = Storage(cfg.output_root, cfg.storage)
     root.check_writable()
-    upstream = [upstream_hash(uri, cfg) for uri in cfg.input_uris()]
-    upstream = [h for h in upstream if h]
+    hashes = [upstream_hash(uri, cfg) for uri in cfg.input_uris()]
+    upstream = [h for h in hashes if h]
     return Stage.open(root, cfg.stage_name, cfg.JOB, config_hash(cfg, upstream))
 
 

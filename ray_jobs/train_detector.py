@@ -17,32 +17,26 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import ray
 import ray.train
-import torch
 import torch.distributed as dist
 from ray.train import CheckpointConfig, DataConfig, LoggingConfig
 
 from ray_jobs.detector_data import decode_mixture, split_of
 from ray_jobs.metrics import TrainingProgress
 from ray_jobs.placement import claim
-from ray_jobs.train_launch import fit_workers
-from shared.checkpoint import FINGERPRINT_FILE, check_fingerprint, load_training_state, save_training_state
+from ray_jobs.train_launch import fit_workers, report_state
+from shared.checkpoint import FINGERPRINT_FILE, check_fingerprint, load_training_state
 from shared.configs.train_detector import DetectorConfig
 from shared.data import write_parquet
-from shared.detection.augment import resize_batch, to_tensor
-from shared.detection.backbones import build_detector, fake_probability, make_spec, save_detector, unwrap
-from shared.detection.boosting import Booster, torch_all_gather
-from shared.detection.metrics import accuracy, average_precision, roc_auc
+from shared.detection.backbones import build_detector, make_spec, save_detector
 from shared.detection.mixture import LABEL_NAMES, plan_mixture
 from shared.detection.report import training_report
-from shared.detection.training import train_step
+from shared.detection.trainer import DetectorTrainer
 from shared.errors import DataError
 from shared.stage import Stage
 from shared.storage import Storage
@@ -54,110 +48,52 @@ RUN_NAME = "run"  # Ray Train run folder under <stage>/checkpoints/<config>/; a 
 # The loop on each Ray Train worker
 
 
-def _gather(values: torch.Tensor) -> torch.Tensor:
-    return torch_all_gather(values) if dist.is_initialized() and dist.get_world_size() > 1 else values
-
-
-def validate(model: torch.nn.Module, val_iter: Any, spec: dict[str, Any], batch_size: int, rank: int, world: int,
-             device: torch.device) -> dict[str, float]:
-    """AUC / AP / ACC on the whole validation split: each worker scores the rows with index % world == rank, then
-    every worker gathers all scores (so every worker returns the same figures)."""
-    net = unwrap(model).eval()  # no DDP forward: ranks score different numbers of batches
-    idx_l, score_l, label_l = [], [], []
-    for batch in val_iter.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        mine = batch["index"] % world == rank
-        if not mine.any():
-            continue
-        x = to_tensor(resize_batch(batch["image"][mine], spec["input_size"]), spec["mean"], spec["std"])
-        score_l.append(fake_probability(net, x.to(device)).double().cpu())
-        idx_l.append(torch.from_numpy(batch["index"][mine]).double())
-        label_l.append(torch.from_numpy(batch["label"][mine]).double())
-    local = torch.stack([torch.cat(idx_l or [torch.zeros(0, dtype=torch.float64)]),
-                         torch.cat(score_l or [torch.zeros(0, dtype=torch.float64)]),
-                         torch.cat(label_l or [torch.zeros(0, dtype=torch.float64)])], dim=1)
-    rows = _gather(local.reshape(-1)).reshape(-1, 3).numpy()
-    labels, scores = rows[:, 2].astype(np.int64), rows[:, 1]
-    return {"val_auc": roc_auc(labels, scores), "val_ap": average_precision(labels, scores),
-            "val_acc": accuracy(labels, scores), "val_samples": int(rows.shape[0])}
-
-
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     cfg: DetectorConfig = config["cfg"]
-    spec, fingerprint = config["spec"], config["fingerprint"]
+    fingerprint = config["fingerprint"]
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # our own progress lines only
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
 
     # --- setup: model, optimiser, booster; state from the latest checkpoint (a crashed run) or resume_from
-    gpus = 1.0 if cfg.runtime.use_gpu else 0.0
-    device = torch.device(claim(cfg.stage_name, "training worker", gpus, train=True).device)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng([cfg.seed, rank])
-    model = ray.train.torch.prepare_model(build_detector(spec, pretrained=True, options=cfg.storage))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
-    booster = Booster(cfg.boosting, config["groups"], config["group_names"])
+    device = claim(cfg.stage_name, "training worker", 1.0 if cfg.runtime.use_gpu else 0.0, train=True).device
+    trainer = DetectorTrainer(cfg, config["spec"], config["groups"], config["group_names"], rank=rank, device=device,
+                              wrap=ray.train.torch.prepare_model)
     progress = TrainingProgress("train-detector", cfg.stage_name) if rank == 0 else None
-    start_epoch, history, best_auc = 0, [], None
     checkpoint, where = ray.train.get_checkpoint(), None  # this run's latest (after a crash), else resume_from
     if checkpoint is None and config["resume_from"] is not None:
         checkpoint, where = config["resume_from"], cfg.resume_from
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            state = load_training_state(folder, fingerprint, where or checkpoint.path)
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])  # moves the moments to the parameters' device
-        booster.load_state_dict(state["booster"])
-        start_epoch, history = state["epoch"] + 1, list(state["history"])
-        best_auc = max((h["val_auc"] for h in history), default=None)
+            trainer.load_state_dict(load_training_state(folder, fingerprint, where or checkpoint.path))
         if rank == 0:
-            print(f"resuming after epoch {state['epoch'] + 1} of {cfg.epochs} (difficulty state of "
-                  f"{int(booster.state.seen.sum())} tracked samples)", flush=True)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_iter = ray.train.get_dataset_shard("val")
+            print(f"resuming after epoch {trainer.next_epoch} of {cfg.epochs} (difficulty state of "
+                  f"{int(trainer.booster.state.seen.sum())} tracked samples)", flush=True)
+    start_epoch = trainer.next_epoch
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
 
     # --- the loop: one epoch of weighted training, validation, a checkpoint
     for epoch in range(start_epoch, cfg.epochs):
-        started, cpu_started = time.perf_counter(), time.process_time()
-        model.train()
-        loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of batch losses x batch size, samples)
-        for batch in train_shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
-                                              local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-                                              local_shuffle_seed=cfg.seed * 10_007 + epoch * 101 + rank):
-            loss, n = train_step(model, optimizer, booster, batch, epoch, spec, cfg.augment, rng, device)
-            loss_sum += torch.tensor([loss * n, n], dtype=torch.float64)
-            if progress is not None:
-                progress.report(loss, (epoch + 1) / cfg.epochs)
-        totals = _gather(loss_sum).reshape(-1, 2).sum(dim=0)
-        train_seconds, train_cpu = time.perf_counter() - started, time.process_time() - cpu_started
-        val = validate(model, val_iter, spec, cfg.batch_size, rank, world, device)
-        groups = booster.end_epoch(epoch)["groups"]
-        checksums = [None] * world
+        batches = train_shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
+                                           local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+                                           local_shuffle_seed=cfg.seed * 10_007 + epoch * 101 + rank)
+        done = (epoch + 1) / cfg.epochs
+        totals = trainer.train_epoch(batches, epoch, on_batch=None if progress is None else
+                                     lambda loss, done=done: progress.report(loss, done))
+        val = trainer.validate(val_shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"), world)
+        metrics, hardest = trainer.end_epoch(epoch, totals, val)
         if world > 1:
-            dist.all_gather_object(checksums, booster.state.checksum())
+            checksums: list[str | None] = [None] * world
+            dist.all_gather_object(checksums, metrics["state_checksum"])
             if len(set(checksums)) != 1:
                 raise RuntimeError(f"difficulty state diverged across workers: {checksums}")
-        metrics = {"epoch": epoch, "train_loss": float(totals[0] / totals[1]), **val,
-                   "train_samples": int(totals[1]), "samples_per_second": float(totals[1] / train_seconds),
-                   "train_cpu_seconds_rank0": train_cpu,
-                   "epoch_seconds": time.perf_counter() - started, "state_checksum": booster.state.checksum()}
-        history.append(metrics)
-        best_auc = val["val_auc"] if best_auc is None else max(best_auc, val["val_auc"])
         if rank == 0:
-            hardest = max((g for g in groups if g["mean_difficulty"] is not None), key=lambda g: g["mean_difficulty"])
             print(f"epoch {epoch + 1}/{cfg.epochs}: loss {metrics['train_loss']:.4f}  val AUC {val['val_auc']:.4f} "
-                  f"(best {best_auc:.4f})  ACC {val['val_acc']:.3f}  {metrics['samples_per_second']:.0f} samples/s  "
-                  f"hardest group {hardest['group']} (m={hardest['mean_difficulty']:.3f})", flush=True)
-        with tempfile.TemporaryDirectory() as folder:
-            checkpoint = None
-            if rank == 0:
-                save_training_state(folder, {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                                             "booster": booster.state_dict(), "epoch": epoch, "history": history},
-                                    fingerprint)
-                checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=checkpoint)
+                  f"(best {trainer.best_auc:.4f})  ACC {val['val_acc']:.3f}  {metrics['samples_per_second']:.0f} "
+                  f"samples/s  hardest group {hardest['group']} (m={hardest['mean_difficulty']:.3f})", flush=True)
+        report_state(metrics, trainer.state_dict(), fingerprint, rank=rank)
 
-    # --- cleanup: the rank-0 return value is the trainer's result
+    # --- the rank-0 return value is the trainer's result
     return {"start_epoch": start_epoch, "epochs_run": cfg.epochs - start_epoch, "world_size": world}
 
 

@@ -143,8 +143,8 @@ def _read_jsonl(data: bytes, where: str) -> pa.Table:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise DataError(f"dataset file {where}: line {line} is not UTF-8 text (byte {exc.start}: "
+        bad_line = data[: exc.start].count(b"\n") + 1
+        raise DataError(f"dataset file {where}: line {bad_line} is not UTF-8 text (byte {exc.start}: "
                         f"{data[exc.start:exc.start + 1]!r})") from None
     stripped = text.lstrip()
     if stripped.startswith("["):

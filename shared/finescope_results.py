@@ -15,9 +15,9 @@ ROLES = {"base": "base", "pruned": "pruned", "distilled": "pruned+distilled", "s
 
 def recovered_share(base: float | None, pruned: float | None, recovered: float | None) -> float | None:
     """(pruned - recovered) / (pruned - base): 1 closes the gap, 0 recovers nothing, <0 makes it worse."""
-    if None in (base, pruned, recovered) or pruned <= base:  # type: ignore[operator]
+    if base is None or pruned is None or recovered is None or pruned <= base:
         return None
-    return (pruned - recovered) / (pruned - base)  # type: ignore[operator]
+    return (pruned - recovered) / (pruned - base)
 
 
 def _stage_of(summary: dict[str, Any], job: str, root: Storage, **where: Any) -> tuple[str, dict[str, Any]]:
@@ -46,7 +46,7 @@ def summarise(root: Storage) -> tuple[str, dict[str, Any]]:
     ppl = {role: models[row][domain]["perplexity"] for role, row in ROLES.items()}
     recovery = {"distilled": recovered_share(ppl["base"], ppl["pruned"], ppl["distilled"]),
                 "sft": recovered_share(ppl["base"], ppl["pruned"], ppl["sft"])}
-    metrics = {
+    metrics: dict[str, Any] = {
         "curation": {m: e for m, e in curate["retrieval"].items()},
         "pruning": {k: prune.get(k) for k in ("parameters_before", "parameters_after", "achieved_fraction",
                                               "target_fraction")},

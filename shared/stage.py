@@ -172,7 +172,7 @@ class Stage:
 
     def holds_lease(self) -> bool:
         lease = self._lease()
-        return bool(lease) and lease.get("attempt") == self.attempt
+        return bool(lease and lease.get("attempt") == self.attempt)
 
     def _check_lease(self) -> None:
         lease = self._lease()

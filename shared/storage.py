@@ -11,6 +11,7 @@ only if it does not exist yet: the primitive the stage commit (``shared/stage.py
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import os
@@ -185,7 +186,7 @@ class Storage:
                 return []
             return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path(*parts), detail=False))
 
-    def find(self, *parts: str, suffix: str = "") -> list[str]:
+    def find(self, *parts: str, suffix: str = "") -> builtins.list[str]:
         """Every file below a folder (recursively), as full URIs, sorted."""
         with storage_errors(self.uri(*parts)):
             base = self.path(*parts)
@@ -274,7 +275,7 @@ class Storage:
                 self.write_bytes(src.read_bytes(), *parts)
         return self.uri(*parts)
 
-    def download(self, local_path: str | Path, *parts: str, files: tuple[str, ...] | list[str] | None = None
+    def download(self, local_path: str | Path, *parts: str, files: tuple[str, ...] | builtins.list[str] | None = None
                  ) -> Path:
         """Copy a file or folder under the root to a local path; ``files`` (full URIs under it) copies exactly those
         instead of what a listing finds."""

@@ -8,7 +8,7 @@ Torch-free (pydantic only): the CLI, the operator and the CRD generator import i
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -176,11 +176,11 @@ GeneratorSpec = Annotated[UnconditionalGenerator | Text2ImgGenerator | Img2ImgGe
                           Field(discriminator="mode")]
 
 
-def _default_reals() -> list[dict]:
+def _default_reals() -> list[Any]:
     return [{"name": "lfw", "uri": "lfw-faces"}]  # plain data (validated into models): --help prints it as JSON
 
 
-def _default_generators() -> list[dict]:
+def _default_generators() -> list[Any]:  # plain data too, validated into GeneratorSpec
     return [{"name": "gan", "mode": "gan", "model": "gan-face-generate", "count": 100}]
 
 

@@ -11,6 +11,10 @@ from shared.config import JobConfig
 StandinGenerator = Literal["pca", "blur", "noise", "morph", "swap"]
 
 
+def _all_generators() -> list[StandinGenerator]:
+    return ["pca", "blur", "noise", "morph", "swap"]
+
+
 class StandinFacesConfig(JobConfig):
     """Build a stand-in real/fake face dataset (IMAGE_SCHEMA Parquet) from scikit-image's lfw_subset, offline.
 
@@ -24,8 +28,7 @@ class StandinFacesConfig(JobConfig):
 
     size: int = Field(32, ge=16, le=256)
     """Side of the square images (reals and fakes go through the same bicubic resize and encoder)."""
-    generators: list[StandinGenerator] = Field(default_factory=lambda: ["pca", "blur", "noise", "morph", "swap"],
-                                               min_length=1)
+    generators: list[StandinGenerator] = Field(default_factory=_all_generators, min_length=1)
     """Which stand-in fake processes to include (each is one 'source')."""
     reals: int = Field(100, ge=2, le=100)
     """How many of lfw_subset's 100 real faces to include."""

@@ -11,6 +11,10 @@ from shared.config import JobConfig, StrictModel, WorkersConfig
 Label = Literal["real", "fake"]
 
 
+def _both_labels() -> list[Label]:
+    return ["real", "fake"]
+
+
 class SplitConfig(StrictModel):
     """A deterministic train / val / test split by hashing each image's group key with a seed.
 
@@ -45,7 +49,7 @@ class SourceConfig(StrictModel):
     """Values of the 'source' column to keep (generator names for fakes, collection names for reals); empty: all."""
     exclude: list[str] = Field(default_factory=list)
     """Values of the 'source' column to drop (e.g. the generator held out for evaluation)."""
-    labels: list[Label] = Field(default_factory=lambda: ["real", "fake"], min_length=1)
+    labels: list[Label] = Field(default_factory=_both_labels, min_length=1)
     """Which classes to take from this dataset."""
 
     @model_validator(mode="after")

@@ -27,7 +27,7 @@ import random
 import re
 import sysconfig
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -289,7 +289,7 @@ def chunk_text(text: str, chunk_words: int, min_words: int) -> list[str]:
 
 
 def chunk_documents(docs: list[Document], chunk_words: int, min_words: int, per_doc: int | None) -> list[Chunk]:
-    out = []
+    out: list[Chunk] = []
     for doc in docs:
         pieces = chunk_text(doc.text, chunk_words, min_words)
         if per_doc is not None:
@@ -307,7 +307,7 @@ class CorpusSplit:
 
 
 def split_corpus(docs_by_label: dict[str, list[Document]], target: str, *, chunk_words: int, min_words: int,
-                 caps: dict[str, int], per_doc: dict[str, int | None], n_seeds: int, heldout_target_docs: int,
+                 caps: dict[str, int], per_doc: Mapping[str, int | None], n_seeds: int, heldout_target_docs: int,
                  heldout_general_share: float, rng: random.Random) -> CorpusSplit:
     """Seeds and held-out target documents are whole documents kept out of the pool; a share of every other label's
     documents is held out as general evaluation text."""
@@ -323,10 +323,10 @@ def split_corpus(docs_by_label: dict[str, list[Document]], target: str, *, chunk
                 raise DataError(f"target label {target!r} has {len(usable)} usable documents; need more than "
                                 f"{n_seeds} seeds + {heldout_target_docs} held out")
             seed_docs = usable[:n_seeds]
-            held = usable[n_seeds: n_seeds + heldout_target_docs]
+            held_docs = usable[n_seeds: n_seeds + heldout_target_docs]
             rest = usable[n_seeds + heldout_target_docs:]
             split.seeds.extend(chunk_documents(seed_docs, chunk_words, min_words, per_doc=1))
-            split.heldout.extend(chunk_documents(held, chunk_words, min_words, per_doc=None))
+            split.heldout.extend(chunk_documents(held_docs, chunk_words, min_words, per_doc=None))
             split.pool.extend(chunk_documents(rest, chunk_words, min_words, per_doc.get(label)))
             continue
         n_held = int(round(len(docs) * heldout_general_share))

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from shared.configs.curate_images import CurateImagesConfig, SubjectFilter
 from shared.diffusion.phash import near_duplicates, phash
-from shared.errors import DataError, StorageError
+from shared.errors import ConfigError, DataError, StorageError
 from shared.imageset import FAKE, REAL, decode_image, finish_image, image_row, rows_to_table
 from shared.storage import Storage
 
@@ -68,20 +68,24 @@ def subject_matcher(subject: SubjectFilter) -> Callable[[str], bool]:
     exclude = _words_pattern(subject.exclude)
     classifier = subject.classifier
     model = NaiveBayesPrompts(classifier.positive, classifier.negative) if classifier else None
+    threshold = classifier.threshold if classifier else 0.0
 
     def matches(prompt: str) -> bool:
         hit = ((include is None and regex is None and model is None)
                or bool(include and include.search(prompt)) or bool(regex and regex.search(prompt))
-               or bool(model and model.probability(prompt) >= classifier.threshold))
+               or bool(model and model.probability(prompt) >= threshold))
         return hit and not (exclude and exclude.search(prompt))
 
     return matches
 
 
 def source_id(cfg: CurateImagesConfig, row: dict[str, Any]) -> str:
-    original = row[cfg.columns.id] if cfg.columns.id else row[cfg.columns.path]
+    column = cfg.columns.id or cfg.columns.path
+    if column is None:
+        raise ConfigError("curate-images: set columns.id or columns.path (the id of each row)")
+    original = row[column]
     if original is None or str(original) == "":
-        raise DataError(f"manifest {cfg.manifest}: a row has no {cfg.columns.id or cfg.columns.path}")
+        raise DataError(f"manifest {cfg.manifest}: a row has no {column}")
     return f"{cfg.name}-{original}"
 
 
@@ -89,6 +93,8 @@ def _image_bytes(cfg: CurateImagesConfig, row: dict[str, Any], base: str | None)
     """The row's encoded image; None when its file is missing."""
     if cfg.columns.image:
         return row[cfg.columns.image]
+    if cfg.columns.path is None:
+        raise ConfigError("curate-images: set columns.image or columns.path (where each row's image is)")
     path = row[cfg.columns.path]
     uri = path if "://" in path or path.startswith("/") or base is None else f"{base.rstrip('/')}/{path}"
     try:

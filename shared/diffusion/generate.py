@@ -144,6 +144,9 @@ class GeneratorStage:
         return BatchResult(rows_to_table(rows), drops, seconds)
 
     def _decode_sources(self, items: list[dict], drops: list[dict]) -> tuple[list[dict], np.ndarray]:
+        size = self.generation_size
+        if size is None:
+            raise RuntimeError(f"generator {self.spec.name}: setup() has not run (no generation size)")
         kept, pixels = [], []
         for item in items:
             if item["source_image"] is None:
@@ -155,8 +158,7 @@ class GeneratorStage:
                               "seed": item["seed"], "source_image_id": item["source_image_id"]})
                 continue
             kept.append(item)
-            pixels.append(finish_image(decoded, self.generation_size, "rgb"))
-        size = self.generation_size
+            pixels.append(finish_image(decoded, size, "rgb"))
         return kept, np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
 
     def _generate(self, items: list[dict], sources: np.ndarray | None) -> np.ndarray:
@@ -173,9 +175,17 @@ class GeneratorStage:
             common.update(sources=sources, strength=spec.strength)
         if self.text_conditioned:
             prompts = [item["prompt"] or "" for item in items]
-            return self.model.generate(seeds, prompts=prompts, guidance=spec.guidance,
-                                       negative_prompt=spec.negative_prompt, **common)
+            text = self._text_spec()
+            return self.model.generate(seeds, prompts=prompts, guidance=text.guidance,
+                                       negative_prompt=text.negative_prompt, **common)
         return self.model.generate(seeds, **common)
+
+    def _text_spec(self) -> Text2ImgGenerator | Img2ImgGenerator:
+        """The spec of a text-conditioned pipeline (only text2img and img2img generators load one)."""
+        spec = self.spec
+        if not isinstance(spec, (Text2ImgGenerator, Img2ImgGenerator)):
+            raise TypeError(f"generator {spec.name}: a {spec.mode} generator has no text-conditioned pipeline")
+        return spec
 
     def _row(self, item: dict, pixels: np.ndarray) -> dict:
         spec = self.spec
@@ -186,7 +196,7 @@ class GeneratorStage:
             mode = spec.mode
             meta.update(scheduler=self.scheduler, steps=spec.steps)
             if self.text_conditioned:
-                meta.update(guidance=float(spec.guidance), prompt=item["prompt"])
+                meta.update(guidance=float(self._text_spec().guidance), prompt=item["prompt"])
             if isinstance(spec, Img2ImgGenerator):
                 meta.update(strength=float(spec.strength), source_image_id=item["source_image_id"])
         return image_row(item["id"], pixels, encoding=self.output.encoding, quality=self.output.quality, label=FAKE,

@@ -24,6 +24,8 @@ def prepare_student(model: Any, method: str, lora: Any | None) -> Any:
     model.train()
     if method == "full":
         return model
+    if lora is None:
+        raise ValueError(f"method {method!r} needs the lora settings (r, alpha, dropout, target_modules)")
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,

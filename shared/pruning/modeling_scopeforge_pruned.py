@@ -17,6 +17,7 @@ Inside scopeforge the classes are registered with the Auto classes on import (``
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 from transformers import (
     AutoConfig,
@@ -105,7 +106,7 @@ class ScopeforgePrunedQwen2ForCausalLM(Qwen2ForCausalLM):
         self.post_init()
 
 
-PRUNED_CLASSES = {
+PRUNED_CLASSES: dict[str, tuple[type[Any], type[Any]]] = {
     # base model_type -> (config class, model class)
     "llama": (ScopeforgePrunedLlamaConfig, ScopeforgePrunedLlamaForCausalLM),
     "mistral": (ScopeforgePrunedMistralConfig, ScopeforgePrunedMistralForCausalLM),
