@@ -13,7 +13,7 @@ PIP := $(VENV)/bin/python -m pip
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.scopeforge-installed
 
-.PHONY: install test demo demo-deepfake bench clean constraints manifests
+.PHONY: install lint test demo demo-deepfake bench clean constraints manifests
 
 install: $(STAMP)
 
@@ -26,7 +26,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[test,demo,operator]"
 	touch $@
 
-test: install
+# Lint and type checks (seconds) run before the tests, in CI too.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: install

@@ -123,8 +123,9 @@ def run(cfg: CurateConfig, stage: Stage) -> dict[str, Any]:
     buckets = cfg.ngram.buckets
     counted = corpus.map_batches(ngram_counts, fn_kwargs={"column": cfg.text_column, "buckets": buckets},
                                  batch_size=256)
-    raw_counts = sum(np.asarray(b["counts"]).sum(axis=0) for b in counted.iter_batches(batch_size=None))
-    target_counts = sum(hashed_ngrams(t, buckets) for t in seed_texts)
+    raw_counts = sum((np.asarray(b["counts"]).sum(axis=0) for b in counted.iter_batches(batch_size=None)),
+                     start=np.zeros(buckets))
+    target_counts = sum((hashed_ngrams(t, buckets) for t in seed_texts), start=np.zeros(buckets))
     ngram_weights = log_distribution(target_counts, cfg.ngram.alpha) - log_distribution(raw_counts, cfg.ngram.alpha)
 
     # 3. score every document

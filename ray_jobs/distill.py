@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import ray
 import ray.data
 import ray.train
@@ -25,10 +24,12 @@ from ray_jobs.train_launch import fit_workers
 from shared.configs.distill import DistillConfig
 from shared.data import read_table, write_parquet
 from shared.distill.examples import Example, build_examples
-from shared.distill.teacher import judge, tally, teacher_request
+from shared.distill.finetune import encode_for_training
+from shared.distill.report import write_report
+from shared.distill.rewriter import TeacherRewriter
+from shared.distill.teacher import distilled_table, judge, tally
 from shared.errors import ConfigError, DataError
 from shared.models import load_tokenizer
-from shared.report import Report
 from shared.stage import Stage
 
 DISTILLED = "distilled"
@@ -41,29 +42,18 @@ def _teacher(cfg: DistillConfig) -> str:
 
 
 class TeacherActor:
-    """Loads the teacher once; writes a rewrite for each example of a batch (greedy unless sampling is set)."""
+    """A TeacherRewriter on the device Ray assigned to this actor."""
 
     def __init__(self, cfg: DistillConfig, stage_name: str):
-        from shared.models import load_causal_lm
-
         device = claim(stage_name, "teacher actor", cfg.runtime.gpus_per_actor, cfg.runtime.threads).device
-        self.cfg = cfg
-        self.model, self.tokenizer = load_causal_lm(_teacher(cfg), dtype=cfg.dtype, device=device, options=cfg.storage)
+        self.step = TeacherRewriter(_teacher(cfg), cfg.generation, cfg.seed, cfg.dtype, device, cfg.storage)
+        self.step.setup()
         self.throughput = Throughput("distill", stage_name, ("documents", "tokens"))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from shared.generation import chat_prompt, generate_batch
-
-        g = self.cfg.generation
-        examples = [Example(str(i), str(p), str(a), str(k))
-                    for i, p, a, k in zip(batch["id"], batch["prompt"], batch["answer"], batch["kind"])]
-        prompts = [chat_prompt(self.tokenizer, teacher_request(e)) for e in examples]
-        # a seed derived from the batch's first example id keeps sampling reproducible across runs
-        out = generate_batch(self.model, self.tokenizer, prompts, max_new_tokens=g.max_new_tokens,
-                             do_sample=g.do_sample, temperature=g.temperature,
-                             seed=self.cfg.seed + sum(ord(c) for c in examples[0].id))
-        self.throughput.add(documents=len(out.texts), tokens=out.new_tokens)
-        return {**batch, "teacher_output": np.array(out.texts, dtype=object), "finished": np.array(out.finished)}
+        out, tokens = self.step.rewrite(batch)
+        self.throughput.add(documents=len(out["id"]), tokens=tokens)
+        return out
 
 
 def teacher_outputs(cfg: DistillConfig, examples: list[Example], stage: Stage) -> dict[str, tuple[str, bool]]:
@@ -172,8 +162,6 @@ def fine_tune(cfg: DistillConfig, stage: Stage, examples: list[Any]) -> list[dic
 
 
 def run(cfg: DistillConfig, stage: Stage) -> dict[str, Any]:
-    from shared.lm_data import encode_pairs
-
     t0 = time.time()
     tokenizer = check_tokenizers(cfg)
     rows = read_table(cfg.data, cfg.storage).to_pylist()
@@ -196,30 +184,14 @@ def run(cfg: DistillConfig, stage: Stage) -> dict[str, Any]:
         decisions, teacher_text = [], [""] * len(examples)
     timings["generation_s"] = round(time.time() - t0, 1)
     answers = [d.answer for d in decisions] if decisions else [e.answer for e in examples]
-    table = pa.table({
-        "id": [e.id for e in examples], "kind": [e.kind for e in examples], "prompt": [e.prompt for e in examples],
-        "answer": answers, "original_answer": [e.answer for e in examples],
-        "source": [d.source for d in decisions] if decisions else ["original"] * len(examples),
-        "reason": [d.reason for d in decisions] if decisions else ["sft"] * len(examples),
-        "teacher_output": teacher_text,
-    })
+    table = distilled_table(examples, decisions, answers, teacher_text)
     write_parquet(table, stage.store, DISTILLED, "part-000.parquet")
     counts = tally(decisions) if decisions else {}
     if counts:
         print("teacher rewrites: " + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
 
     # 3. fine-tune on the answers (loss on answer tokens only)
-    chat = [e.kind == "instruction" for e in examples]
-    encoded, encode_stats = [], {"truncated": 0, "skipped": 0}
-    for flag in (True, False):
-        idx = [i for i, c in enumerate(chat) if c == flag]
-        if idx:
-            found, stats = encode_pairs(tokenizer, [examples[i].prompt for i in idx], [answers[i] for i in idx],
-                                        cfg.training.max_length, chat=flag,
-                                        prompt_budget=None if flag else cfg.training.max_length // 2)
-            encoded.extend(found)
-            encode_stats["truncated"] += stats.truncated
-            encode_stats["skipped"] += sum(stats.skipped.values())
+    encoded, encode_stats = encode_for_training(tokenizer, examples, answers, cfg.training.max_length)
     if not encoded:
         raise DataError(f"data {cfg.data}: no example fits training.max_length={cfg.training.max_length}")
     t1 = time.time()
@@ -236,24 +208,5 @@ def run(cfg: DistillConfig, stage: Stage) -> dict[str, Any]:
                      "examples": len(encoded), **encode_stats, "history": history},
         "timings": {**timings, "total_s": round(time.time() - t0, 1)},
     }
-    write_report(stage, cfg, metrics, table)
+    write_report(stage.store, cfg, metrics, table)
     return metrics
-
-
-def write_report(stage: Stage, cfg: DistillConfig, metrics: dict[str, Any], table: pa.Table) -> None:
-    report = Report(f"distill ({cfg.mode}): {cfg.student}")
-    report.text(f"{metrics['examples']} examples from {cfg.data}; teacher {metrics['teacher']}; "
-                f"{cfg.training.method} fine-tuning for {metrics['training']['steps']} steps.")
-    if metrics["filter"]:
-        report.table("Teacher rewrites: filter decisions", [metrics["filter"]])
-    history = metrics["training"]["history"]
-    if history:
-        fig, ax = report.figure()
-        ax.plot([h["step"] for h in history], [h["loss"] for h in history])
-        ax.set_xlabel("step")
-        ax.set_ylabel("answer-token loss")
-        report.add_figure(fig, "fine-tuning loss")
-    sample = table.slice(0, 5).to_pylist()
-    report.table("First examples", [{"id": r["id"], "source": r["source"], "reason": r["reason"],
-                                     "prompt": r["prompt"][-120:], "answer": r["answer"][:200]} for r in sample])
-    report.save(stage.store, "report.html")

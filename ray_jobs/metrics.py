@@ -8,6 +8,7 @@ tokens/s, images/s), ``scopeforge_<unit>_per_second`` gauges per actor, ``scopef
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from ray.util.metrics import Counter, Gauge
 
@@ -46,6 +47,10 @@ class TrainingProgress:
     def report(self, loss: float, progress: float) -> None:
         self.loss.set(float(loss), tags=self.tags)
         self.progress.set(float(progress), tags=self.tags)
+
+    def reporter(self, progress: float) -> Callable[[float], None]:
+        """``report(loss, progress)`` for the batches of one epoch that ends at ``progress``."""
+        return lambda loss: self.report(loss, progress)
 
 
 class Progress:

@@ -77,9 +77,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         batches = train_shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
                                            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
                                            local_shuffle_seed=cfg.seed * 10_007 + epoch * 101 + rank)
-        done = (epoch + 1) / cfg.epochs
         totals = trainer.train_epoch(batches, epoch, on_batch=None if progress is None else
-                                     lambda loss, done=done: progress.report(loss, done))
+                                     progress.reporter((epoch + 1) / cfg.epochs))
         val = trainer.validate(val_shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"), world)
         metrics, hardest = trainer.end_epoch(epoch, totals, val)
         if world > 1:

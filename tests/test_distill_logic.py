@@ -76,3 +76,23 @@ def test_a_continuation_cut_at_max_new_tokens_keeps_its_complete_sentences():
     instruction = Example("y", "Q?", "The answer is 42.", "instruction")
     assert judge(instruction, "First, 40. Then add 2 so", False).reason == "truncated"  # never trimmed
     assert final_number("#### 1,024") == 1024.0 and final_number("no digits") is None
+
+
+def test_the_teacher_step_rewrites_a_batch_reproducibly(tiny_llama_dir):
+    """The step the teacher actors map (no Ray): one rewrite per row, the same for the same batch, sampled or not."""
+    import numpy as np
+
+    from shared.configs.distill import GenerationConfig
+    from shared.distill.rewriter import TeacherRewriter
+
+    batch = {"id": np.array(["a", "b"], dtype=object), "prompt": np.array(["What is 2+2?", "Name a planet."],
+                                                                          dtype=object),
+             "answer": np.array(["4", "Mars"], dtype=object), "kind": np.array(["instruction"] * 2, dtype=object)}
+    for sampled in (False, True):
+        step = TeacherRewriter("tiny-llama", GenerationConfig(max_new_tokens=6, do_sample=sampled), seed=3)
+        step.setup()
+        out, tokens = step.rewrite(batch)
+        assert list(out["id"]) == ["a", "b"] and out["teacher_output"].shape == (2,)
+        assert all(isinstance(t, str) for t in out["teacher_output"]) and out["finished"].dtype == bool
+        assert 0 < tokens <= 12
+        assert list(step(batch)["teacher_output"]) == list(out["teacher_output"])

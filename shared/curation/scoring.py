@@ -82,7 +82,7 @@ class DocumentTokenizer:
         status = np.array(["not_text" if t is None else "empty" if not t.strip() else "ok" for t in texts],
                           dtype=object)
         ok = [i for i, s in enumerate(status) if s == "ok"]
-        tokenized = tokenize(self.tokenizer, [texts[i] for i in ok], self.max_tokens)
+        tokenized = tokenize(self.tokenizer, [t for t in (texts[i] for i in ok) if t is not None], self.max_tokens)
         ids: list[list[int]] = [[] for _ in texts]
         truncated = np.zeros(len(texts), dtype=bool)
         for j, i in enumerate(ok):

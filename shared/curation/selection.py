@@ -50,7 +50,8 @@ class SelectionPlan:
     def choose(self, cols: Columns) -> np.ndarray:
         """Positions of the selected rows among ``cols`` (best first)."""
         scores = np.asarray(cols[self.column], dtype=np.float64)
-        seed_scores = np.stack(cols[f"{self.method}_seed_scores"]) if self.mode == "per_seed" else None
+        # a [N, S] array from Ray Data, or an object array of [S] rows read back from Parquet
+        seed_scores = np.stack(list(cols[f"{self.method}_seed_scores"])) if self.mode == "per_seed" else None
         return select(scores, self.mode, self.m, self.threshold, seed_scores)
 
 

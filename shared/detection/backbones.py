@@ -183,6 +183,8 @@ def build_detector(spec: dict[str, Any], pretrained: bool = False, options: Stor
     else:
         net = model_cls(cfg)
     if kind == "clip-probe":
+        if native is None:
+            raise ModelError(f"model reference {spec.get('reference')!r}: its vision config has no image_size")
         return ClipProbe(net, int(native), spec["dropout"])
     return HFClassifier(net, int(native) if native else None)
 

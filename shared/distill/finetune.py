@@ -107,3 +107,23 @@ def merged_for_saving(model: Any) -> Any:
     if hasattr(inner, "merge_and_unload"):
         inner = inner.merge_and_unload()
     return inner
+
+
+def encode_for_training(tokenizer: Any, examples: Sequence[Any], answers: Sequence[str], max_length: int
+                        ) -> tuple[list[LMExample], dict[str, int]]:
+    """(prompt, answer) pairs as token ids with the loss on the answer only: instructions through the chat template,
+    continuations as plain text with at most half the budget for the prompt. Also counts truncated and skipped."""
+    from shared.lm_data import encode_pairs
+
+    chat = [e.kind == "instruction" for e in examples]
+    encoded: list[LMExample] = []
+    counts = {"truncated": 0, "skipped": 0}
+    for flag in (True, False):
+        idx = [i for i, c in enumerate(chat) if c == flag]
+        if idx:
+            found, stats = encode_pairs(tokenizer, [examples[i].prompt for i in idx], [answers[i] for i in idx],
+                                        max_length, chat=flag, prompt_budget=None if flag else max_length // 2)
+            encoded.extend(found)
+            counts["truncated"] += stats.truncated
+            counts["skipped"] += sum(stats.skipped.values())
+    return encoded, counts

@@ -12,6 +12,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+import pyarrow as pa
+
 from shared.distill.examples import Example
 
 LEAK_PHRASES = (
@@ -91,3 +93,16 @@ def judge(example: Example, output: str, finished: bool, min_words: int = 3) -> 
 def tally(decisions: list[Decision]) -> dict[str, int]:
     counts = Counter(d.reason for d in decisions)
     return {reason: counts.get(reason, 0) for reason in REASONS}
+
+
+def distilled_table(examples: list[Example], decisions: list[Decision], answers: list[str],
+                    teacher_text: list[str]) -> pa.Table:
+    """The distilled dataset: every example with the answer trained on, where it came from and why (no decisions:
+    supervised fine-tuning on the original answers)."""
+    return pa.table({
+        "id": [e.id for e in examples], "kind": [e.kind for e in examples], "prompt": [e.prompt for e in examples],
+        "answer": answers, "original_answer": [e.answer for e in examples],
+        "source": [d.source for d in decisions] if decisions else ["original"] * len(examples),
+        "reason": [d.reason for d in decisions] if decisions else ["sft"] * len(examples),
+        "teacher_output": teacher_text,
+    })
