@@ -84,8 +84,11 @@ def filesystem(protocol: Protocol, options: StorageConfig | None = None) -> fssp
     if protocol == "memory":
         return fsspec.filesystem("memory")
     s3 = S3Settings.resolve(options)
+    # No listings cache: stage folders are written by other processes (Ray workers, a concurrent attempt), and a
+    # cached listing would hide their files from exists() and list() in this one.
     return fsspec.filesystem(
         "s3",
+        use_listings_cache=False,
         anon=s3.anon,
         key=s3.key,
         secret=s3.secret,

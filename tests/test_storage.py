@@ -88,3 +88,22 @@ def test_create_exclusive_on_s3_uses_a_conditional_put(s3_root):
     assert store.create_exclusive(b"first", "_SUCCESS") is True
     assert store.create_exclusive(b"second", "_SUCCESS") is False
     assert store.read_bytes("_SUCCESS") == b"first"
+
+
+def test_files_another_process_writes_on_s3_are_seen_after_a_listing(s3_server, s3_root):
+    """Stage folders are written by Ray workers and concurrent attempts: a folder listed here, then written to by
+    another client, lists and reports the new file (no stale listing cache)."""
+    import boto3
+
+    store = Storage(s3_root)
+    store.write_text("a", "run", "first.txt")
+    assert store.list("run") == ["first.txt"] and not store.exists("run", "_SUCCESS")
+    bucket, _, prefix = s3_root.removeprefix("s3://").partition("/")
+    other = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1",
+                         aws_access_key_id=s3_server.access_key_id,
+                         aws_secret_access_key=s3_server.secret_access_key)
+    other.put_object(Bucket=bucket, Key=f"{prefix}/run/_SUCCESS", Body=b"{}")
+    other.put_object(Bucket=bucket, Key=f"{prefix}/run/checkpoints/c1/state.pt", Body=b"x")
+    assert store.exists("run", "_SUCCESS")
+    assert store.list("run") == ["_SUCCESS", "checkpoints", "first.txt"]
+    assert store.list("run", "checkpoints") == ["c1"]
