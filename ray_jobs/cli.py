@@ -27,25 +27,16 @@ from shared.errors import UserError
 EXIT_USER_ERROR = 2
 
 Command = Callable[[argparse.Namespace], int]
-COMMANDS: dict[str, Command] = {}
 
 
-def command(name: str) -> Callable[[Command], Command]:
-    def register(fn: Command) -> Command:
-        COMMANDS[name] = fn
-        return fn
-
-    return register
-
-
-def _job_config_class(name: str):
+def job_config_class(name: str):
     if name not in JOB_CONFIGS:
         raise UserError(f"unknown job {name!r} (known: {', '.join(sorted(JOB_CONFIGS))})")
     return JOB_CONFIGS[name]
 
 
 def job_help(name: str) -> str:
-    cls = _job_config_class(name)
+    cls = job_config_class(name)
     doc = inspect.cleandoc(cls.__doc__ or "")
     lines = [f"usage: scopeforge run {name} [--config FILE] [--set KEY=VALUE ...] [--force] [--ray-address ADDR]",
              "", doc.strip(), "", "config keys (YAML file, or --set key=value; nested keys with dots):", ""]
@@ -85,9 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--ray-address", help="Ray cluster to connect to (default: RAY_ADDRESS, else start one locally)")
     pipe.add_argument("--dashboard", action="store_true", help="start the Ray dashboard with a local instance")
 
-    for extend in PARSER_EXTENSIONS:
-        extend(sub)
+    from ray_jobs import demos, submit  # light modules: argparse, yaml, the Jobs API client
+
+    submit.add_parsers(sub)
+    demos.add_parser(sub)
     return parser
+
+
+def commands() -> dict[str, Command]:
+    """Subcommand -> handler; each handler imports what it needs (Ray, torch) only when it runs."""
+    from ray_jobs import demos, submit
+
+    return {"jobs": _jobs, "run": _run, "schema": _schema, "pipeline": _pipeline, "submit": submit.submit,
+            "status": submit.status, "logs": submit.logs, "render": submit.render, "demo": demos.demo}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,11 +97,6 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override one config key (repeatable), e.g. --set sae.k=32")
 
 
-# Later subcommands (pipeline, submit, demo, ...) register a parser extension and a command.
-PARSER_EXTENSIONS: list[Callable[[argparse._SubParsersAction], None]] = []
-
-
-@command("jobs")
 def _jobs(args: argparse.Namespace) -> int:
     width = max(len(n) for n in JOB_CONFIGS)
     for name in sorted(JOB_CONFIGS):
@@ -108,7 +104,6 @@ def _jobs(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("run")
 def _run(args: argparse.Namespace) -> int:
     if args.help or not args.job:
         if args.job:
@@ -120,12 +115,11 @@ def _run(args: argparse.Namespace) -> int:
         return 0 if args.help else EXIT_USER_ERROR
     from ray_jobs.runtime import run_job
 
-    cfg = load_config(_job_config_class(args.job), args.config, args.overrides)
+    cfg = load_config(job_config_class(args.job), args.config, args.overrides)
     run_job(cfg, ray_address=args.ray_address, force=args.force, dashboard=args.dashboard)
     return 0
 
 
-@command("pipeline")
 def _pipeline(args: argparse.Namespace) -> int:
     from ray_jobs.pipeline import run_pipeline
     from shared.configs.pipeline import PipelineConfig
@@ -139,14 +133,12 @@ def _pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("schema")
 def _schema(args: argparse.Namespace) -> int:
-    print(json.dumps(json_schema(_job_config_class(args.job)), indent=2))
+    print(json.dumps(json_schema(job_config_class(args.job)), indent=2))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    _load_extensions()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -155,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     try:
-        return COMMANDS[args.command](args)
+        return commands()[args.command](args)
     except KeyboardInterrupt:
         print("scopeforge: interrupted", file=sys.stderr)
         return 130
@@ -168,16 +160,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scopeforge: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
 
-
-def _load_extensions() -> None:
-    """Import the modules that add subcommands (each registers itself on import)."""
-    import importlib
-
-    for module in EXTENSION_MODULES:
-        importlib.import_module(module)
-
-
-EXTENSION_MODULES: list[str] = ["ray_jobs.submit", "ray_jobs.demos"]  # submit, status, logs, render; demo
 
 if __name__ == "__main__":
     sys.exit(main())

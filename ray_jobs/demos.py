@@ -6,18 +6,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 
-from ray_jobs.cli import PARSER_EXTENSIONS, add_config_arguments, command
+from ray_jobs.cli import add_config_arguments
 
-DEMOS: dict[str, str] = {
-    "deepfake": "ray_jobs.demo_deepfake",
-    "finescope": "ray_jobs.demo_finescope",
-}
-"""Demo name -> module with ``main(args)``; imported only when that demo runs (the CLI stays light)."""
+DEMOS = ("deepfake", "finescope")
 
 
-def _add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="run an embedded end-to-end demo (offline)",
                           description="Run an embedded end-to-end demo: " + ", ".join(sorted(DEMOS)))
     demo.add_argument("name", choices=sorted(DEMOS), help="which demo")
@@ -26,9 +21,10 @@ def _add_parser(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--ray-address", help="Ray cluster to connect to (default: RAY_ADDRESS, else start one locally)")
 
 
-@command("demo")
-def _demo(args: argparse.Namespace) -> int:
-    return importlib.import_module(DEMOS[args.name]).main(args)
-
-
-PARSER_EXTENSIONS.append(_add_parser)
+def demo(args: argparse.Namespace) -> int:
+    """Run the demo; its module (Ray, torch) is imported only now, so the CLI stays light."""
+    if args.name == "deepfake":
+        from ray_jobs.demo_deepfake import main
+    else:
+        from ray_jobs.demo_finescope import main
+    return main(args)

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from ray_jobs.cli import PARSER_EXTENSIONS, _job_config_class, add_config_arguments, command
+from ray_jobs.cli import add_config_arguments, job_config_class
 from shared.config import dump_config, load_config
 from shared.errors import UserError
 
@@ -42,7 +42,8 @@ class SubmissionError(UserError):
 # Parsers
 
 
-def _add_parsers(sub: argparse._SubParsersAction) -> None:
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """submit, status, logs and render."""
     submit = sub.add_parser("submit", help="submit a job to a running Ray cluster (Ray Jobs API)",
                             description="Submit JOB to a Ray cluster's Jobs API; prints the submission ID.")
     submit.add_argument("job", help="job name (see 'scopeforge jobs')")
@@ -81,8 +82,6 @@ def _address_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help=f"Ray dashboard URL (default: RAY_API_SERVER_ADDRESS, an http RAY_ADDRESS, "
                                           f"else {DEFAULT_ADDRESS})")
 
-
-PARSER_EXTENSIONS.append(_add_parsers)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -156,11 +155,10 @@ def _call(fn, url: str, job_id: str | None, *args: Any, **kwargs: Any) -> Any:
 # Commands
 
 
-@command("submit")
-def _submit(args: argparse.Namespace) -> int:
+def submit(args: argparse.Namespace) -> int:
     from operators import render
 
-    cfg = load_config(_job_config_class(args.job), args.config, args.overrides)
+    cfg = load_config(job_config_class(args.job), args.config, args.overrides)
     text = render.config_yaml(yaml.safe_load(dump_config(cfg)))
     jobs, url = client(args.address)
     job_id = _call(jobs.submit_job, url, None, entrypoint=render.entrypoint(args.job),
@@ -190,8 +188,7 @@ def _wait(jobs, url: str, job_id: str, poll_s: float = 1.0) -> str:
         time.sleep(poll_s)
 
 
-@command("status")
-def _status(args: argparse.Namespace) -> int:
+def status(args: argparse.Namespace) -> int:
     jobs, url = client(args.address)
     info = _call(jobs.get_job_info, url, args.id, args.id)
     status = str(info.status).rsplit(".", 1)[-1]
@@ -200,8 +197,7 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("logs")
-def _logs(args: argparse.Namespace) -> int:
+def logs(args: argparse.Namespace) -> int:
     jobs, url = client(args.address)
     if not args.follow:
         print(_call(jobs.get_job_logs, url, args.id, args.id), end="")
@@ -216,8 +212,7 @@ def _logs(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("render")
-def _render(args: argparse.Namespace) -> int:
+def render(args: argparse.Namespace) -> int:
     from operators import render
     from operators.spec import StageResources, pipeline_resource
     from shared.configs.pipeline import PipelineConfig
@@ -241,7 +236,7 @@ def _render(args: argparse.Namespace) -> int:
         if args.cluster:
             body["spec"]["cluster"] = {"clusterSelector": {"ray.io/cluster": args.cluster}}
     else:
-        cfg = load_config(_job_config_class(args.what), args.config, args.overrides)
+        cfg = load_config(job_config_class(args.what), args.config, args.overrides)
         _needs_shared_root(cfg.output_root, "output_root")
         name = render.dns1035(args.name or default_name)[: render.MAX_RAYJOB_NAME].rstrip("-")
         body = render.rayjob(name, args.what, render.config_yaml(yaml.safe_load(dump_config(cfg))),
