@@ -50,7 +50,7 @@ COPY --from=wheel --chown=ray:users /home/ray/dist /tmp/dist
 RUN pip install --no-cache-dir -c constraints.txt "$(ls /tmp/dist/scopeforge-*.whl)[demo,operator]" \
  && rm -rf /tmp/dist \
  && cd /tmp && scopeforge jobs \
- && python -c "import operators.handlers, operators.crd, shared.curation.sae, shared.distill.teacher"
+ && python -c "import operators.handlers, shared.manifests.crd, shared.curation.sae, shared.distill.teacher"
 
 ENV SCOPEFORGE_CACHE=/home/ray/.cache/scopeforge \
     HF_HOME=/home/ray/.cache/huggingface \

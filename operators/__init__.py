@@ -1,10 +1,8 @@
-"""The Kubernetes side of scopeforge: the Pipeline custom resource, its operator (Kopf), and the KubeRay objects
-rendered from code. Imports neither Ray nor torch (checked by the tests), so the operator image stays small.
+"""The Pipeline operator (Kopf): it reconciles Pipeline custom resources into KubeRay RayJobs, one stage at a time.
+Imports neither Ray nor torch (checked by the tests), so the operator image stays small. The manifests themselves
+(Pipeline spec, CRD, RayJob / RayCluster rendering) live in ``shared.manifests``, which ``scopeforge render`` and
+``submit`` use too.
 
-    operators/spec.py       the Pipeline spec models; mapping onto shared PipelineConfig
-    operators/schema.py     pydantic JSON schema -> Kubernetes structural schema
-    operators/crd.py        the Pipeline CRD, generated from the job config models (python -m operators.crd)
-    operators/render.py     RayCluster / RayJob manifests, deterministic names, KubeRay's operator-side rules
     operators/reconcile.py  the state machine: status + owned RayJobs -> next RayJob and new status
     operators/kube.py       a small aiohttp Kubernetes client (create/list RayJobs, read a Secret)
     operators/handlers.py   the Kopf handlers; operators/main.py is what `kopf run` loads

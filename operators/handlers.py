@@ -20,10 +20,11 @@ from typing import Any
 
 import kopf
 
-from operators import reconcile, render
+from operators import reconcile
 from operators.kube import ApiError, Kube, namespaced
-from operators.spec import GROUP, PLURAL, VERSION, parse_pipeline
 from shared.errors import UserError
+from shared.manifests import render
+from shared.manifests.spec import GROUP, PLURAL, VERSION, parse_pipeline
 
 
 @dataclass(frozen=True)

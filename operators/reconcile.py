@@ -25,9 +25,9 @@ from typing import Any, Literal
 
 import yaml
 
-from operators import render
-from operators.spec import Pipeline, Stage
 from shared.config import dump_config
+from shared.manifests import render
+from shared.manifests.spec import Pipeline, Stage
 
 Outcome = Literal["Running", "Succeeded", "Failed"]
 TERMINAL_PHASES = ("Succeeded", "Failed")

@@ -156,7 +156,7 @@ def _call(fn, url: str, job_id: str | None, *args: Any, **kwargs: Any) -> Any:
 
 
 def submit(args: argparse.Namespace) -> int:
-    from operators import render
+    from shared.manifests import render
 
     cfg = load_config(job_config_class(args.job), args.config, args.overrides)
     text = render.config_yaml(yaml.safe_load(dump_config(cfg)))
@@ -213,13 +213,13 @@ def logs(args: argparse.Namespace) -> int:
 
 
 def render(args: argparse.Namespace) -> int:
-    from operators import render
-    from operators.spec import StageResources, pipeline_resource
     from shared.configs.pipeline import PipelineConfig
+    from shared.manifests import render
+    from shared.manifests.spec import StageResources, pipeline_resource
     from shared.pipeline import stage_configs
 
     if args.what == "crd":
-        from operators.crd import render_crd
+        from shared.manifests.crd import render_crd
 
         sys.stdout.write(render_crd())
         return 0

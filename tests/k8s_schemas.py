@@ -80,7 +80,7 @@ def schema_errors(validator: jsonschema.protocols.Validator, obj: dict[str, Any]
 
 def kuberay_errors(obj: dict[str, Any]) -> list[str]:
     """Schema errors (strict) plus KubeRay's operator-side rules, for a RayCluster or RayJob."""
-    from operators.render import kuberay_rule_problems
+    from shared.manifests.render import kuberay_rule_problems
 
     name = f"{obj.get('kind')} {(obj.get('metadata') or {}).get('name')}"
     return [f"{name}: {e}" for e in schema_errors(kuberay_validator(obj["kind"]), obj)] + kuberay_rule_problems(obj)

@@ -11,8 +11,9 @@ import re
 import pytest
 import yaml
 
-from operators import generate, render
+from operators import generate
 from shared.configs import JOB_CONFIGS
+from shared.manifests import render
 from tests.k8s_schemas import ROOT, core_errors, kuberay_errors, kustomize
 
 BUILDS = ["manifests/overlays/dev", "manifests/overlays/gpu", "manifests/jobs"]

@@ -12,8 +12,8 @@ import uuid
 import pytest
 import yaml
 
-from operators import render
-from operators.crd import pipeline_crd
+from shared.manifests import render
+from shared.manifests.crd import pipeline_crd
 from tests.k8s_schemas import kuberay_errors
 from tests.kube_emulator import EmulatedCluster, OperatorThread
 

@@ -13,13 +13,13 @@ import sys
 import pytest
 import yaml
 
-from operators import crd, render
-from operators.schema import structural, structural_problems
-from operators.spec import parse_pipeline, pipeline_resource
 from shared.config import validate_config
 from shared.configs import JOB_CONFIGS
 from shared.configs.pipeline import PipelineConfig
 from shared.errors import ConfigError
+from shared.manifests import crd, render
+from shared.manifests.schema import structural, structural_problems
+from shared.manifests.spec import parse_pipeline, pipeline_resource
 from tests.k8s_schemas import ROOT, core_errors, crd_validator, kuberay_errors, schema_errors
 
 CRD = crd.pipeline_crd()
@@ -172,7 +172,8 @@ def test_config_text_survives_kuberays_shell_quoting(tmp_path):
 
 
 def test_operator_imports_neither_ray_nor_torch():
-    code = ("import sys, operators.main, operators.handlers, operators.generate, operators.crd, operators.__main__\n"
+    code = ("import sys, operators.main, operators.handlers, operators.generate, shared.manifests.crd, "
+            "operators.__main__\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'torch', 'transformers'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from operators.spec import StageResources
+from shared.manifests.spec import StageResources
 
 CONFIG_ENV = "SCOPEFORGE_CONFIG"
 RAY_VERSION = "2.60.0"
