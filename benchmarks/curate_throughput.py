@@ -84,8 +84,8 @@ def fit_model(cfg, texts: list[str]):
     from shared.curation.features import settings_from
     from shared.curation.model import CurationModel
 
-    options = {"num_gpus": 1} if cfg.runtime.gpus_per_actor else {}
-    fit = ray.get(fit_task.options(**options).remote(cfg, texts[: cfg.sae.train_docs], list(cfg.seeds)))
+    resources = {"num_gpus": 1} if cfg.runtime.gpus_per_actor else {}
+    fit = ray.get(fit_task.options(**resources).remote(cfg, texts[: cfg.sae.train_docs], list(cfg.seeds)))
     return CurationModel.from_fit(fit, cfg.model, settings_from(cfg), [f"seed-{i}" for i in range(len(cfg.seeds))])
 
 

@@ -54,7 +54,7 @@ def fit_task(cfg: CurateConfig, sample_texts: list[str], seed_texts: list[str]) 
     import torch
 
     device = claim(cfg.stage_name, "fit task", cfg.runtime.gpus_per_actor, cfg.runtime.threads).device
-    model, tokenizer = load_causal_lm(cfg.model, dtype=cfg.dtype, device=device, options=cfg.storage)
+    model, tokenizer = load_causal_lm(cfg.model, dtype=cfg.dtype, device=device, storage=cfg.storage)
     return fit_curation(model, tokenizer, sample_texts, seed_texts, settings_from(cfg),
                         torch.Generator().manual_seed(cfg.seed), log=lambda line: print(line, flush=True))
 

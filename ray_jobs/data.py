@@ -35,35 +35,35 @@ READ_CPUS = 0.25
 """Logical CPUs per read or write task (fractional: actor pools keep their slots on small machines)."""
 
 
-def read_dataset(uri: str, options: StorageConfig | None = None, columns: list[str] | None = None
+def read_dataset(uri: str, storage: StorageConfig | None = None, columns: list[str] | None = None
                  ) -> ray.data.Dataset:
     """A Ray Dataset over Parquet / JSONL shards (local or s3://), a saved or hub Hugging Face dataset, or a stage's
     dataset output (exactly the files it committed)."""
-    return read_source(resolve_dataset(uri, options), options, columns)
+    return read_source(resolve_dataset(uri, storage), storage, columns)
 
 
-def read_source(source: DatasetSource, options: StorageConfig | None = None, columns: list[str] | None = None
+def read_source(source: DatasetSource, storage: StorageConfig | None = None, columns: list[str] | None = None
                 ) -> ray.data.Dataset:
     if source.format in ("hf_disk", "hf_hub"):
         from shared.data import read_table
 
-        return ray.data.from_arrow(read_table(source.uri, options, columns=columns))
+        return ray.data.from_arrow(read_table(source.uri, storage, columns=columns))
     rows = source.rows or (None,) * len(source.files)
     items = [{"file": f, "rows": -1 if r is None else int(r)} for f, r in zip(source.files, rows)]
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        _read_files, fn_kwargs={"fmt": source.format, "options": options, "columns": columns},
+        _read_files, fn_kwargs={"fmt": source.format, "storage": storage, "columns": columns},
         batch_size=1, batch_format="numpy", num_cpus=READ_CPUS)
 
 
-def _read_files(batch: dict[str, np.ndarray], fmt: Format, options: StorageConfig | None,
+def _read_files(batch: dict[str, np.ndarray], fmt: Format, storage: StorageConfig | None,
                 columns: list[str] | None) -> Iterator[pa.Table]:
     for file, rows in zip(batch["file"], batch["rows"]):
-        table = read_file(str(file), fmt, options, columns=columns, expected_rows=None if rows < 0 else int(rows))
+        table = read_file(str(file), fmt, storage, columns=columns, expected_rows=None if rows < 0 else int(rows))
         if table.num_rows:
             yield table
 
 
-def source_rows(source: DatasetSource, options: StorageConfig | None = None) -> int | None:
+def source_rows(source: DatasetSource, storage: StorageConfig | None = None) -> int | None:
     """Rows of a dataset without reading its data: the committed counts, else Parquet footers; None for JSON."""
     if source.rows is not None and all(r is not None for r in source.rows):
         return int(sum(r for r in source.rows if r is not None))
@@ -71,7 +71,7 @@ def source_rows(source: DatasetSource, options: StorageConfig | None = None) -> 
         return None
     total = 0
     for file in source.files:
-        store = Storage(file, options)
+        store = Storage(file, storage)
         try:
             total += pq.read_metadata(io.BytesIO(store.read_bytes())).num_rows
         except (pa.ArrowException, OSError) as exc:
@@ -94,8 +94,8 @@ def require_columns(ds: ray.data.Dataset, uri: str, *columns: str) -> None:
 class ShardSink(Datasink[list[dict[str, Any]]]):
     """Parquet shards under one folder of a stage attempt; each write task returns what it wrote."""
 
-    def __init__(self, uri: str, options: StorageConfig | None, min_rows: int | None = None):
-        self.uri, self.options, self.min_rows = uri, options, min_rows
+    def __init__(self, uri: str, storage: StorageConfig | None, min_rows: int | None = None):
+        self.uri, self.config, self.min_rows = uri, storage, min_rows
         self.written: list[dict[str, Any]] = []
 
     @property
@@ -111,7 +111,7 @@ class ShardSink(Datasink[list[dict[str, Any]]]):
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
         name = f"part-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet"  # unique: a retried task never overwrites
-        Storage(self.uri, self.options).write_bytes(buffer.getvalue(), name)
+        Storage(self.uri, self.config).write_bytes(buffer.getvalue(), name)
         return [{"path": name, "bytes": buffer.tell(), "rows": table.num_rows}]
 
     def on_write_complete(self, write_result: WriteResult[list[dict[str, Any]]]) -> None:
@@ -122,7 +122,7 @@ def write_shards(ds: ray.data.Dataset, stage: Stage, *folder: str, min_rows: int
                  ) -> list[CommittedFile]:
     """Write ``ds`` as Parquet shards to ``<attempt>/<folder>/`` and register them with the stage; returns them."""
     rel = "/".join(folder)
-    sink = ShardSink(stage.store.uri(rel), stage.root.options, min_rows)
+    sink = ShardSink(stage.store.uri(rel), stage.root.config, min_rows)
     ds.write_datasink(sink, ray_remote_args={"num_cpus": READ_CPUS})
     files = sorted((CommittedFile(e["path"], int(e["bytes"]), int(e["rows"])) for e in sink.written),
                    key=lambda f: f.path)
@@ -142,4 +142,4 @@ def read_shards(stage: Stage, folder: str, files: list[CommittedFile], columns: 
                            stage.store.uri(folder), tuple(f.rows for f in files))
     if not files:
         raise DataError(f"{stage.store.uri(folder)}: nothing was written there")
-    return read_source(source, stage.root.options, columns)
+    return read_source(source, stage.root.config, columns)

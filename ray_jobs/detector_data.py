@@ -1,7 +1,7 @@
 """Ray Data glue shared by train-detector and evaluate-detector: read the planned rows of each source, decode them once
 in parallel, drop (and list) the images that cannot be decoded.
 
-    decoded, dropped = decode_mixture(plan, options)      # dropped: [{dataset, id, index, label, reason}]
+    decoded, dropped = decode_mixture(plan, storage)      # dropped: [{dataset, id, index, label, reason}]
 """
 
 from __future__ import annotations
@@ -58,12 +58,12 @@ def quiet_progress() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
-def read_images(uri: str, options: StorageConfig | None) -> ray.data.Dataset:
+def read_images(uri: str, storage: StorageConfig | None) -> ray.data.Dataset:
     """The id and image columns of an IMAGE_SCHEMA dataset (exactly the files its stage committed), streamed."""
-    return read_dataset(uri, options, columns=["id", "image"])
+    return read_dataset(uri, storage, columns=["id", "image"])
 
 
-def decode_mixture(plan: MixturePlan, options: StorageConfig | None, blocks: int = 8, shuffle_seed: int | None = None
+def decode_mixture(plan: MixturePlan, storage: StorageConfig | None, blocks: int = 8, shuffle_seed: int | None = None
                    ) -> tuple[ray.data.Dataset, list[dict[str, Any]]]:
     """(the decodable planned rows, over a materialised decode; the dropped rows with their reasons).
 
@@ -74,7 +74,7 @@ def decode_mixture(plan: MixturePlan, options: StorageConfig | None, blocks: int
     parts = []
     for name, uri in plan.datasets.items():
         ref = ray.put(plan.lookup(name))
-        parts.append(read_images(uri, options).map_batches(
+        parts.append(read_images(uri, storage).map_batches(
             _decode, batch_format="numpy", batch_size=256,
             fn_kwargs={"dataset": name, "lookup": [ref], "height": plan.height, "width": plan.width})
             .filter(expr=col("planned") == True).drop_columns(["planned"]))  # noqa: E712 (an expression)

@@ -108,7 +108,7 @@ def train_loop(config: dict[str, Any]) -> None:
                    train=True).device
     torch.manual_seed(cfg.seed)
     examples = [LMExample.from_dict(e) for e in config["examples"]]
-    model, tokenizer = load_causal_lm(cfg.student, dtype="float32", device=device, options=cfg.storage)
+    model, tokenizer = load_causal_lm(cfg.student, dtype="float32", device=device, storage=cfg.storage)
     model = prepare_student(model, t.method, t.lora).to(device)  # on its device before the optimiser state loads
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=t.lr, weight_decay=t.weight_decay)
     schedule = Schedule(len(examples), t.batch_size, t.epochs)

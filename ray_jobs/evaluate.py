@@ -72,7 +72,7 @@ class EvalActor:
 
         device = claim(stage_name, "evaluation actor", cfg.runtime.gpus_per_actor, cfg.runtime.threads).device
         self.cfg = cfg
-        self.model, self.tokenizer = load_causal_lm(ref, dtype=cfg.dtype, device=device, options=cfg.storage)
+        self.model, self.tokenizer = load_causal_lm(ref, dtype=cfg.dtype, device=device, storage=cfg.storage)
         self.parameters = count_parameters(self.model)
         self.throughput = Throughput("evaluate", stage_name, ("documents", "tokens"))
 

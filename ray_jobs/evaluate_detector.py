@@ -42,11 +42,11 @@ class Scorer:
     """Ray Data actor: every detector loaded once; a batch in, one score column per (detector, condition) out."""
 
     def __init__(self, detectors: list[tuple[str, str]], conditions: list[tuple[str, str, float]],
-                 options: StorageConfig | None, stage_name: str, pool: ActorPoolConfig):
+                 storage: StorageConfig | None, stage_name: str, pool: ActorPoolConfig):
         self.device = claim(stage_name, "scoring actor", pool.gpus_per_actor, pool.threads).device
         self.models = []
         for name, uri in detectors:
-            model, spec = load_detector(uri, options)
+            model, spec = load_detector(uri, storage)
             self.models.append((name, model.to(self.device), spec))
         self.conditions = conditions
 
@@ -111,7 +111,7 @@ def run(cfg: EvaluateDetectorConfig, stage: Stage) -> dict[str, Any]:
         # 2. score every image with every detector under every condition
         scored = decoded.map_batches(
             Scorer, fn_constructor_kwargs={"detectors": [(d.name, d.uri) for d in cfg.detectors], "conditions": conds,
-                                           "options": cfg.storage, "stage_name": cfg.stage_name,
+                                           "storage": cfg.storage, "stage_name": cfg.stage_name,
                                            "pool": cfg.runtime},
             compute=ray.data.ActorPoolStrategy(size=cfg.runtime.num_actors), num_cpus=cfg.runtime.cpus_per_actor,
             num_gpus=cfg.runtime.gpus_per_actor or None,

@@ -27,7 +27,7 @@ def _inspect(cfg: InspectModelConfig) -> dict[str, Any]:
     progress = Progress(cfg.JOB, cfg.stage_name)
     progress.report(0.0)
     started = time.perf_counter()
-    model, tokenizer = load_causal_lm(cfg.model, dtype=cfg.dtype, options=cfg.storage)
+    model, tokenizer = load_causal_lm(cfg.model, dtype=cfg.dtype, storage=cfg.storage)
     progress.report(0.5)
     report: dict[str, Any] = {"model": cfg.model, **describe_architecture(model)}
     report["load_seconds"] = round(time.perf_counter() - started, 3)

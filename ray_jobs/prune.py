@@ -122,7 +122,7 @@ def _worker(config: dict[str, Any]) -> dict[str, Any] | None:
     timings: dict[str, float] = {}
     cpu: dict[str, float] = {}
     t0, c0 = time.perf_counter(), time.process_time()
-    model, tokenizer = load_causal_lm(cfg.model, options=cfg.storage, device=placement.device)
+    model, tokenizer = load_causal_lm(cfg.model, storage=cfg.storage, device=placement.device)
     pad = tokenizer.pad_token_id
     layers = prunable_layers(model, config["layers"])
     calibration = shard([LMExample.from_dict(e) for e in config["calibration"]], rank, world)

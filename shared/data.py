@@ -42,7 +42,7 @@ class DatasetSource:
     """Row count of each file as its stage committed it (None for plain folders: nothing to check against)."""
 
 
-def resolve_dataset(uri: str, options: StorageConfig | None = None) -> DatasetSource:
+def resolve_dataset(uri: str, storage: StorageConfig | None = None) -> DatasetSource:
     """Find the files behind a dataset URI; a clear DataError when there are none.
 
     A finished stage (or a path inside one, such as ``<corpus stage>/heldout``) gives exactly the files its marker
@@ -51,10 +51,10 @@ def resolve_dataset(uri: str, options: StorageConfig | None = None) -> DatasetSo
     if not uri or not uri.strip():
         raise DataError("dataset URI is empty")
     physical = "://" in uri or uri.startswith(("/", ".", "~")) or Path(uri).exists()
-    found = locate(uri, options, "dataset") if physical or "/" in uri else None
+    found = locate(uri, storage, "dataset") if physical or "/" in uri else None
     if found is None or (not physical and found.stage is None):
         return DatasetSource(uri, "hf_hub", (), uri)
-    store = Storage(found.uri, options)
+    store = Storage(found.uri, storage)
     base = store.path().rstrip("/")
     if found.files is not None:  # a stage: exactly what it committed
         if not found.files:
@@ -89,15 +89,15 @@ def _is_data_file(path: str, base: str) -> bool:
     return Path(path).suffix in SUFFIXES and "/." not in below and "/_" not in below
 
 
-def read_table(uri: str, options: StorageConfig | None = None, columns: list[str] | None = None,
+def read_table(uri: str, storage: StorageConfig | None = None, columns: list[str] | None = None,
                required: tuple[str, ...] = ()) -> pa.Table:
     """Read a (small) dataset into memory as one Arrow table; ``required`` columns must be present."""
-    source = resolve_dataset(uri, options)
+    source = resolve_dataset(uri, storage)
     if source.format in ("hf_disk", "hf_hub"):
-        table = _read_hf(source, options)
+        table = _read_hf(source, storage)
     else:
         rows = source.rows or (None,) * len(source.files)
-        parts = [read_file(f, source.format, options, expected_rows=r) for f, r in zip(source.files, rows)]
+        parts = [read_file(f, source.format, storage, expected_rows=r) for f, r in zip(source.files, rows)]
         try:
             table = pa.concat_tables(parts, promote_options="default")
         except pa.ArrowInvalid as exc:
@@ -110,11 +110,11 @@ def read_table(uri: str, options: StorageConfig | None = None, columns: list[str
     return table
 
 
-def read_file(file_uri: str, fmt: Format, options: StorageConfig | None = None, columns: list[str] | None = None,
+def read_file(file_uri: str, fmt: Format, storage: StorageConfig | None = None, columns: list[str] | None = None,
               expected_rows: int | None = None) -> pa.Table:
     """One Parquet or JSON Lines file as a table. A file that does not parse is a one-line DataError naming it (and
     the line, for JSON Lines); so is a row count that differs from what its stage committed."""
-    data = Storage(file_uri, options).read_bytes()
+    data = Storage(file_uri, storage).read_bytes()
     try:
         if fmt == "parquet":
             table = pq.read_table(io.BytesIO(data), columns=columns)
@@ -168,7 +168,7 @@ def _read_jsonl(data: bytes, where: str) -> pa.Table:
         raise
 
 
-def _read_hf(source: DatasetSource, options: StorageConfig | None) -> pa.Table:
+def _read_hf(source: DatasetSource, storage: StorageConfig | None) -> pa.Table:
     import datasets
 
     try:
@@ -178,7 +178,7 @@ def _read_hf(source: DatasetSource, options: StorageConfig | None) -> pa.Table:
                 import tempfile
 
                 local = tempfile.mkdtemp(prefix="scopeforge-hf-")
-                Storage(source.location, options).download(local)
+                Storage(source.location, storage).download(local)
                 path = local
             ds = datasets.load_from_disk(path)
         else:

@@ -24,7 +24,7 @@ def _stage_of(summary: dict[str, Any], job: str, root: Storage, **where: Any) ->
     for entry in summary["stages"]:
         if entry["job"] != job:
             continue
-        metrics = stage_metrics(root.uri(entry["name"]), root.options)
+        metrics = stage_metrics(root.uri(entry["name"]), root.config)
         if all(metrics.get(k) == v for k, v in where.items()):
             return entry["name"], metrics
     raise DataError(f"{root.uri()}: the pipeline has no finished {job} stage {where or ''}")

@@ -197,7 +197,7 @@ def shard(items: Sequence[Any], rank: int, world_size: int) -> list[Any]:
 
 
 def load_examples(uri: str, tokenizer: Any, *, max_length: int, max_examples: int, seed: int = 0,
-                  text_column: str = "text", options: Any = None, what: str = "dataset"
+                  text_column: str = "text", storage: Any = None, what: str = "dataset"
                   ) -> tuple[list[LMExample], EncodeStats]:
     """Read a dataset URI (see ``shared.data``), take a seeded random sample of at most ``max_examples`` rows (kept
     in dataset order) and encode it. A DataError names ``what`` and the URI when it has no rows or no usable
@@ -207,7 +207,7 @@ def load_examples(uri: str, tokenizer: Any, *, max_length: int, max_examples: in
     from shared.data import read_table
     from shared.errors import DataError
 
-    table = read_table(uri, options)
+    table = read_table(uri, storage)
     source_rows = table.num_rows
     if source_rows == 0:
         raise DataError(f"{what} {uri}: the dataset is empty")

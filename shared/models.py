@@ -178,10 +178,10 @@ def _looks_local(ref: str) -> bool:
     return ref.startswith(("/", "./", "../", "~", "file://")) or os.path.exists(ref)
 
 
-def _fetch_s3(ref: str, options: StorageConfig | None, files: tuple[str, ...] | None = None) -> Path:
+def _fetch_s3(ref: str, storage: StorageConfig | None, files: tuple[str, ...] | None = None) -> Path:
     """Copy an s3:// folder to the node-local cache once. ``files``: the exact files a stage committed there (the
     cache key is then their names and sizes as committed); else the folder's listing, keyed by size and ETag."""
-    store = Storage(ref, options)
+    store = Storage(ref, storage)
     if files is None:
         files = tuple(store.find())
         listing = []
@@ -200,26 +200,26 @@ def _fetch_s3(ref: str, options: StorageConfig | None, files: tuple[str, ...] | 
     return _build_once(cache_dir() / "s3" / key, build)
 
 
-def resolve_model(ref: str, options: StorageConfig | None = None) -> str:
+def resolve_model(ref: str, storage: StorageConfig | None = None) -> str:
     """Local directory holding the model (or the hub id itself, left to ``from_pretrained``)."""
     if ref in ALIASES:
         folder, build = ALIASES[ref]
         return str(_build_once(cache_dir() / "models" / folder, build))
-    return resolve_saved(ref, options, what="model", marker="config.json",
+    return resolve_saved(ref, storage, what="model", marker="config.json",
                          kinds=f"an alias ({', '.join(ALIASES)}), a directory, s3:// prefix or hub id")
 
 
-def resolve_saved(ref: str, options: StorageConfig | None, *, what: str, marker: str, kinds: str) -> str:
+def resolve_saved(ref: str, storage: StorageConfig | None, *, what: str, marker: str, kinds: str) -> str:
     """A ``save_pretrained`` folder (``marker`` inside it) as a local path: a finished stage hands over its ``model``
     output, an s3:// prefix is copied once to the node-local cache; a hub id is returned as is."""
     if not ref or not ref.strip():
         raise ModelError(f"{what} reference is empty")
     files = None
     if ref.startswith(("s3://", "s3a://")) or _looks_local(ref) or "/" in ref:
-        found = locate(ref, options, "model")  # a finished stage hands over its model; <stage>/model works too
+        found = locate(ref, storage, "model")  # a finished stage hands over its model; <stage>/model works too
         ref, files = found.uri, found.files
     if ref.startswith(("s3://", "s3a://")):
-        return str(_fetch_s3(ref, options, files))
+        return str(_fetch_s3(ref, storage, files))
     if _looks_local(ref):
         path = Path(split_uri(ref)[1])
         if not path.is_dir():
@@ -249,8 +249,8 @@ def _tokenizer_at(ref: str, where: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_tokenizer(ref: str, options: StorageConfig | None = None) -> PreTrainedTokenizerBase:
-    return _tokenizer_at(ref, resolve_model(ref, options))
+def load_tokenizer(ref: str, storage: StorageConfig | None = None) -> PreTrainedTokenizerBase:
+    return _tokenizer_at(ref, resolve_model(ref, storage))
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -264,14 +264,14 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def load_causal_lm(
-    ref: str, *, dtype: str = "float32", device: str = "cpu", options: StorageConfig | None = None
+    ref: str, *, dtype: str = "float32", device: str = "cpu", storage: StorageConfig | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, in eval mode on ``device``."""
     from transformers import AutoModelForCausalLM
 
     import shared.pruning.modeling_scopeforge_pruned  # noqa: F401  (per-layer pruned models load like any other)
 
-    where = resolve_model(ref, options)
+    where = resolve_model(ref, storage)
     model = _from_pretrained(AutoModelForCausalLM.from_pretrained, ref, where, dtype=torch_dtype(dtype))
     return model.to(device).eval(), _tokenizer_at(ref, where)
 

@@ -299,22 +299,22 @@ def _read_marker(store: Storage, *, strict: bool) -> dict[str, Any] | None:
     return marker
 
 
-def is_stage(uri: str, options: StorageConfig | None = None) -> bool:
+def is_stage(uri: str, storage: StorageConfig | None = None) -> bool:
     """Whether ``uri`` is a stage folder (committed or not)."""
     if "://" not in uri and not os.path.isdir(os.path.expanduser(uri)):
         return False
-    store = Storage(uri, options)
+    store = Storage(uri, storage)
     return store.exists(MARKER) or store.exists(LEASE)
 
 
-def stage_marker(uri: str, options: StorageConfig | None = None) -> dict[str, Any] | None:
+def stage_marker(uri: str, storage: StorageConfig | None = None) -> dict[str, Any] | None:
     """The marker of a finished stage at ``uri``; None when ``uri`` is not a stage folder at all.
 
     A folder that a stage started but never committed is an error, never mistaken for plain data.
     """
     if "://" not in uri and not os.path.isdir(os.path.expanduser(uri)):
         return None  # a missing local path, a hub id or alias: not a stage
-    store = Storage(uri, options)
+    store = Storage(uri, storage)
     marker = _read_marker(store, strict=True)
     if marker is None and store.exists(LEASE):
         raise StorageError(f"{uri}: that stage is not complete (it started but has no {MARKER} marker); rerun it")
@@ -336,7 +336,7 @@ class Location:
     """Row counts of those files, as committed."""
 
 
-def _enclosing_stage(uri: str, options: StorageConfig | None) -> tuple[str, str] | None:
+def _enclosing_stage(uri: str, storage: StorageConfig | None) -> tuple[str, str] | None:
     """(stage URI, path below it) when ``uri`` is a stage or lies up to SEARCH_DEPTH folders inside one."""
     protocol, path = split_uri(uri)
     parts = path.rstrip("/").split("/")
@@ -347,13 +347,13 @@ def _enclosing_stage(uri: str, options: StorageConfig | None) -> tuple[str, str]
         candidate = head if protocol == "file" else f"{protocol}://{head.lstrip('/')}"
         if protocol == "file" and not os.path.isdir(head):
             continue
-        store = Storage(candidate, options)
+        store = Storage(candidate, storage)
         if store.exists(MARKER) or store.exists(LEASE):
             return candidate, "/".join(parts[len(parts) - up:])
     return None
 
 
-def locate(uri: str, options: StorageConfig | None = None, kind: str | None = None) -> Location:
+def locate(uri: str, storage: StorageConfig | None = None, kind: str | None = None) -> Location:
     """Resolve ``uri`` through the stage it belongs to.
 
     - a stage folder with ``kind`` given: that output of the committed attempt (an error if it has none);
@@ -366,12 +366,12 @@ def locate(uri: str, options: StorageConfig | None = None, kind: str | None = No
     if not uri or ("://" not in uri and not os.path.exists(os.path.expanduser(uri))
                    and not _has_existing_parent(uri)):
         return Location(uri)
-    found = _enclosing_stage(uri, options)
+    found = _enclosing_stage(uri, storage)
     if found is None:
         return Location(uri)
     stage_uri, below = found
-    store = Storage(stage_uri, options)
-    marker = stage_marker(stage_uri, options)
+    store = Storage(stage_uri, storage)
+    marker = stage_marker(stage_uri, storage)
     if marker is None:
         raise StorageError(f"{uri}: its stage {stage_uri} is not complete; rerun that stage")
     if below.split("/", 1)[0] == CHECKPOINTS:
@@ -407,40 +407,40 @@ def _has_existing_parent(uri: str) -> bool:
     return False
 
 
-def committed_folder(uri: str, options: StorageConfig | None = None) -> str:
+def committed_folder(uri: str, storage: StorageConfig | None = None) -> str:
     """The folder that holds what ``uri`` names: a stage's committed attempt folder, the physical folder of a path
     inside a stage, or ``uri`` itself outside stages."""
-    found = locate(uri, options)
+    found = locate(uri, storage)
     if found.stage is not None and found.uri == found.stage and found.marker is not None:
-        return Storage(found.stage, options).uri(found.marker["folder"])
+        return Storage(found.stage, storage).uri(found.marker["folder"])
     return found.uri
 
 
-def resolve_output(uri: str, kind: str, options: StorageConfig | None = None) -> str:
+def resolve_output(uri: str, kind: str, storage: StorageConfig | None = None) -> str:
     """The physical URI behind ``uri``: a stage's ``kind`` output, a path inside a stage, or ``uri`` itself."""
-    return locate(uri, options, kind).uri
+    return locate(uri, storage, kind).uri
 
 
-def stage_output(uri: str, kind: str, options: StorageConfig | None = None) -> str | None:
+def stage_output(uri: str, kind: str, storage: StorageConfig | None = None) -> str | None:
     """``<uri>/<folder of kind>`` in the committed attempt when ``uri`` is a finished stage, else None."""
-    marker = stage_marker(uri, options)
+    marker = stage_marker(uri, storage)
     if marker is None:
         return None
-    return locate(uri, options, kind).uri
+    return locate(uri, storage, kind).uri
 
 
-def stage_metrics(uri: str, options: StorageConfig | None = None) -> dict[str, Any]:
+def stage_metrics(uri: str, storage: StorageConfig | None = None) -> dict[str, Any]:
     """metrics.json of the finished stage at ``uri``."""
-    marker = stage_marker(uri, options)
+    marker = stage_marker(uri, storage)
     if marker is None:
         raise StorageError(f"{uri}: not a finished stage (no {MARKER} marker)")
-    return Storage(uri, options).read_json(marker["folder"], "metrics.json")
+    return Storage(uri, storage).read_json(marker["folder"], "metrics.json")
 
 
-def completed_stage(uri: str, options: StorageConfig | None = None, what: str = "input stage"
+def completed_stage(uri: str, storage: StorageConfig | None = None, what: str = "input stage"
                     ) -> tuple[Storage, dict[str, Any]]:
     """A finished upstream stage: (its Storage, its marker). Refuses a stage without ``_SUCCESS``."""
-    store = Storage(uri, options)
+    store = Storage(uri, storage)
     marker = _read_marker(store, strict=True)
     if marker is None:
         if store.exists(LEASE):

@@ -63,8 +63,8 @@ class S3Settings:
     anon: bool
 
     @classmethod
-    def resolve(cls, options: StorageConfig | None) -> S3Settings:
-        o = options or StorageConfig()
+    def resolve(cls, storage: StorageConfig | None) -> S3Settings:
+        o = storage or StorageConfig()
         env = os.environ
         return cls(
             endpoint_url=o.endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
@@ -78,12 +78,12 @@ class S3Settings:
         return f"S3Settings(endpoint_url={self.endpoint_url!r}, region={self.region!r}, anon={self.anon})"
 
 
-def filesystem(protocol: Protocol, options: StorageConfig | None = None) -> fsspec.AbstractFileSystem:
+def filesystem(protocol: Protocol, storage: StorageConfig | None = None) -> fsspec.AbstractFileSystem:
     if protocol == "file":
         return fsspec.filesystem("file", auto_mkdir=True)
     if protocol == "memory":
         return fsspec.filesystem("memory")
-    s3 = S3Settings.resolve(options)
+    s3 = S3Settings.resolve(storage)
     # No listings cache: stage folders are written by other processes (Ray workers, a concurrent attempt), and a
     # cached listing would hide their files from exists() and list() in this one.
     return fsspec.filesystem(
@@ -140,10 +140,10 @@ def _first_line(exc: BaseException) -> str:
 class Storage:
     """A root URI and the filesystem that reaches it; every path argument is relative to the root."""
 
-    def __init__(self, root: str, options: StorageConfig | None = None):
-        self.options = options or StorageConfig()
+    def __init__(self, root: str, storage: StorageConfig | None = None):
+        self.config = storage or StorageConfig()
         self.protocol, self.root_path = split_uri(root)
-        self.fs = filesystem(self.protocol, self.options)
+        self.fs = filesystem(self.protocol, self.config)
 
     # --- addressing -------------------------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -156,7 +156,7 @@ class Storage:
 
     def child(self, *parts: str) -> Storage:
         sub = Storage.__new__(Storage)
-        sub.options, sub.protocol, sub.fs = self.options, self.protocol, self.fs
+        sub.config, sub.protocol, sub.fs = self.config, self.protocol, self.fs
         sub.root_path = self.path(*parts)
         return sub
 
@@ -316,7 +316,7 @@ class Storage:
         if self.protocol == "file":
             return pafs.LocalFileSystem(), self.path(*parts)
         if self.protocol == "s3":
-            s3 = S3Settings.resolve(self.options)
+            s3 = S3Settings.resolve(self.config)
             kwargs: dict[str, Any] = {"region": s3.region, "anonymous": s3.anon}
             if s3.key and s3.secret:
                 kwargs.update(access_key=s3.key, secret_key=s3.secret)

@@ -136,8 +136,8 @@ def test_augmentations_shapes_determinism_and_perturbations():
                      "projection_dim": 8})],
 )
 def test_backbones_build_score_and_round_trip(kind, config, tmp_path):
-    options = config if kind == "small-cnn" else {"config": config}
-    spec = make_spec(BackboneConfig(kind=kind, width=4, **options), 16)
+    fields = config if kind == "small-cnn" else {"config": config}
+    spec = make_spec(BackboneConfig(kind=kind, width=4, **fields), 16)
     torch.manual_seed(0)
     model = build_detector(spec).eval()
     x = torch.randn(3, 3, 16, 16)

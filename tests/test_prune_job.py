@@ -56,7 +56,7 @@ def examples_of(cfg: PruneConfig, uri: str, max_examples: int):
     from shared.models import load_tokenizer
 
     examples, _ = load_examples(uri, load_tokenizer(cfg.model), max_length=cfg.max_length, max_examples=max_examples,
-                                seed=cfg.seed, options=cfg.storage)
+                                seed=cfg.seed, storage=cfg.storage)
     return examples
 
 

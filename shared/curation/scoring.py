@@ -119,7 +119,7 @@ class DocumentScorer:
         from shared.models import load_causal_lm
 
         model, tokenizer = load_causal_lm(self.curation.model, dtype=self.dtype, device=self.device,
-                                          options=self.storage)
+                                          storage=self.storage)
         self.embedder: Embedder = self.curation.embedder(model, tokenizer)
 
     def __call__(self, batch: Batch) -> Batch:

@@ -122,7 +122,7 @@ def _hf_classes(kind: str):
     }[kind]
 
 
-def make_spec(model: Any, input_size: int, options: StorageConfig | None = None) -> dict[str, Any]:
+def make_spec(model: Any, input_size: int, storage: StorageConfig | None = None) -> dict[str, Any]:
     """The spec of a new detector from a BackboneConfig; a reference is resolved here (its config is read)."""
     spec: dict[str, Any] = {"format": 1, "kind": model.kind, "input_size": int(input_size), "width": model.width,
                             "norm": model.norm,
@@ -135,7 +135,7 @@ def make_spec(model: Any, input_size: int, options: StorageConfig | None = None)
     if model.reference:
         from shared.models import resolve_model
 
-        where = resolve_model(model.reference, options)
+        where = resolve_model(model.reference, storage)
         try:
             cfg = config_cls.from_pretrained(where)
         except (OSError, ValueError) as exc:
@@ -162,7 +162,7 @@ def make_spec(model: Any, input_size: int, options: StorageConfig | None = None)
     return spec
 
 
-def build_detector(spec: dict[str, Any], pretrained: bool = False, options: StorageConfig | None = None) -> nn.Module:
+def build_detector(spec: dict[str, Any], pretrained: bool = False, storage: StorageConfig | None = None) -> nn.Module:
     """The network of a spec: random weights, or (``pretrained``) the reference's weights where there is one."""
     kind = spec["kind"]
     if kind == "small-cnn":
@@ -173,7 +173,7 @@ def build_detector(spec: dict[str, Any], pretrained: bool = False, options: Stor
     if pretrained and spec.get("reference"):
         from shared.models import resolve_model
 
-        where = resolve_model(spec["reference"], options)
+        where = resolve_model(spec["reference"], storage)
         kwargs = {} if kind == "clip-probe" else {"config": cfg, "ignore_mismatched_sizes": True}
         try:
             net = model_cls.from_pretrained(where, **kwargs)
@@ -204,12 +204,12 @@ def save_detector(model: nn.Module, spec: dict[str, Any], store: Storage, *parts
     return store.uri(*parts)
 
 
-def load_detector(uri: str, options: StorageConfig | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def load_detector(uri: str, storage: StorageConfig | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """(network in eval mode, spec) from a train-detector stage or a detector folder, local or s3://."""
     from safetensors.torch import load
 
-    folder = resolve_output(uri, "model", options)
-    store = Storage(folder, options)
+    folder = resolve_output(uri, "model", storage)
+    store = Storage(folder, storage)
     if not store.exists(SPEC_FILE):
         raise ModelError(f"detector {uri}: no {SPEC_FILE} there (expected a train-detector stage or its model folder)")
     spec = store.read_json(SPEC_FILE)

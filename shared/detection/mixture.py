@@ -50,14 +50,14 @@ def assign_split(keys: Sequence[str], seed: int, val_fraction: float, test_fract
     return out
 
 
-def read_metadata(uri: str, options: StorageConfig | None = None) -> pa.Table:
+def read_metadata(uri: str, storage: StorageConfig | None = None) -> pa.Table:
     """The metadata columns of an IMAGE_SCHEMA dataset (Parquet), without the image bytes."""
-    source = resolve_dataset(uri, options)
+    source = resolve_dataset(uri, storage)
     if source.format != "parquet":
         raise DataError(f"dataset {uri}: image datasets are Parquet (IMAGE_SCHEMA); this one is {source.format}")
     parts = []
     for f in source.files:
-        fs, path = Storage(f, options).pyarrow_filesystem()
+        fs, path = Storage(f, storage).pyarrow_filesystem()
         try:
             schema = pq.read_schema(path, filesystem=fs)
         except (OSError, pa.ArrowInvalid) as exc:
@@ -114,7 +114,7 @@ class MixturePlan:
                 for (d, s, y, sp), n in sorted(table.items())]
 
 
-def plan_mixture(sources: Sequence[Any], split: Any, options: StorageConfig | None = None,
+def plan_mixture(sources: Sequence[Any], split: Any, storage: StorageConfig | None = None,
                  keep_splits: Sequence[str] = ("train", "val"), require_both_classes: Sequence[str] = ("train", "val"),
                  what: str = "training mixture") -> MixturePlan:
     """Select, split and index the rows of ``sources`` (SourceConfig-like: name, uri, include, exclude, labels)."""
@@ -122,7 +122,7 @@ def plan_mixture(sources: Sequence[Any], split: Any, options: StorageConfig | No
     skipped: Counter[str] = Counter()
     sizes: dict[tuple[int, int], Counter[str]] = {}
     for src in sources:
-        meta = read_metadata(src.uri, options)
+        meta = read_metadata(src.uri, storage)
         present = sorted(set(meta.column("source").to_pylist()))
         for name in (*src.include, *src.exclude):
             if name not in present:

@@ -50,7 +50,7 @@ class DetectorTrainer:
         self.cfg, self.spec, self.rank, self.device = cfg, spec, rank, torch.device(device)
         torch.manual_seed(cfg.seed)
         self.rng = np.random.default_rng([cfg.seed, rank])
-        model = build_detector(spec, pretrained=pretrained, options=cfg.storage)
+        model = build_detector(spec, pretrained=pretrained, storage=cfg.storage)
         self.model = wrap(model) if wrap is not None else model.to(self.device)
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr,
                                            weight_decay=cfg.weight_decay)

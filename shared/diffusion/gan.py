@@ -58,15 +58,15 @@ def embedded_gan_weights() -> Path:
     return path
 
 
-def check_gan_ref(ref: str, options: StorageConfig | None = None) -> None:
+def check_gan_ref(ref: str, storage: StorageConfig | None = None) -> None:
     """Fail early, in the driver, on a GAN reference that is neither the embedded one nor an existing file."""
     if ref == EMBEDDED_GAN:
         embedded_gan_weights()
-    elif not Storage(ref, options).exists():
+    elif not Storage(ref, storage).exists():
         raise ModelError(f"GAN model {ref!r}: no such file (use {EMBEDDED_GAN} or a torch.save file)")
 
 
-def load_dcgan(ref: str = EMBEDDED_GAN, options: StorageConfig | None = None,
+def load_dcgan(ref: str = EMBEDDED_GAN, storage: StorageConfig | None = None,
                device: str | torch.device = "cpu") -> DCGANGenerator:
     """The embedded face GAN, or a torch.save file (local or s3://) with ``netG_state_dict`` (or a bare state dict)
     of the same architecture; in eval mode (batch norm uses its running statistics, so images are independent)."""
@@ -74,7 +74,7 @@ def load_dcgan(ref: str = EMBEDDED_GAN, options: StorageConfig | None = None,
         data = embedded_gan_weights().read_bytes()
     else:
         try:
-            data = Storage(ref, options).read_bytes()
+            data = Storage(ref, storage).read_bytes()
         except StorageError as exc:  # a missing file, bad credentials: the reason is in its message
             raise ModelError(f"GAN model {ref!r}: cannot read ({str(exc).strip()})") from None
     import io

@@ -92,9 +92,9 @@ class BatchResult:
 class GeneratorStage:
     """One generator as a per-batch step: ``setup()`` once per worker, then ``stage(requests)`` per batch."""
 
-    def __init__(self, spec: GeneratorSpec, output: ImageFormat, options: StorageConfig | None = None,
+    def __init__(self, spec: GeneratorSpec, output: ImageFormat, storage: StorageConfig | None = None,
                  device: str = "cpu"):
-        self.spec, self.output, self.options, self.device = spec, output, options, device
+        self.spec, self.output, self.config, self.device = spec, output, storage, device
         self.model: Any = None
         self.scheduler: str | None = None
         self.generation_size: int | None = None
@@ -104,10 +104,10 @@ class GeneratorStage:
 
         spec = self.spec
         if isinstance(spec, GanGenerator):
-            self.model = gan.load_dcgan(spec.model, self.options, self.device)
+            self.model = gan.load_dcgan(spec.model, self.config, self.device)
             self.generation_size = 64
             return
-        pipe = pipelines.load_pipeline(spec.model, self.options, spec.dtype, self.device)
+        pipe = pipelines.load_pipeline(spec.model, self.config, spec.dtype, self.device)
         if isinstance(spec, Text2ImgGenerator) or (isinstance(spec, Img2ImgGenerator)
                                                    and getattr(pipe, "text_encoder", None) is not None):
             self.model = pipelines.TextDiffusion(pipe, spec.scheduler, img2img=isinstance(spec, Img2ImgGenerator))
@@ -219,7 +219,7 @@ def encode_reals(table: pa.Table, collection: str, output: ImageFormat) -> Batch
     return BatchResult(rows_to_table(rows), drops)
 
 
-def load_prompts(prompts: Any, options: StorageConfig | None = None) -> list[str] | None:
+def load_prompts(prompts: Any, storage: StorageConfig | None = None) -> list[str] | None:
     """The job's prompts (a PromptSource), or None."""
     from shared.diffusion.prompts import face_prompts, parse_prompt_file
     from shared.storage import Storage
@@ -228,7 +228,7 @@ def load_prompts(prompts: Any, options: StorageConfig | None = None) -> list[str
         return None
     if prompts.file:
         try:
-            text = Storage(prompts.file, options).read_bytes().decode("utf-8")
+            text = Storage(prompts.file, storage).read_bytes().decode("utf-8")
         except UnicodeDecodeError:
             raise DataError(f"prompt file {prompts.file}: not UTF-8 text") from None
         return parse_prompt_file(text, prompts.file)

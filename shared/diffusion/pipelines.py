@@ -60,36 +60,36 @@ def swap_scheduler(pipe: Any, name: str) -> None:
 # Loading
 
 
-def resolve_pipeline(ref: str, options: StorageConfig | None = None) -> str:
+def resolve_pipeline(ref: str, storage: StorageConfig | None = None) -> str:
     """Local folder of a diffusers pipeline (a finished stage hands over its ``model`` output; s3:// prefixes are
     copied once to the node-local cache), or a hub id left to ``from_pretrained``."""
     from shared.models import resolve_saved  # the same stage, s3-cache and path rules as language models
 
-    return resolve_saved(ref, options, what="pipeline", marker="model_index.json",
+    return resolve_saved(ref, storage, what="pipeline", marker="model_index.json",
                          kinds="a directory, s3:// prefix, finished stage or hub id")
 
 
-def check_pipeline_ref(ref: str, options: StorageConfig | None = None) -> None:
+def check_pipeline_ref(ref: str, storage: StorageConfig | None = None) -> None:
     """Fail early, in the driver, on a reference that cannot be a pipeline (nothing is downloaded): a missing folder,
     a folder or s3:// prefix without model_index.json, a stage without a model output."""
     from shared.models import _looks_local
     from shared.storage import Storage
 
     if ref.startswith(("s3://", "s3a://")):
-        ref = resolve_output(ref, "model", options)
-        if not Storage(ref, options).exists("model_index.json"):
+        ref = resolve_output(ref, "model", storage)
+        if not Storage(ref, storage).exists("model_index.json"):
             raise ModelError(f"pipeline {ref!r}: no model_index.json there (expected a diffusers save_pretrained "
                              "folder)")
     elif _looks_local(ref):
-        resolve_pipeline(ref, options)
+        resolve_pipeline(ref, storage)
 
 
-def load_pipeline(ref: str, options: StorageConfig | None = None, dtype: str = "float32",
+def load_pipeline(ref: str, storage: StorageConfig | None = None, dtype: str = "float32",
                   device: str = "cpu") -> Any:
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
-    where = resolve_pipeline(ref, options)
+    where = resolve_pipeline(ref, storage)
     diffusers_logging.disable_progress_bar()
     try:
         pipe = DiffusionPipeline.from_pretrained(where, dtype=DTYPES[dtype])

@@ -48,21 +48,21 @@ REAL_ALIASES: dict[str, Callable[[], pa.Table]] = {"lfw-faces": lfw_faces}
 Kind = Literal["alias", "files", "dataset"]
 
 
-def real_kind(uri: str, options: StorageConfig | None = None) -> Kind:
+def real_kind(uri: str, storage: StorageConfig | None = None) -> Kind:
     """What a real-collection URI is: an embedded alias, a folder of image files, or a tabular dataset."""
     if uri in REAL_ALIASES:
         return "alias"
     if "://" not in uri and not Path(uri).expanduser().exists():
         raise DataError(f"real images {uri!r}: no such alias ({', '.join(REAL_ALIASES)}), folder or file")
-    return "files" if image_files(uri, options) else "dataset"
+    return "files" if image_files(uri, storage) else "dataset"
 
 
-def image_files(uri: str, options: StorageConfig | None = None) -> list[str]:
+def image_files(uri: str, storage: StorageConfig | None = None) -> list[str]:
     """Image files (full URIs, sorted) under a folder; [] when ``uri`` is not a folder holding any (or is a stage
     folder, whose dataset output is read as a dataset)."""
-    if locate(uri, options).stage is not None or is_stage(uri, options):
+    if locate(uri, storage).stage is not None or is_stage(uri, storage):
         return []
-    store = Storage(uri, options)
+    store = Storage(uri, storage)
     if not store.isdir():
         return []
     return [f for f in store.find() if f.lower().endswith(IMAGE_SUFFIXES) and "/." not in f]
@@ -76,19 +76,19 @@ def file_id(root: str, file_uri: str) -> str:
     return str(PurePosixPath(rel).with_suffix(""))
 
 
-def read_real_table(uri: str, options: StorageConfig | None = None, limit: int | None = None) -> pa.Table:
+def read_real_table(uri: str, storage: StorageConfig | None = None, limit: int | None = None) -> pa.Table:
     """A whole (small) real collection in memory: columns id and image (encoded bytes), ``limit`` rows at most."""
-    kind = real_kind(uri, options)
+    kind = real_kind(uri, storage)
     if kind == "alias":
         table = REAL_ALIASES[uri]()
     elif kind == "files":
-        files = image_files(uri, options)[:limit]
+        files = image_files(uri, storage)[:limit]
         table = pa.table({"id": [file_id(uri, f) for f in files],
-                          "image": [Storage(f, options).read_bytes() for f in files]}, schema=REAL_COLUMNS)
+                          "image": [Storage(f, storage).read_bytes() for f in files]}, schema=REAL_COLUMNS)
     else:
         from shared.data import read_table
 
-        table = read_table(uri, options, required=("image",))
+        table = read_table(uri, storage, required=("image",))
         if "label" in table.column_names:  # an image dataset: only its real rows are real images
             import pyarrow.compute as pc
 

@@ -31,7 +31,7 @@ class TeacherRewriter:
         from shared.models import load_causal_lm
 
         self.model, self.tokenizer = load_causal_lm(self.teacher, dtype=self.dtype, device=self.device,
-                                                    options=self.storage)
+                                                    storage=self.storage)
 
     def __call__(self, batch: Batch) -> Batch:
         """The batch with ``teacher_output`` (the rewrite) and ``finished`` (it ended before max_new_tokens)."""

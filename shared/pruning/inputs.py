@@ -32,7 +32,7 @@ def prepare(cfg: PruneConfig) -> Inputs:
     tokenizer = load_tokenizer(cfg.model, cfg.storage)
     calibration, stats = load_examples(cfg.calibration, tokenizer, max_length=cfg.max_length,
                                        max_examples=cfg.max_examples, seed=cfg.seed, text_column=cfg.text_column,
-                                       options=cfg.storage, what="calibration")
+                                       storage=cfg.storage, what="calibration")
     if stats.examples < max(cfg.min_examples, cfg.runtime.num_workers):
         skipped = ", ".join(f"{n} {reason}" for reason, n in stats.skipped.items()) or "none skipped"
         raise DataError(f"calibration {cfg.calibration}: {stats.examples} usable examples of {stats.rows} rows "
@@ -42,7 +42,7 @@ def prepare(cfg: PruneConfig) -> Inputs:
     if cfg.eval_data:
         evaluation, eval_stats = load_examples(cfg.eval_data, tokenizer, max_length=cfg.max_length,
                                                max_examples=cfg.eval_max_examples, seed=cfg.seed,
-                                               text_column=cfg.text_column, options=cfg.storage, what="eval_data")
+                                               text_column=cfg.text_column, storage=cfg.storage, what="eval_data")
         if not evaluation:
             raise DataError(f"eval_data {cfg.eval_data}: no usable example of {eval_stats.rows} rows "
                             f"(skipped: {eval_stats.skipped})")
