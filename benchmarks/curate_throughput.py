@@ -1,4 +1,4 @@
-"""Tokens/s of the curate job's embedding pass (Ray Data: tokenise tasks -> embedding actor pool) against a bare loop
+"""Tokens/s of the curate job's embedding pass (Ray Data: tokenize tasks -> embedding actor pool) against a bare loop
 running the same truncated model over the same batches in one process, measured in the same run.
 
     python benchmarks/curate_throughput.py                    # SmolLM2-135M, bf16, 256 real documents, CPU
@@ -7,7 +7,7 @@ running the same truncated model over the same batches in one process, measured 
 
 Prints one JSON line per measurement, then a summary with ``ratio_1_actor`` (Ray tokens/s with one actor over the
 bare loop's; goal >= 0.9) and ``speedup_2_actors`` (two actors over one). Both sides use the job's own code
-(``tokenise_batch``, ``Embedder.score``), the same documents, batch size and micro-batch. The Ray side is timed from
+(``DocumentTokenizer``, ``DocumentScorer``), the same documents, batch size and micro-batch. The Ray side is timed from
 the first read to the last scored row, actor start-up and model loading included (Ray itself is already running, as
 on a cluster); the bare loop from loading the model to its last batch. The GPU variant needs CUDA and refuses to run
 without it: it saves the truncated random model once (about 6.5 GB in bf16) and takes about 5 minutes on one GPU.
@@ -99,9 +99,9 @@ def bare_loop(cfg, rows: list[dict], curation, weights) -> dict:
     started = time.perf_counter()
     torch.set_num_threads(os.cpu_count() or 1)
     device = "cuda" if cfg.runtime.gpus_per_actor else "cpu"
-    tokenise = DocumentTokenizer(cfg.model, cfg.text_column, cfg.max_tokens, cfg.seed, weights)
+    tokenize = DocumentTokenizer(cfg.model, cfg.text_column, cfg.max_tokens, cfg.seed, weights)
     score = DocumentScorer(curation, cfg.runtime.micro_batch, cfg.dtype, device)
-    tokenise.setup()
+    tokenize.setup()
     score.setup()
     tokens = 0
     size = cfg.runtime.batch_docs
@@ -109,7 +109,7 @@ def bare_loop(cfg, rows: list[dict], curation, weights) -> dict:
         part = rows[start: start + size]
         batch = {"id": np.array([r["id"] for r in part], dtype=object),
                  "text": np.array([r["text"] for r in part], dtype=object)}
-        batch = tokenise(batch)
+        batch = tokenize(batch)
         score(batch)
         tokens += int(batch["n_tokens"].sum())
     seconds = time.perf_counter() - started

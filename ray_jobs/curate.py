@@ -163,7 +163,7 @@ def run(cfg: CurateConfig, stage: Stage) -> dict[str, Any]:
 
 def score_corpus(cfg: CurateConfig, corpus: ray.data.Dataset, curation: CurationModel, ngram_weights: np.ndarray,
                  rows: int) -> ray.data.Dataset:
-    """read -> tokenise (tasks) -> score (actor pool, the model loaded once per actor); lazy."""
+    """read -> tokenize (tasks) -> score (actor pool, the model loaded once per actor); lazy."""
     blocks = max(cfg.runtime.num_actors * 4, -(-rows // cfg.runtime.batch_docs))
     tokenizer = DocumentTokenizer(cfg.model, cfg.text_column, cfg.max_tokens, cfg.seed, ngram_weights, cfg.storage)
     return (

@@ -5,7 +5,7 @@
         --set runtime.cpus_per_worker=1
 
 1. Driver: read the model's config, check the architecture, solve how many KV groups and channels each pruned layer
-   keeps, read and tokenise the calibration (and evaluation) data; every input problem stops here, before any work.
+   keeps, read and tokenize the calibration (and evaluation) data; every input problem stops here, before any work.
 2. Workers (TorchTrainer, shared.pruning.step): each loads the model and runs the importance pass over its shard
    of the calibration set, checkpointing its sums every ``runtime.checkpoint_every`` micro-batches (a retried or
    rerun pass resumes there); one all_reduce sums the shards. Every worker then prunes identically and evaluates its

@@ -90,7 +90,7 @@ def test_repeated_ids_and_an_empty_selection_are_one_line_errors(ray_session, tm
 
 
 def test_a_huge_document_reaches_the_tokenizer_cut_to_a_bound(tiny_llama_dir):
-    """A fast tokenizer pre-tokenises the whole string before it truncates: the text is cut first."""
+    """A fast tokenizer pre-tokenizes the whole string before it truncates: the text is cut first."""
     tokenizer = load_tokenizer("tiny-llama")
     seen: list[int] = []
 

@@ -123,7 +123,7 @@ class DocumentScorer:
         self.embedder: Embedder = self.curation.embedder(model, tokenizer)
 
     def __call__(self, batch: Batch) -> Batch:
-        """The tokenised batch with ``input_ids`` replaced by the scores (NaN and seed -1 for unusable rows)."""
+        """The tokenized batch with ``input_ids`` replaced by the scores (NaN and seed -1 for unusable rows)."""
         ok = np.flatnonzero(batch["status"] == "ok")
         n, s = len(batch["status"]), len(self.curation.seed_ids)
         scores: dict[str, np.ndarray] = {}

@@ -192,7 +192,7 @@ class Booster:
 
     def __init__(self, settings: Any, groups: Sequence[int] | np.ndarray, group_names: Sequence[str],
                  gather: Gather | None = None):
-        self.s = settings
+        self.settings = settings
         self.state = DifficultyState(groups, group_names, settings.beta)
         self.gather = gather
         self.history: list[dict[str, Any]] = []
@@ -200,15 +200,15 @@ class Booster:
         self._weight_n = np.zeros(len(group_names), dtype=np.float64)
 
     def boosting_active(self, epoch: int) -> bool:
-        return self.s.method == "momentum" and epoch >= self.s.warmup_epochs
+        return self.settings.method == "momentum" and epoch >= self.settings.warmup_epochs
 
     def weights(self, idx: Any, epoch: int) -> torch.Tensor:
         """w_i for the samples ``idx`` from the current state (ones unless momentum boosting is past warm-up)."""
         idx = _np(idx, np.int64)
         if not self.boosting_active(epoch):
             return torch.ones(idx.size, dtype=torch.float64)
-        z = self.state.zscores(idx, self.s.normalize)
-        return torch.from_numpy(np.clip(np.exp(self.s.alpha * z), self.s.w_min, self.s.w_max))
+        z = self.state.zscores(idx, self.settings.normalize)
+        return torch.from_numpy(np.clip(np.exp(self.settings.alpha * z), self.settings.w_min, self.settings.w_max))
 
     def track(self, idx: Any, d: Any) -> None:
         """Gather (index, difficulty) from every worker and update m with all of them."""
@@ -225,15 +225,15 @@ class Booster:
         """(loss to backpropagate, the weights used) for one batch on this worker; ``idx`` are the samples' global
         indices (a tensor or an array)."""
         ce = F.cross_entropy(logits, labels, reduction="none")
-        d = ce.detach() if self.s.difficulty == "loss" else per_sample_difficulty(logits, labels, self.s.difficulty)
+        d = ce.detach() if self.settings.difficulty == "loss" else per_sample_difficulty(logits, labels, self.settings.difficulty)
         idx = _np(idx, np.int64)
         self.track(idx, d)
-        method = self.s.method
+        method = self.settings.method
         if method == "focal":
             p_true = torch.exp(-ce)
-            return ((1.0 - p_true) ** self.s.focal_gamma * ce).mean(), torch.ones_like(ce)
+            return ((1.0 - p_true) ** self.settings.focal_gamma * ce).mean(), torch.ones_like(ce)
         if method == "ohem":
-            keep = max(1, math.ceil(self.s.ohem_fraction * ce.numel()))
+            keep = max(1, math.ceil(self.settings.ohem_fraction * ce.numel()))
             top = torch.topk(ce.detach(), keep).indices
             w = torch.zeros_like(ce)
             w[top] = 1.0
@@ -272,7 +272,7 @@ class Booster:
         return self.state.group_names
 
     def state_dict(self) -> dict[str, Any]:
-        return {"difficulty": self.state.state_dict(), "history": list(self.history), "method": self.s.method}
+        return {"difficulty": self.state.state_dict(), "history": list(self.history), "method": self.settings.method}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.state.load_state_dict(state["difficulty"])

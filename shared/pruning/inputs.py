@@ -1,5 +1,5 @@
 """What the prune workers need, read and checked on the driver before any work: the pruning plan from the model's
-config, the tokenised calibration and evaluation examples. A bad input fails here with one line."""
+config, the tokenized calibration and evaluation examples. A bad input fails here with one line."""
 
 from __future__ import annotations
 
