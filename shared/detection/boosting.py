@@ -225,7 +225,8 @@ class Booster:
         """(loss to backpropagate, the weights used) for one batch on this worker; ``idx`` are the samples' global
         indices (a tensor or an array)."""
         ce = F.cross_entropy(logits, labels, reduction="none")
-        d = ce.detach() if self.settings.difficulty == "loss" else per_sample_difficulty(logits, labels, self.settings.difficulty)
+        kind = self.settings.difficulty
+        d = ce.detach() if kind == "loss" else per_sample_difficulty(logits, labels, kind)
         idx = _np(idx, np.int64)
         self.track(idx, d)
         method = self.settings.method
