@@ -6,6 +6,7 @@ import io
 import json
 import random
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -67,8 +68,10 @@ def test_curate_end_to_end_on_s3(ray_session, s3_root, labelled_chunks):
     assert corpus["skipped_empty"] == 2 and corpus["truncated"] >= 1 and corpus["target_documents"] == 30
     for method in ("sae", "sae_idf", "dense", "random", "ngram"):
         entry = metrics["retrieval"][method]
-        assert entry["selected"] == 12 and 0.0 <= entry["purity"] <= 1.0 and 0.0 <= entry["recall"] <= 1.0
-    assert metrics["sae"]["n_latents"] == 64 and 0.0 <= metrics["sae"]["dead_fraction"] <= 1.0
+        assert entry["selected"] == 12
+        assert entry["recall"] == pytest.approx(entry["hits"] / 30)
+    assert metrics["sae"]["n_latents"] == 64
+    assert metrics["sae"]["dead_fraction"] < 1.0
     assert metrics["throughput"]["tokens_per_s"] > 0
 
     stage = committed(f"{s3_root}/run/curate")
@@ -79,6 +82,16 @@ def test_curate_end_to_end_on_s3(ray_session, s3_root, labelled_chunks):
     assert set(subset.column("matched_seed").to_pylist()) <= {s.id for s in seeds}
     assert stage.exists("sae", "sae.safetensors") and "n_latents: 64" in stage.read_text("sae", "config.yaml")
     assert stage.exists("sae", "latent_idf.safetensors")
+    # the saved curation model scores a selected document again to its stored score
+    from shared.curation.model import CurationModel
+    from shared.curation.scoring import DocumentScorer, DocumentTokenizer
+
+    scorer = DocumentScorer(CurationModel.load(stage), micro_batch=cfg.runtime.micro_batch, dtype=cfg.dtype)
+    scorer.setup()
+    first = subset.slice(0, 2).to_pydict()
+    tokenized = DocumentTokenizer("tiny-llama", "text", SMALL["max_tokens"], 0, np.zeros(16))(
+        {"id": np.array(first["id"], dtype=object), "text": np.array(first["text"], dtype=object)})
+    assert scorer(tokenized)["sae_score"] == pytest.approx(first["score"], abs=2e-3)  # bf16, other padding
     coordinates = stage.read_json("coordinates.json")
     assert len(coordinates["indices"]) == 16 and coordinates["layer"] == 4
     assert "SAE score histogram" in stage.read_text("report.html")

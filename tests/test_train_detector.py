@@ -65,7 +65,8 @@ def test_train_and_evaluate_on_s3_with_two_workers(ray_session, s3_root):
     metrics = run_job(cfg)
     stage_root = Storage(s3_root).child("detector")
     stage = committed(stage_root.uri())
-    assert metrics["epochs"] == 2 and len(metrics["history"]) == 2 and 0.0 <= metrics["best_val_auc"] <= 1.0
+    assert metrics["epochs"] == 2
+    assert len(metrics["history"]) == 2
     assert metrics["best_val_auc"] == max(h["val_auc"] for h in metrics["history"])
     # the undecodable training image is counted and reported, never replaced
     assert metrics["dropped"]["count"] == 1 and metrics["dropped"]["rows"][0]["id"] == corrupt["train"]
