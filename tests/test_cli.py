@@ -62,8 +62,9 @@ def test_run_inspect_model_end_to_end_then_skip(tmp_path, tiny_llama_dir):
 
 
 @pytest.mark.ray
-def test_missing_model_inside_ray_worker_is_a_user_error(tmp_path):
-    result = run_cli("run", "inspect-model", "--set", f"output_root={tmp_path}", "--set", "model=./no/such/model")
+def test_missing_model_inside_ray_worker_is_a_user_error(ray_session, tmp_path):
+    result = run_cli("run", "inspect-model", "--set", f"output_root={tmp_path}", "--set", "model=./no/such/model",
+                     env={"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address})
     assert result.returncode == 2
     assert "scopeforge: error: model './no/such/model': no such directory" in result.stderr
     assert not (tmp_path / "inspect-model" / "_SUCCESS").exists()

@@ -123,10 +123,13 @@ def test_bad_inputs(ray_session, tmp_path, tiny_llama_dir):
         validate_config(DistillConfig, {**TINY, "data": "x", "teacher": None}, "test")
 
 
-def _run_cli_background(config: Path, log: Path) -> subprocess.Popen:
+def _run_cli_background(config: Path, log: Path, ray_address: str) -> subprocess.Popen:
+    """The CLI as a user runs it, on the session's Ray (its Train workers are owned by the CLI's job: they die with
+    it)."""
     exe = Path(sys.executable).with_name("scopeforge")
     return subprocess.Popen([str(exe), "run", "distill", "--config", str(config)], stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy())
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "RAY_ADDRESS": ray_address})
 
 
 def _registered_checkpoint(run_folder: Path) -> bool:
@@ -141,16 +144,17 @@ def _registered_checkpoint(run_folder: Path) -> bool:
 
 
 @pytest.mark.slow
-def test_killed_training_resumes_from_its_last_checkpoint(tmp_path, tiny_llama_dir):
+def test_killed_training_resumes_from_its_last_checkpoint(ray_session, tmp_path, tiny_llama_dir):
     store = Storage(str(tmp_path))
     write_parquet(_table(_curated_rows(24)), store, "curated", "part-0.parquet")
     config = tmp_path / "distill.yaml"
     settings = {**TINY, "mode": "sft", "data": str(tmp_path / "curated"), "output_root": str(tmp_path / "run"),
-                "training": {**TINY["training"], "epochs": 3, "checkpoint_every": 3}}
+                "training": {**TINY["training"], "epochs": 2, "checkpoint_every": 3}}
     config.write_text(json.dumps(settings))
     checkpoints = tmp_path / "run" / "distill" / "checkpoints"  # <config hash>/train below it
 
-    first = _run_cli_background(config, tmp_path / "first.log")
+    address = ray_session.get_runtime_context().gcs_address
+    first = _run_cli_background(config, tmp_path / "first.log", address)
     deadline = time.time() + 600
     while time.time() < deadline and not any(_registered_checkpoint(run) for run in checkpoints.glob("*/train")):
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
@@ -159,7 +163,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path, tiny_llama_d
     first.wait(timeout=60)
     assert not (tmp_path / "run" / "distill" / "_SUCCESS").exists()
 
-    second = _run_cli_background(config, tmp_path / "second.log")
+    second = _run_cli_background(config, tmp_path / "second.log", address)
     assert second.wait(timeout=900) == 0, (tmp_path / "second.log").read_text()[-3000:]
     log = (tmp_path / "second.log").read_text()
     assert "resuming from the checkpoint at step" in log

@@ -171,7 +171,7 @@ def test_deepfake_data_pipeline_is_valid_and_wires_the_ddpm_stage():
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_train_ddpm_then_generate_as_a_pipeline_from_the_cli(tmp_path):
+def test_train_ddpm_then_generate_as_a_pipeline_from_the_cli(ray_session, tmp_path):
     config = tmp_path / "pipeline.yaml"
     config.write_text(f"""
 output_root: {tmp_path / 'run'}
@@ -188,7 +188,8 @@ stages:
         - {{name: u, mode: unconditional, model: "${{ddpm}}", scheduler: ddim, steps: 3, count: 3}}
         - {{name: i, mode: img2img, model: "${{ddpm}}", sources: lfw, strength: 0.5, steps: 4}}
 """)
-    result = run_cli("pipeline", "--config", str(config))
+    env = {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}  # the session's Ray spares a Ray start
+    result = run_cli("pipeline", "--config", str(config), env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert "train-ddpm: epoch 1/3" in output and "train-ddpm: epoch 3/3" in output
@@ -200,8 +201,9 @@ stages:
     table = read_table(str(run / "data"))
     assert sorted(set(table.column("source").to_pylist())) == ["i", "lfw", "u"] and table.num_rows == 9
     assert {decode_image(b).shape for b in table.column("image").to_pylist()} == {(16, 16, 3)}
-    again = run_cli("pipeline", "--config", str(config))
-    assert again.returncode == 0 and again.stdout.count("skipped") == 2
+    again = run_cli("pipeline", "--config", str(config), env=env)
+    assert again.returncode == 0
+    assert again.stdout.count("skipped") == 2
 
 
 @pytest.mark.parametrize(

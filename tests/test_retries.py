@@ -59,7 +59,7 @@ def test_a_killed_curate_rerun_scores_every_document_once(ray_session, tmp_path,
     words = "the orbit of the moon and the launch of a rocket into space with a crew of three and a dog".split()
     rng = random.Random(0)
     rows = [{"id": f"d{i:04d}", "text": " ".join(rng.choice(words) for _ in range(30)), "label": "ab"[i % 2]}
-            for i in range(160)]
+            for i in range(96)]
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = tmp_path / "curate.yaml"
     config.write_text(json.dumps({

@@ -167,7 +167,7 @@ def test_killed_after_a_checkpoint_then_rerun_resumes_with_the_difficulty_state(
     owned by its job). A rerun of the same command resumes from the latest registered checkpoint."""
     data = Storage(str(tmp_path)).child("faces")
     write_parquet(standin_table(FACES), data, "part-0.parquet")
-    epochs = 6
+    epochs = 4
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump({**TINY_TRAINING, "output_root": str(tmp_path / "runs"), "epochs": epochs,
                                       "runtime": {**TINY_TRAINING["runtime"], "max_failures": 1},
