@@ -156,7 +156,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from a file, or from an environment variable with ``env:NAME`` (how a RayJob hands a job its
-    config: see operators/render.py)."""
+    config: see shared/manifests/render.py)."""
     if isinstance(path, str) and path.startswith("env:"):
         if path[4:] not in os.environ:
             raise ConfigError(f"{path}: environment variable {path[4:]} is not set")

@@ -4,7 +4,7 @@
 
 Each job registered in ``shared.configs.JOB_CONFIGS`` becomes a stage key whose schema is that job's config schema
 (minus output_root, stage and storage, which the pipeline sets), so the API server rejects a stage config of the wrong
-type or shape, and a CEL rule requires exactly one job key per stage. See operators/spec.py for the shape.
+type or shape, and a CEL rule requires exactly one job key per stage. See shared/manifests/spec.py for the shape.
 """
 
 from __future__ import annotations
