@@ -16,7 +16,6 @@ difficulty boosting.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 
@@ -148,7 +147,6 @@ def run(cfg: DetectorConfig, stage: Stage) -> dict[str, Any]:
     spec = make_spec(cfg.model, cfg.input_size or plan.height, cfg.storage)
     spec["training"] = {"split": cfg.split.model_dump(), "groups": plan.group_names,
                         "sources": [s.model_dump() for s in cfg.sources], "boosting": cfg.boosting.method}
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints reach the driver once, not twice
     config = {"cfg": cfg, "spec": spec, "fingerprint": fingerprint, "groups": plan.column("group"),
               "group_names": plan.group_names, "resume_from": resume_from}
     started = time.time()

@@ -50,6 +50,7 @@ def fit_workers(train_loop: Callable[[dict[str, Any]], Any], config: dict[str, A
                 datasets: dict[str, ray.data.Dataset] | None = None, dataset_config: DataConfig | None = None,
                 checkpoint_config: CheckpointConfig | None = None, logging_config: Any = None) -> ray.train.Result:
     """Run ``train_loop(config)`` on the workers and return Ray Train's result."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints reach the driver once, not twice
     store = stage.checkpoints if resumable else stage.store.child("ray_train")
     fs, path = store.pyarrow_filesystem()
     run_config = RunConfig(name=run_name, storage_path=path, storage_filesystem=fs,

@@ -86,7 +86,8 @@ def test_train_and_evaluate_on_s3_with_two_workers(ray_session, s3_root):
     report = stage.read_text("report.html")
     assert "Mean tracked difficulty m" in report and "data:image/png;base64" in report and corrupt["train"] in report
     runs = stage_root.child("checkpoints", stage_root.list("checkpoints")[0], "run")
-    assert any(name.startswith("checkpoint_") for name in runs.list())
+    assert any(name.startswith("checkpoint_") for name in runs.list()), (stage_root.list("checkpoints"), runs.list(),
+                                                                        stage_root.find("checkpoints"))
     assert marker(stage_root.uri())["outputs"] == {"model": "model"}
     # resuming that run's checkpoint under another config: a clear error before any worker starts
     checkpoint = runs.uri(next(n for n in runs.list() if n.startswith("checkpoint_")))
