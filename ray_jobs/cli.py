@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         print("scopeforge: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        from ray_jobs.runtime import user_message
+        from ray_jobs.errors import user_message
 
         message = user_message(exc)
         if message is None:

@@ -13,7 +13,8 @@ import logging
 import time
 from typing import Any
 
-from ray_jobs.runtime import open_stage, run_job, user_message
+from ray_jobs.errors import user_message
+from ray_jobs.runtime import open_stage, run_job
 from shared.configs.pipeline import PipelineConfig
 from shared.pipeline import stage_configs
 from shared.storage import Storage

@@ -35,9 +35,9 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
 
-from ray_jobs.runtime import cause_of, started_locally
+from ray_jobs.errors import user_error_in
+from ray_jobs.runtime import started_locally
 from shared.config import WorkersConfig
-from shared.errors import UserError
 from shared.placement import choose_device
 from shared.stage import Stage
 
@@ -106,12 +106,6 @@ def restore_state(fingerprint: dict[str, Any], job: str, *, rank: int | None = N
         if "workers" in fingerprint and found.get("workers") != fingerprint["workers"]:
             return None
         return load_training_state(folder, fingerprint, checkpoint.path, job=job)
-
-
-def user_error_in(exc: BaseException) -> UserError | None:
-    """The UserError a worker raised, if that is what failed the run (so the CLI prints its one line)."""
-    inner = cause_of(exc)
-    return inner if isinstance(inner, UserError) else None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

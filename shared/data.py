@@ -19,7 +19,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from shared.config import StorageConfig
-from shared.errors import DataError
+from shared.errors import DataError, first_line
 from shared.stage import locate
 from shared.storage import Storage, split_uri
 
@@ -125,16 +125,11 @@ def read_file(file_uri: str, fmt: Format, storage: StorageConfig | None = None, 
     except DataError:
         raise
     except (pa.ArrowException, OSError, ValueError) as exc:  # ArrowInvalid, a damaged footer, JSON errors
-        raise DataError(f"dataset file {file_uri}: cannot parse as {fmt} ({_first_line(exc)})") from None
+        raise DataError(f"dataset file {file_uri}: cannot parse as {fmt} ({first_line(exc)})") from None
     if expected_rows is not None and table.num_rows != expected_rows:
         raise DataError(f"dataset file {file_uri}: {table.num_rows} rows, but its stage committed {expected_rows} "
                         "(the file changed after the commit)")
     return table
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _read_jsonl(data: bytes, where: str) -> pa.Table:

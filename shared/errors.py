@@ -1,5 +1,17 @@
 """User-facing errors: each prints as one line naming the input at fault, and the CLI exits non-zero."""
 
+from __future__ import annotations
+
+from typing import Any
+
+
+def first_line(obj: Any, default: str | None = None) -> str:
+    """The first line of ``str(obj)``; when that is empty, ``default``, else the object's type name."""
+    text = str(obj).strip()
+    if text:
+        return text.splitlines()[0]
+    return default if default is not None else type(obj).__name__
+
 
 class UserError(Exception):
     """A problem with what the user gave us (a file, a key, a URI, a model reference), not a bug.

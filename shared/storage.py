@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 import fsspec
 
 from shared.config import StorageConfig
-from shared.errors import StorageError
+from shared.errors import StorageError, first_line
 
 Protocol = Literal["file", "s3", "memory"]
 
@@ -107,18 +107,18 @@ def storage_errors(uri: str) -> Iterator[None]:
     except FileNotFoundError:
         raise StorageError(f"{uri}: not found") from None
     except PermissionError as exc:
-        reason = _first_line(exc) or "check credentials and permissions"
+        reason = first_line(exc, "") or "check credentials and permissions"
         raise StorageError(f"{uri}: access denied ({reason})") from None
     except IsADirectoryError:
         raise StorageError(f"{uri}: is a directory") from None
     except NotADirectoryError:
         raise StorageError(f"{uri}: a parent is not a directory") from None
     except OSError as exc:
-        raise StorageError(f"{uri}: {_first_line(exc) or type(exc).__name__}") from None
+        raise StorageError(f"{uri}: {first_line(exc)}") from None
     except Exception as exc:  # botocore / aiohttp errors have no common base we can import cheaply
         module = type(exc).__module__.split(".")[0]
         if module in ("botocore", "aiobotocore", "aiohttp", "s3fs"):
-            raise StorageError(f"{uri}: {type(exc).__name__}: {_first_line(exc)}") from None
+            raise StorageError(f"{uri}: {type(exc).__name__}: {first_line(exc, '')}") from None
         raise
 
 
@@ -130,11 +130,6 @@ def _precondition_failed(exc: BaseException) -> bool:
         if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
             return True
     return "pre-conditions you specified did not hold" in str(exc)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
 
 
 class Storage:

@@ -216,7 +216,7 @@ def test_bad_input_is_refused_before_any_work(case, tmp_path, tiny_llama_dir, ca
 def test_a_user_error_raised_in_a_worker_reaches_the_cli_as_such():
     from ray.train import WorkerGroupError
 
-    from ray_jobs.train_launch import user_error_in
+    from ray_jobs.errors import user_error_in
     from shared.errors import DataError
 
     failure = WorkerGroupError("rank 1 failed", {0: RuntimeError("other"), 1: DataError("calibration x: empty")})
