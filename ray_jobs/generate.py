@@ -13,7 +13,6 @@ than max_drop_fraction fails the job. report.html shows counts, throughput and a
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections import Counter, defaultdict
@@ -30,6 +29,7 @@ from ray_jobs.placement import claim
 from shared.configs.generate import GenerateConfig, GeneratorSpec, Img2ImgGenerator, RealSource
 from shared.diffusion.generate import (
     GeneratorStage,
+    check_drops,
     count_requests,
     encode_reals,
     generator_seed,
@@ -39,7 +39,7 @@ from shared.diffusion.generate import (
 from shared.diffusion.realsets import REAL_ALIASES, REAL_COLUMNS, file_id, image_files, real_kind
 from shared.errors import DataError
 from shared.stage import Stage
-from shared.storage import split_uri
+from shared.storage import Storage, split_uri
 
 
 @ray.remote(num_cpus=0)
@@ -117,7 +117,7 @@ def real_dataset(real: RealSource, cfg: GenerateConfig) -> ray.data.Dataset:
         ds = ray.data.from_arrow(table.slice(0, real.limit) if real.limit else table)
     elif kind == "files":
         files = image_files(real.uri, cfg.storage)[: real.limit]
-        fs, _ = _filesystem(real.uri, cfg)
+        fs, _ = Storage(real.uri, cfg.storage).pyarrow_filesystem()
         ids = {split_uri(f)[1]: file_id(real.uri, f) for f in files}
         ds = ray.data.read_binary_files([split_uri(f)[1] for f in files], filesystem=fs, include_paths=True)
         ds = ds.map_batches(_files_to_reals, fn_kwargs={"ids": ids}, batch_format="pyarrow", num_cpus=0.25)
@@ -128,12 +128,6 @@ def real_dataset(real: RealSource, cfg: GenerateConfig) -> ray.data.Dataset:
         if real.limit:
             ds = ds.limit(real.limit)
     return ds
-
-
-def _filesystem(uri: str, cfg: GenerateConfig):
-    from shared.storage import Storage
-
-    return Storage(uri, cfg.storage).pyarrow_filesystem()
 
 
 def request_dataset(spec: GeneratorSpec, cfg: GenerateConfig, prompts: list[str] | None) -> ray.data.Dataset:
@@ -184,7 +178,7 @@ def run(cfg: GenerateConfig, stage: Stage) -> dict[str, Any]:
             _encode_real_batch, fn_args=(real.name, cfg, ledger), batch_format="pyarrow", num_cpus=0.25)
         shards[real.name] = _write(ds, stage, real.name)
         wall[real.name] = time.perf_counter() - started
-        _check_drops(cfg, real.name, ray.get(ledger.summary.remote()))
+        check_drops(ray.get(ledger.summary.remote()), real.name, cfg.max_drop_fraction)
 
     for spec in cfg.generators:
         pool = spec.runtime
@@ -197,7 +191,7 @@ def run(cfg: GenerateConfig, stage: Stage) -> dict[str, Any]:
             batch_format="pyarrow", num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor or None)
         shards[spec.name] = _write(ds, stage, spec.name)
         wall[spec.name] = time.perf_counter() - started
-        _check_drops(cfg, spec.name, ray.get(ledger.summary.remote()))
+        check_drops(ray.get(ledger.summary.remote()), spec.name, cfg.max_drop_fraction)
 
     summary = ray.get(ledger.summary.remote())
     stage.outputs["dataset"] = "images"
@@ -209,13 +203,3 @@ def run(cfg: GenerateConfig, stage: Stage) -> dict[str, Any]:
 def _write(ds: ray.data.Dataset, stage: Stage, source: str) -> list[str]:
     """Stream the rows to images/<source>/ in this attempt; returns the files written (registered with the stage)."""
     return shard_uris(stage, f"images/{source}", write_shards(ds, stage, "images", source))
-
-
-def _check_drops(cfg: GenerateConfig, source: str, summary: dict[str, Any]) -> None:
-    drops = [d for d in summary["drops"] if d["source"] == source]
-    made = summary["made"].get(source, 0)
-    total = made + len(drops)
-    if drops and len(drops) > cfg.max_drop_fraction * total:
-        reasons = ", ".join(f"{n} {r}" for r, n in Counter(d["reason"] for d in drops).most_common())
-        raise DataError(f"{source}: {len(drops)} of {total} images dropped ({reasons}), more than max_drop_fraction "
-                        f"{cfg.max_drop_fraction}; see the first: {json.dumps(drops[0], default=str)}")

@@ -29,7 +29,7 @@ from ray_jobs.train_launch import fit_workers
 from shared.configs.prune import PruneConfig
 from shared.lm_data import LMExample
 from shared.pruning.inputs import Inputs, prepare
-from shared.pruning.report import summary_line, write_report
+from shared.pruning.report import loss_results, prune_metrics, summary_line, write_report
 from shared.stage import Stage
 
 _checked: dict[str, Inputs] = {}
@@ -44,37 +44,14 @@ def check(cfg: PruneConfig) -> None:
 def run(cfg: PruneConfig, stage: Stage) -> dict[str, Any]:
     started = time.perf_counter()
     inputs = _checked.pop(cfg.model_dump_json(), None) or prepare(cfg)
-    plan = inputs.target.plan
-    first = plan.keep[0]
-    print(f"prune {cfg.model}: {inputs.target.family}, layers {inputs.target.layers[0]}-{inputs.target.layers[-1]} of "
-          f"{inputs.target.num_layers} -> keep {first.kv_groups} KV groups and {first.channels} channels each; "
-          f"{plan.params_before:,} -> {plan.params_after:,} parameters ({plan.achieved_fraction:.3f} removed, "
-          f"target {cfg.fraction}); importance {cfg.importance} on {inputs.calibration_stats.examples} examples / "
-          f"{inputs.calibration_stats.target_tokens:,} tokens, {cfg.runtime.num_workers} worker(s)", flush=True)
+    print(inputs.summary(cfg), flush=True)
 
-    config = {"cfg": cfg, "stage_name": stage.name, "attempt_uri": stage.store.uri(), "plan": plan,
+    config = {"cfg": cfg, "stage_name": stage.name, "attempt_uri": stage.store.uri(), "plan": inputs.target.plan,
               "layers": inputs.target.layers, "calibration": [e.to_dict() for e in inputs.calibration],
               "evaluation": [e.to_dict() for e in inputs.evaluation],
-              "calibration_tokens": inputs.calibration_stats.target_tokens}
-    config["config_hash"] = stage.config_hash
+              "calibration_tokens": inputs.calibration_stats.target_tokens, "config_hash": stage.config_hash}
     result = fit_workers(_worker, config, stage, cfg.runtime, role="importance worker", run_name="prune")
-    worker: dict[str, Any] = result.return_value
-
-    metrics: dict[str, Any] = {
-        "model": cfg.model, "family": inputs.target.family,
-        "calibration_source": cfg.calibration, "calibration": inputs.calibration_stats.to_dict(),
-        "importance_method": cfg.importance,
-        "target_fraction": cfg.fraction, "achieved_fraction": round(plan.achieved_fraction, 6),
-        "parameters_before": plan.params_before, "parameters_after": worker["parameters_after"],
-        "layers_pruned": inputs.target.layers, **worker["results"],
-        "eval_data": cfg.eval_data,
-        "evaluation": inputs.evaluation_stats.to_dict() if inputs.evaluation_stats else None,
-        "per_layer": worker["per_layer"], "layer_widths": worker["widths"], "output": worker["output"],
-        "timings_s": worker["timings_s"], "worker_cpu_s": worker["worker_cpu_s"],
-        "torch_threads": worker["torch_threads"],
-        "num_workers": cfg.runtime.num_workers, "seconds": round(time.perf_counter() - started, 1),
-    }
-    metrics["timings_s"].update(driver_prepare=round(inputs.seconds, 2), total=metrics["seconds"])
+    metrics = prune_metrics(cfg, inputs, result.return_value, round(time.perf_counter() - started, 1))
     stage.outputs["model"] = "model"
     write_report(cfg.model, metrics, stage.store)
     print(summary_line(metrics, stage.store.uri("model")), flush=True)
@@ -162,18 +139,7 @@ def _worker(config: dict[str, Any]) -> dict[str, Any] | None:
         dist.barrier()
     if rank != 0:
         return None
-    domain = eval_before.tokens > 0
-    results = {
-        "calibration_loss_before": loss_before.mean, "calibration_loss_after": loss_after.mean,
-        "calibration_perplexity_before": loss_before.perplexity, "calibration_perplexity_after": loss_after.perplexity,
-        "calibration_tokens_scored": loss_before.tokens,
-        "domain_loss_before": eval_before.mean if domain else None,
-        "domain_loss_after": eval_after.mean if domain else None,
-        "domain_perplexity_before": eval_before.perplexity if domain else None,
-        "domain_perplexity_after": eval_after.perplexity if domain else None,
-        "domain_tokens": eval_before.tokens,
-        "importance_resumed_after": resumed,
-    }
+    results = {**loss_results(loss_before, loss_after, eval_before, eval_after), "importance_resumed_after": resumed}
     return {"parameters_after": pruned.parameters, "results": results, "per_layer": pruned.per_layer,
             "widths": pruned.widths, "output": output,
             "timings_s": {k: round(v, 2) for k, v in timings.items()}, "torch_threads": placement.threads,
@@ -245,11 +211,7 @@ def _save(pruned: Any, tokenizer: Any, examples: list[LMExample], pad: int, conf
         say(f"saved and reloaded ({saved.cls}, max logit difference {saved.reload_max_logit_difference:.1e}); "
             "uploading")
         store.rm("model")
-        loading = ("AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True), or without it once "
-                   "scopeforge's shared.pruning.modeling_scopeforge_pruned is imported" if saved.format == "per_layer"
-                   else "AutoModelForCausalLM.from_pretrained(path)")
-        return {"uri": store.upload(saved.folder, "model"), "format": saved.format, "class": saved.cls,
-                "loading": loading, "reload_max_logit_difference": saved.reload_max_logit_difference,
-                "sample_prompt": cfg.sample_prompt or None, "sample_after": sample}
+        return {**saved.describe(store.upload(saved.folder, "model")), "sample_prompt": cfg.sample_prompt or None,
+                "sample_after": sample}
 
     return save_checked(pruned, tokenizer, examples, pad, upload)

@@ -321,3 +321,14 @@ def test_bad_references_fail_before_any_actor_starts(tmp_path, tiny_sd_dir):
     with pytest.raises(DataError, match="real images 'lfw-facez': no such alias"):
         check([], reals=[{"name": "lfw", "uri": "lfw-facez"}])
     check([{"name": "t", "mode": "text2img", "model": tiny_sd_dir, "count": 1}], prompts={"inline": ["a face"]})
+
+
+def test_a_source_dropping_more_than_its_share_fails_naming_the_reasons():
+    from shared.diffusion.generate import check_drops
+
+    summary = {"made": {"a": 8, "b": 9}, "drops": [{"source": "a", "reason": "nan"}, {"source": "a", "reason": "nan"},
+                                                   {"source": "b", "reason": "blank"}]}
+    check_drops(summary, "b", 0.1)  # 1 of 10
+    check_drops(summary, "a", 0.2)  # 2 of 10
+    with pytest.raises(DataError, match=r"a: 2 of 10 images dropped \(2 nan\), more than max_drop_fraction 0.1"):
+        check_drops(summary, "a", 0.1)

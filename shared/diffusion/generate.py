@@ -13,7 +13,9 @@ derived from the generator's base seed and the image id, so it is fixed before a
 from __future__ import annotations
 
 import hashlib
+import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -235,3 +237,14 @@ def load_prompts(prompts: Any, storage: StorageConfig | None = None) -> list[str
     if prompts.inline:
         return list(prompts.inline)
     return face_prompts(prompts.faces.count, prompts.faces.seed)
+
+
+def check_drops(summary: dict[str, Any], source: str, max_fraction: float) -> None:
+    """A DataError when ``source`` dropped more than ``max_fraction`` of its images (``summary``: made per source and
+    every drop with its reason), naming the reasons and the first drop."""
+    drops = [d for d in summary["drops"] if d["source"] == source]
+    total = summary["made"].get(source, 0) + len(drops)
+    if drops and len(drops) > max_fraction * total:
+        reasons = ", ".join(f"{n} {r}" for r, n in Counter(d["reason"] for d in drops).most_common())
+        raise DataError(f"{source}: {len(drops)} of {total} images dropped ({reasons}), more than max_drop_fraction "
+                        f"{max_fraction}; see the first: {json.dumps(drops[0], default=str)}")

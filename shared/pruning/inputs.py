@@ -22,6 +22,16 @@ class Inputs:
     evaluation_stats: EncodeStats | None
     seconds: float
 
+    def summary(self, cfg: PruneConfig) -> str:
+        """The line the job prints before the workers start: what is pruned, to what size, on which data."""
+        plan, target, stats = self.target.plan, self.target, self.calibration_stats
+        first = plan.keep[0]
+        return (f"prune {cfg.model}: {target.family}, layers {target.layers[0]}-{target.layers[-1]} of "
+                f"{target.num_layers} -> keep {first.kv_groups} KV groups and {first.channels} channels each; "
+                f"{plan.params_before:,} -> {plan.params_after:,} parameters ({plan.achieved_fraction:.3f} removed, "
+                f"target {cfg.fraction}); importance {cfg.importance} on {stats.examples} examples / "
+                f"{stats.target_tokens:,} tokens, {cfg.runtime.num_workers} worker(s)")
+
 
 def prepare(cfg: PruneConfig) -> Inputs:
     """Everything the workers need, checked on the driver: a bad input fails here with one line."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from shared.perplexity import LossSum
 from shared.report import Report
 from shared.storage import Storage
 
@@ -62,3 +63,40 @@ def summary_line(r: dict[str, Any], model_uri: str) -> str:
             f"({r['achieved_fraction']:.3f} removed); calibration loss {r['calibration_loss_before']:.3f} -> "
             f"{r['calibration_loss_after']:.3f}{domain}; model in {model_uri} ({r['output']['format']} config); "
             f"{r['seconds']} s")
+
+
+def loss_results(calibration_before: LossSum, calibration_after: LossSum, domain_before: LossSum,
+                 domain_after: LossSum) -> dict[str, Any]:
+    """Losses and perplexities before and after pruning (the domain ones None without evaluation data)."""
+    domain = domain_before.tokens > 0
+    return {
+        "calibration_loss_before": calibration_before.mean, "calibration_loss_after": calibration_after.mean,
+        "calibration_perplexity_before": calibration_before.perplexity,
+        "calibration_perplexity_after": calibration_after.perplexity,
+        "calibration_tokens_scored": calibration_before.tokens,
+        "domain_loss_before": domain_before.mean if domain else None,
+        "domain_loss_after": domain_after.mean if domain else None,
+        "domain_perplexity_before": domain_before.perplexity if domain else None,
+        "domain_perplexity_after": domain_after.perplexity if domain else None,
+        "domain_tokens": domain_before.tokens,
+    }
+
+
+def prune_metrics(cfg: Any, inputs: Any, worker: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """metrics.json of a prune stage from its config, the driver's inputs and rank 0's result."""
+    plan = inputs.target.plan
+    metrics: dict[str, Any] = {
+        "model": cfg.model, "family": inputs.target.family,
+        "calibration_source": cfg.calibration, "calibration": inputs.calibration_stats.to_dict(),
+        "importance_method": cfg.importance,
+        "target_fraction": cfg.fraction, "achieved_fraction": round(plan.achieved_fraction, 6),
+        "parameters_before": plan.params_before, "parameters_after": worker["parameters_after"],
+        "layers_pruned": inputs.target.layers, **worker["results"],
+        "eval_data": cfg.eval_data,
+        "evaluation": inputs.evaluation_stats.to_dict() if inputs.evaluation_stats else None,
+        "per_layer": worker["per_layer"], "layer_widths": worker["widths"], "output": worker["output"],
+        "timings_s": worker["timings_s"], "worker_cpu_s": worker["worker_cpu_s"],
+        "torch_threads": worker["torch_threads"], "num_workers": cfg.runtime.num_workers, "seconds": seconds,
+    }
+    metrics["timings_s"].update(driver_prepare=round(inputs.seconds, 2), total=seconds)
+    return metrics

@@ -162,6 +162,14 @@ class SavedModel:
     reload_max_logit_difference: float
     reloaded: Any
 
+    def describe(self, uri: str) -> dict[str, Any]:
+        """The ``output`` entry of the stage's metrics, for the model uploaded to ``uri``."""
+        loading = ("AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True), or without it once "
+                   "scopeforge's shared.pruning.modeling_scopeforge_pruned is imported" if self.format == "per_layer"
+                   else "AutoModelForCausalLM.from_pretrained(path)")
+        return {"uri": uri, "format": self.format, "class": self.cls, "loading": loading,
+                "reload_max_logit_difference": self.reload_max_logit_difference}
+
 
 def save_checked(pruned: Any, tokenizer: Any, examples: Sequence[LMExample], pad_id: int,
                  use: Callable[[SavedModel], Any]) -> Any:
