@@ -28,7 +28,7 @@ from ray.train import CheckpointConfig, DataConfig, LoggingConfig
 from ray_jobs.detector_data import decode_mixture, split_of
 from ray_jobs.metrics import TrainingProgress
 from ray_jobs.placement import claim
-from ray_jobs.train_launch import fit_workers, report_state
+from ray_jobs.train_launch import fit_workers, report_state, restore_state
 from shared.checkpoint import FINGERPRINT_FILE, check_fingerprint, load_training_state
 from shared.configs.train_detector import DetectorConfig
 from shared.data import write_parquet
@@ -59,12 +59,11 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     trainer = DetectorTrainer(cfg, config["spec"], config["groups"], config["group_names"], rank=rank, device=device,
                               wrap=ray.train.torch.prepare_model)
     progress = TrainingProgress("train-detector", cfg.stage_name) if rank == 0 else None
-    checkpoint, where = ray.train.get_checkpoint(), None  # this run's latest (after a crash), else resume_from
-    if checkpoint is None and config["resume_from"] is not None:
-        checkpoint, where = config["resume_from"], cfg.resume_from
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            trainer.load_state_dict(load_training_state(folder, fingerprint, where or checkpoint.path))
+    # this run's latest checkpoint (after a crash), else resume_from
+    resume_from = (config["resume_from"], str(cfg.resume_from)) if config["resume_from"] is not None else None
+    state = restore_state(fingerprint, "train-detector", fallback=resume_from)
+    if state is not None:
+        trainer.load_state_dict(state)
         if rank == 0:
             print(f"resuming after epoch {trainer.next_epoch} of {cfg.epochs} (difficulty state of "
                   f"{int(trainer.booster.state.seen.sum())} tracked samples)", flush=True)

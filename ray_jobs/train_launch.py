@@ -91,13 +91,17 @@ def report_state(metrics: dict[str, Any], state: dict[str, Any], fingerprint: di
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def restore_state(fingerprint: dict[str, Any], job: str, *, rank: int | None = None) -> dict[str, Any] | None:
-    """The state of this run's latest checkpoint (``rank``: this worker's own), or None when there is none, or when
-    it was written by another number of workers (``fingerprint["workers"]``; the caller starts over). Any other
-    difference in the fingerprint is an error naming it."""
+def restore_state(fingerprint: dict[str, Any], job: str, *, rank: int | None = None,
+                  fallback: tuple[ray.train.Checkpoint, str] | None = None) -> dict[str, Any] | None:
+    """The state of this run's latest checkpoint (``rank``: this worker's own), else of ``fallback`` (a checkpoint
+    and the name errors give it, e.g. a ``resume_from`` setting); None when there is none, or when it was written by
+    another number of workers (``fingerprint["workers"]``; the caller starts over). Any other difference in the
+    fingerprint is an error naming it."""
     from shared.checkpoint import FINGERPRINT_FILE, load_training_state
 
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint, where = ray.train.get_checkpoint(), None
+    if checkpoint is None and fallback is not None:
+        checkpoint, where = fallback
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as root:
@@ -105,7 +109,7 @@ def restore_state(fingerprint: dict[str, Any], job: str, *, rank: int | None = N
         found = json.loads((folder / FINGERPRINT_FILE).read_text()) if (folder / FINGERPRINT_FILE).is_file() else {}
         if "workers" in fingerprint and found.get("workers") != fingerprint["workers"]:
             return None
-        return load_training_state(folder, fingerprint, checkpoint.path, job=job)
+        return load_training_state(folder, fingerprint, where or checkpoint.path, job=job)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ later without refitting. Layout under the folder it is saved to::
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,10 +65,8 @@ class CurationModel:
     def embedder(self, model: Any, tokenizer: Any) -> Embedder:
         """The scoring embedder on a loaded base model (truncated to :attr:`layer`)."""
         tensor = lambda a: torch.tensor(np.array(a))  # noqa: E731  (a writable copy of Ray's read-only arrays)
-        tensors, shape = sae_state(self.sae)
         return Embedder(base=truncate_to_layer(model, self.layer), pad_id=tokenizer.pad_token_id,
-                        coords=tensor(self.coords), sae=sae_from_state({k: v.clone() for k, v in tensors.items()},
-                                                                       shape),
+                        coords=tensor(self.coords), sae=copy.deepcopy(self.sae).eval(),
                         skip_first=self.skip_first_token, idf=tensor(self.idf),
                         seeds={kind: tensor(v) for kind, v in self.seeds.items()})
 
