@@ -1,5 +1,5 @@
-"""Tokens/s of the curate job's embedding pass (Ray Data: tokenize tasks -> embedding actor pool) against a bare loop
-running the same truncated model over the same batches in one process, measured in the same run.
+"""Tokens/s of the curate job's scoring pass (Ray Data over corpus pieces -> the scoring actor pool, one committed
+score shard per piece) against a bare loop doing the same per piece in one process, measured in the same run.
 
     python benchmarks/curate_throughput.py                    # SmolLM2-135M, bf16, 256 real documents, CPU
     python benchmarks/curate_throughput.py --model tiny-llama --docs 128
@@ -7,7 +7,8 @@ running the same truncated model over the same batches in one process, measured 
 
 Prints one JSON line per measurement, then a summary with ``ratio_1_actor`` (Ray tokens/s with one actor over the
 bare loop's; goal >= 0.9) and ``speedup_2_actors`` (two actors over one). Both sides use the job's own code
-(``DocumentTokenizer``, ``DocumentScorer``), the same documents, batch size and micro-batch. The Ray side is timed from
+(``read_piece``, ``DocumentTokenizer``, ``DocumentScorer``, a Parquet shard per piece), the same pieces and
+micro-batch. The Ray side is timed from
 the first read to the last scored row, actor start-up and model loading included (Ray itself is already running, as
 on a cluster); the bare loop from loading the model to its last batch. The GPU variant needs CUDA and refuses to run
 without it: it saves the truncated random model once (about 6.5 GB in bf16) and takes about 5 minutes on one GPU.
@@ -65,7 +66,7 @@ def config(model: str, gpu: bool, actors: int, docs: int):
     from shared.config import validate_config
     from shared.configs.curate import CurateConfig
 
-    runtime = {"num_actors": actors, "batch_docs": 64 if not gpu else 256, "micro_batch": 8 if not gpu else 64,
+    runtime = {"num_actors": actors, "piece_docs": 64 if not gpu else 256, "micro_batch": 8 if not gpu else 64,
                "cpus_per_actor": max(1, (os.cpu_count() or 1) // actors)}  # the actors share the cores (threads)
     if gpu:
         runtime.update(gpus_per_actor=1.0 / actors, cpus_per_actor=1.0)
@@ -89,12 +90,14 @@ def fit_model(cfg, texts: list[str]):
     return CurationModel.from_fit(fit, cfg.model, settings_from(cfg), [f"seed-{i}" for i in range(len(cfg.seeds))])
 
 
-def bare_loop(cfg, rows: list[dict], curation, weights) -> dict:
-    """The same two steps the job maps, called in a plain loop."""
-    import numpy as np
+def bare_loop(cfg, pieces, curation, weights, out: str) -> dict:
+    """What each scoring actor does per piece, in a plain loop."""
     import torch
 
-    from shared.curation.scoring import DocumentScorer, DocumentTokenizer
+    from ray_jobs.curate import read_corpus_piece
+    from shared.curation.scoring import DocumentScorer, DocumentTokenizer, score_table
+    from shared.data import write_parquet
+    from shared.storage import Storage
 
     started = time.perf_counter()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -103,33 +106,44 @@ def bare_loop(cfg, rows: list[dict], curation, weights) -> dict:
     score = DocumentScorer(curation, cfg.runtime.micro_batch, cfg.dtype, device)
     tokenize.setup()
     score.setup()
-    tokens = 0
-    size = cfg.runtime.batch_docs
-    for start in range(0, len(rows), size):
-        part = rows[start: start + size]
-        batch = {"id": np.array([r["id"] for r in part], dtype=object),
-                 "text": np.array([r["text"] for r in part], dtype=object)}
-        batch = tokenize(batch)
-        score(batch)
-        tokens += int(batch["n_tokens"].sum())
+    tokens = docs = 0
+    store = Storage(out)
+    for piece in pieces:
+        cols = score(tokenize(read_corpus_piece(cfg, piece)))
+        cols.pop("text")
+        write_parquet(score_table(cols), store, f"{piece.key}.parquet")
+        tokens += int(cols["n_tokens"].sum())
+        docs += len(cols["id"])
     seconds = time.perf_counter() - started
-    return {"side": "bare_loop", "docs": len(rows), "tokens": tokens, "seconds": round(seconds, 2),
+    return {"side": "bare_loop", "docs": docs, "tokens": tokens, "seconds": round(seconds, 2),
             "tokens_per_s": round(tokens / seconds, 1)}
 
 
-def ray_pass(cfg, rows: list[dict], curation, weights) -> dict:
-    import ray.data
+def ray_pass(cfg, pieces, curation, weights, out: str) -> dict:
+    import pyarrow.parquet as pq
 
-    from ray_jobs.curate import score_corpus
+    from ray_jobs.curate import score_pieces
 
     started = time.perf_counter()
-    ds = ray.data.from_items(rows)
-    tokens = 0
-    for batch in score_corpus(cfg, ds, curation, weights, len(rows)).iter_batches(batch_size=None):
-        tokens += int(batch["n_tokens"].sum())
+    docs = score_pieces(cfg, pieces, curation, weights, out)
     seconds = time.perf_counter() - started
-    return {"side": f"ray_{cfg.runtime.num_actors}_actor", "docs": len(rows), "tokens": tokens,
+    tokens = sum(int(pq.read_table(f"{out}/{p.key}.parquet", columns=["n_tokens"]).column(0).to_numpy().sum())
+                 for p in pieces)
+    return {"side": f"ray_{cfg.runtime.num_actors}_actor", "docs": docs, "tokens": tokens,
             "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}
+
+
+def plan(cfg, rows: list[dict], folder: Path):
+    """The rows as one Parquet file, cut into the job's pieces."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from shared.data import resolve_dataset
+    from shared.pieces import plan_pieces
+
+    pq.write_table(pa.Table.from_pylist(rows), folder / "corpus.parquet")
+    r = cfg.runtime
+    return plan_pieces(resolve_dataset(str(folder / "corpus.parquet")), None, int(r.piece_mb * 2**20), r.piece_docs)
 
 
 def main() -> None:
@@ -155,9 +169,11 @@ def main() -> None:
         weights = np.zeros(16)  # the n-gram key is computed on both sides; its weights do not matter here
         cfg1 = config(model, args.gpu, 1, args.docs).model_copy(update={"ngram": {"buckets": 16, "alpha": 1.0}})
         fit = fit_model(cfg1, [r["text"] for r in rows])
-        results = [bare_loop(cfg1, rows, fit, weights), ray_pass(cfg1, rows, fit, weights)]
+        pieces = plan(cfg1, rows, Path(tmp))
+        results = [bare_loop(cfg1, pieces, fit, weights, f"{tmp}/bare"),
+                   ray_pass(cfg1, pieces, fit, weights, f"{tmp}/ray1")]
         cfg2 = config(model, args.gpu, 2, args.docs).model_copy(update={"ngram": {"buckets": 16, "alpha": 1.0}})
-        results.append(ray_pass(cfg2, rows, fit, weights))
+        results.append(ray_pass(cfg2, pieces, fit, weights, f"{tmp}/ray2"))
         ray.shutdown()
     for r in results:
         print(json.dumps({"benchmark": "curate_throughput", "model": args.model if not args.gpu else "llama-7b-shape",

@@ -1,13 +1,20 @@
-"""curate: SAE-guided domain curation over a corpus streamed by Ray Data.
+"""curate: SAE-guided domain curation over a corpus streamed piece by piece.
 
     scopeforge run curate --config ray_jobs/configs/curate-demo.yaml
 
-1. check the inputs (columns, sizes, layer) before any model work;
-2. fit on a corpus sample, in one Ray task: coordinates, the TopK SAE, the seed vectors (a CurationModel);
-3. score every document: read -> DocumentTokenizer (tasks) -> DocumentScorer (actor pool, the model loaded once
-   per actor) -> Parquet shards of the stage;
-4. select per method as a streaming reduce over the written shards (shared.curation.selection), write the subset,
-   the curation model and the report.
+The corpus is cut into pieces of bounded size (``shared.pieces``; Parquet footers and file sizes only), and every
+pass streams over them, so neither the driver nor the object store ever holds the corpus:
+
+1. survey (Ray Data tasks): rows, the raw n-gram distribution for DSIR, and a uniform sample keyed by a hash of
+   (document id, seed);
+2. fit on that sample, in one task on an actor's resources: coordinates, the TopK SAE, the seed vectors;
+3. score (Ray Data actor pool, the model loaded once per actor, autoscaling between num_actors and max_actors): each
+   actor reads a piece, scores it and commits ``<checkpoints>/scores/<piece key>.parquet`` (ids and scores, no
+   text). A rerun of the same config scores only the pieces without a committed shard;
+4. select (tasks over the score shards): each method's top M by histogram passes (``shared.curation.selection``),
+   then a tally per method;
+5. write the subset (tasks per piece: the corpus joined with the selected ids, written in Parquet files of about
+   ``subset_shard_mb``, in corpus order), the curation model and the report.
 """
 
 from __future__ import annotations
@@ -17,10 +24,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import ray.data
 
-from ray_jobs.data import read_shards, read_source, require_columns, source_rows, write_shards
+from ray_jobs.data import READ_CPUS, actor_pool, map_files
 from ray_jobs.metrics import Throughput
 from ray_jobs.placement import claim
 from shared.configs.curate import CurateConfig
@@ -28,24 +36,36 @@ from shared.curation.curate_report import curate_metrics, summary_lines, write_r
 from shared.curation.features import FitResult, fit_curation, settings_from
 from shared.curation.model import CurationModel
 from shared.curation.ngram import hashed_ngrams, log_distribution
-from shared.curation.scoring import DocumentScorer, DocumentTokenizer, as_text, content_ids, ngram_counts
+from shared.curation.scoring import (
+    DocumentScorer,
+    DocumentTokenizer,
+    Survey,
+    document_columns,
+    score_table,
+    survey,
+)
 from shared.curation.seeds import load_seeds
 from shared.curation.selection import (
+    COUNT_COLUMNS,
+    SCORE_COLUMN,
     SEEDED,
-    BlockSummary,
-    Columns,
     CorpusCounts,
-    SelectionPlan,
-    finish,
-    merge,
-    plan_for,
+    MethodRule,
+    Selection,
+    Tally,
+    count_block,
+    merge_results,
     repeated_id,
-    summarise_block,
+    rule_for,
+    scan,
+    tally,
 )
 from shared.data import resolve_dataset, write_parquet
 from shared.errors import DataError
 from shared.models import load_causal_lm, resolve_model
-from shared.stage import Stage
+from shared.pieces import Piece, plan_pieces, read_piece
+from shared.stage import CommittedFile, Stage
+from shared.storage import Storage
 
 
 @ray.remote
@@ -60,154 +80,272 @@ def fit_task(cfg: CurateConfig, sample_texts: list[str], seed_texts: list[str]) 
 
 
 class ScoreActor:
-    """A DocumentScorer on the device Ray assigned to this actor."""
+    """Scores whole pieces on the device Ray assigned to this actor, and commits one score shard per piece."""
 
-    def __init__(self, cfg: CurateConfig, curation: CurationModel):
+    def __init__(self, cfg: CurateConfig, pieces: list[Piece], curation: CurationModel, ngram_weights: np.ndarray,
+                 shards: str):
+        self.cfg, self.shards = cfg, Storage(shards, cfg.storage)
+        self.pieces = {p.index: p for p in pieces}
         device = claim(cfg.stage_name, "embed actor", cfg.runtime.gpus_per_actor, cfg.runtime.threads).device
-        self.step = DocumentScorer(curation, cfg.runtime.micro_batch, cfg.dtype, device, cfg.storage)
-        self.step.setup()
+        self.tokenize = DocumentTokenizer(cfg.model, cfg.text_column, cfg.max_tokens, cfg.seed, ngram_weights,
+                                          cfg.storage)
+        self.score = DocumentScorer(curation, cfg.runtime.micro_batch, cfg.dtype, device, cfg.storage)
+        self.tokenize.setup()
+        self.score.setup()
         self.throughput = Throughput("curate", cfg.stage_name, ("documents", "tokens"))
 
-    def __call__(self, batch: Columns) -> Columns:
-        ok = batch["status"] == "ok"
-        self.throughput.add(documents=int(ok.sum()), tokens=int(batch["n_tokens"][ok].sum()))
-        return self.step(batch)
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keys, rows = [], []
+        for item in (self.pieces[int(i)] for i in batch["piece"]):
+            cols = self.score(self.tokenize(read_corpus_piece(self.cfg, item)))
+            cols.pop("text")
+            ok = cols["status"] == "ok"
+            self.throughput.add(documents=int(ok.sum()), tokens=int(cols["n_tokens"][ok].sum()))
+            write_parquet(score_table(cols), self.shards, f"{item.key}.parquet")  # one atomic put: the commit
+            keys.append(item.key)
+            rows.append(len(cols["id"]))
+        return {"key": np.array(keys, dtype=object), "rows": np.array(rows)}
 
 
-def check_inputs(cfg: CurateConfig) -> tuple[ray.data.Dataset, int, int]:
-    """Columns, corpus size, M and the layer index, checked before any model is loaded."""
+def read_corpus_piece(cfg: CurateConfig, item: Piece) -> dict[str, np.ndarray]:
+    columns = [cfg.text_column, cfg.id_column, cfg.label_column]
+    return document_columns(read_piece(item, cfg.storage, columns), cfg.text_column, cfg.id_column, cfg.label_column)
+
+
+def check_inputs(cfg: CurateConfig) -> tuple[list[Piece], int]:
+    """The pieces and the layer count; columns and the layer are checked before any model is loaded."""
     source = resolve_dataset(cfg.corpus, cfg.storage)
-    ds = read_source(source, cfg.storage)
-    rows = source_rows(source, cfg.storage)
-    if rows is None:
-        rows = ds.count()
-    if rows == 0:
-        raise DataError(f"corpus {cfg.corpus}: no documents")
-    require_columns(ds, cfg.corpus, cfg.text_column)
-    names = ds.schema().names
-    if cfg.retrieval.m is not None and cfg.retrieval.m > rows:
-        raise DataError(f"retrieval.m={cfg.retrieval.m} is larger than the corpus ({rows} documents)")
+    r = cfg.runtime
+    pieces = plan_pieces(source, cfg.storage, int(r.piece_mb * 2**20), r.piece_docs, 4 * r.most_actors)
+    first = next((read_piece(p, cfg.storage) for p in pieces if p.rows != 0), None)
+    if first is not None and first.num_rows:
+        if cfg.text_column not in first.column_names:
+            raise DataError(f"dataset {cfg.corpus}: no '{cfg.text_column}' column "
+                            f"(columns: {', '.join(first.column_names) or 'none'})")
     from transformers import AutoConfig
 
     num_layers = AutoConfig.from_pretrained(resolve_model(cfg.model, cfg.storage)).num_hidden_layers
     if cfg.layer is not None and not 0 <= cfg.layer < num_layers:
         raise DataError(f"layer={cfg.layer} is out of range: {cfg.model} has layers 0..{num_layers - 1}")
-    if cfg.id_column not in names:
-        ds = ds.map_batches(content_ids, fn_kwargs={"column": cfg.text_column}, batch_size=256)
-    elif cfg.id_column != "id":
-        ds = ds.rename_columns({cfg.id_column: "id"})
-    if cfg.label_column in names and cfg.label_column != "label":
-        ds = ds.rename_columns({cfg.label_column: "label"})
-    return ds, rows, num_layers
+    return pieces, num_layers
 
 
 def run(cfg: CurateConfig, stage: Stage) -> dict[str, Any]:
     timings: dict[str, float] = {}
     t0 = time.time()
     seed_texts, seed_ids = load_seeds(cfg.seeds, cfg.text_column, cfg.id_column, cfg.storage)
-    corpus, rows, num_layers = check_inputs(cfg)
-    print(f"corpus: {rows} documents; {len(seed_texts)} seeds; model {cfg.model} ({num_layers} layers)", flush=True)
+    pieces, num_layers = check_inputs(cfg)
 
-    # 2. fit on a sample: coordinates, SAE, seed vectors
-    fraction = min(1.0, 3.0 * cfg.sae.train_docs / rows)
-    sample = corpus.random_sample(fraction, seed=cfg.seed).limit(cfg.sae.train_docs).take_all()
-    sample_texts = [t for t in (as_text(r[cfg.text_column]) for r in sample) if t and t.strip()]
+    # 1. survey: rows, raw n-gram counts, the SAE sample (and which pieces have no rows)
+    empty: set[int] = set()
+    known = sum(p.rows or 0 for p in pieces) if all(p.rows is not None for p in pieces) else None
+    fraction = 1.0 if not known else min(1.0, 3.0 * cfg.sae.train_docs / known)
+    found = Survey(cfg.sae.train_docs)
+    for row in _items(pieces).map_batches(_survey, fn_kwargs={"cfg": cfg, "pieces": pieces, "fraction": fraction},
+                                          batch_size=1, num_cpus=READ_CPUS).iter_rows():
+        found = found.add(row["survey"])
+        if row["survey"].rows == 0:
+            empty.add(int(row["piece"]))
+    pieces = [p for p in pieces if p.index not in empty]
+    if found.rows == 0:
+        raise DataError(f"corpus {cfg.corpus}: no documents")
+    if cfg.retrieval.m is not None and cfg.retrieval.m > found.rows:
+        raise DataError(f"retrieval.m={cfg.retrieval.m} is larger than the corpus ({found.rows} documents)")
+    print(f"corpus: {found.rows} documents in {len(pieces)} pieces; {len(seed_texts)} seeds; model {cfg.model} "
+          f"({num_layers} layers); SAE sample {len(found.texts)} documents", flush=True)
+
+    # 2. fit on the sample
     fit = ray.get(fit_task.options(num_cpus=max(1.0, cfg.runtime.cpus_per_actor),
-                                   num_gpus=cfg.runtime.gpus_per_actor).remote(cfg, sample_texts, seed_texts))
+                                   num_gpus=cfg.runtime.gpus_per_actor).remote(cfg, found.texts, seed_texts))
     curation = CurationModel.from_fit(fit, cfg.model, settings_from(cfg), seed_ids)
     timings["fit_s"] = round(time.time() - t0, 1)
     print(f"fit: layer {curation.layer}, {len(curation.coords)} coordinates, SAE FVU {fit.fvu:.3f}, "
           f"dead latents {fit.dead_fraction:.1%} ({timings['fit_s']} s)", flush=True)
-
-    # DSIR: target distribution from the seeds, raw distribution from the whole corpus (a streaming sum)
-    buckets = cfg.ngram.buckets
-    counted = corpus.map_batches(ngram_counts, fn_kwargs={"column": cfg.text_column, "buckets": buckets},
-                                 batch_size=256)
-    raw_counts = sum((np.asarray(b["counts"]).sum(axis=0) for b in counted.iter_batches(batch_size=None)),
-                     start=np.zeros(buckets))
+    buckets, alpha = cfg.ngram.buckets, cfg.ngram.alpha
     target_counts = sum((hashed_ngrams(t, buckets) for t in seed_texts), start=np.zeros(buckets))
-    ngram_weights = log_distribution(target_counts, cfg.ngram.alpha) - log_distribution(raw_counts, cfg.ngram.alpha)
+    raw_counts = found.counts if found.counts is not None else np.zeros(buckets)
+    ngram_weights = log_distribution(target_counts, alpha) - log_distribution(raw_counts, alpha)
 
-    # 3. score every document
+    # 3. score the pieces without a committed shard
     t1 = time.time()
-    scored = score_corpus(cfg, corpus, curation, ngram_weights, rows)
-    shards = write_shards(scored, stage, "scores")
+    shards = stage.checkpoints.child("scores")
+    done = {name.rsplit("/", 1)[-1].removesuffix(".parquet") for name in shards.find(suffix=".parquet")} \
+        if shards.exists() else set()
+    todo = [p for p in pieces if p.key not in done]
+    if len(todo) < len(pieces):
+        print(f"resuming: {len(pieces) - len(todo)} of {len(pieces)} pieces already scored", flush=True)
+    scored_rows = score_pieces(cfg, todo, curation, ngram_weights, shards.uri())
     timings["embed_s"] = round(time.time() - t1, 1)
+    shard_uris = [shards.uri(f"{p.key}.parquet") for p in pieces]  # the plan's order, whoever scored them
 
-    # 4. streaming reduce over the written scores (exactly the shards this attempt wrote)
+    # 4. select
     t2 = time.time()
-    selected, counts = select_all(cfg, read_shards(stage, "scores", shards))
+    rules, counts, passes = select_all(cfg, shard_uris, len(seed_ids))
+    primary = next(rule for rule in rules if rule.method == cfg.retrieval.scoring)
+    totals = Tally()
+    selected_refs = []
+    for uri in shard_uris:
+        part, table = _tally_shard.options(num_returns=2).remote(uri, cfg, rules)
+        totals = totals + ray.get(part)
+        selected_refs.append(table)
     timings["select_s"] = round(time.time() - t2, 1)
+    if totals.selected[primary.method] == 0:
+        raise DataError(f"retrieval.threshold={cfg.retrieval.threshold} selects no document of {cfg.corpus} (the "
+                        f"highest {primary.method} score is {counts.top:.4f}); lower the threshold")
 
-    # outputs
-    primary = cfg.retrieval.scoring
-    subset = selected[primary]
-    if (repeated := repeated_id(subset["id"])) is not None:
-        raise DataError(f"corpus {cfg.corpus}: id '{repeated[0]}' is on {repeated[1]} rows ({repeated[2]} repeated "
-                        "id(s) among the selected documents); ids must be unique (drop id_column to use content ids)")
-    table = pa.table({
-        "id": subset["id"], "text": subset["text"], "score": subset[f"{primary}_score"].astype(np.float32),
-        "matched_seed": [seed_ids[i] for i in subset[f"{primary}_seed"]],
-        **({"label": subset["label"]} if "label" in subset else {}),
-    })
-    write_parquet(table, stage.store, "subset", "part-000.parquet")
+    # 5. the subset, joined back from the corpus
+    t3 = time.time()
+    selected = _selected_table.remote(cfg.corpus, seed_ids, *selected_refs)
+    files, preview = write_subset(cfg, stage, pieces, selected, {i for _, i in totals.best})
+    stage.add_files("subset", files)
     curation.save(stage.store)
     stage.outputs.update(dataset="subset", sae="sae")
+    timings["subset_s"] = round(time.time() - t3, 1)
 
-    metrics = curate_metrics(cfg, fit, curation, counts, selected, rows, timings, t0)
-    write_report(stage.store, cfg, fit, curation, metrics, counts.hist, subset)
+    scale = {"pieces": len(pieces), "resumed_pieces": len(pieces) - len(todo), "rescored_documents": scored_rows,
+             "selection_passes": passes, "subset_files": len(files), "scores": shards.uri()}
+    metrics = curate_metrics(cfg, fit, curation, counts, totals, found.rows, timings, t0)
+    metrics["scale"] = scale
+    write_report(stage.store, cfg, fit, curation, metrics, counts.hist,
+                 totals.lowest.get(primary.method), sorted(preview, key=lambda r: -r["score"]))
     for line in summary_lines(metrics):
         print(line, flush=True)
     return metrics
 
 
-def score_corpus(cfg: CurateConfig, corpus: ray.data.Dataset, curation: CurationModel, ngram_weights: np.ndarray,
-                 rows: int) -> ray.data.Dataset:
-    """read -> tokenize (tasks) -> score (actor pool, the model loaded once per actor); lazy."""
-    blocks = max(cfg.runtime.num_actors * 4, -(-rows // cfg.runtime.batch_docs))
-    tokenizer = DocumentTokenizer(cfg.model, cfg.text_column, cfg.max_tokens, cfg.seed, ngram_weights, cfg.storage)
-    return (
-        corpus.repartition(blocks)
-        .map_batches(tokenizer, batch_size=cfg.runtime.batch_docs, num_cpus=0.25)
-        .map_batches(ScoreActor, fn_constructor_kwargs={"cfg": cfg, "curation": curation},
-                     compute=ray.data.ActorPoolStrategy(size=cfg.runtime.num_actors),
-                     batch_size=cfg.runtime.batch_docs, num_cpus=cfg.runtime.cpus_per_actor,
-                     num_gpus=cfg.runtime.gpus_per_actor or None)
-    )
+def score_pieces(cfg: CurateConfig, pieces: list[Piece], curation: CurationModel, ngram_weights: np.ndarray,
+                 shards: str) -> int:
+    """Score ``pieces`` in the actor pool, each committed as ``<shards>/<piece key>.parquet``; returns the rows."""
+    if not pieces:
+        return 0
+    scored = _items(pieces).map_batches(
+        ScoreActor, fn_constructor_kwargs={"cfg": cfg, "pieces": pieces, "curation": curation,
+                                           "ngram_weights": ngram_weights, "shards": shards},
+        compute=actor_pool(cfg.runtime), batch_size=1, num_cpus=cfg.runtime.cpus_per_actor,
+        num_gpus=cfg.runtime.gpus_per_actor or None)
+    return sum(int(row["rows"]) for row in scored.iter_rows())
 
 
-def select_all(cfg: CurateConfig, scores: ray.data.Dataset) -> tuple[dict[str, Columns], CorpusCounts]:
-    """Every method's selection. The methods without seeds (random, ngram) take as many documents as the subset's
-    method selected: with a fixed M in global mode that size is known up front and one pass does everything;
-    otherwise a second pass follows."""
+def _items(pieces: list[Piece]) -> ray.data.Dataset:
+    """One row per piece (its index into the plan, which travels with the functions)."""
+    return ray.data.from_items([{"piece": p.index} for p in pieces], override_num_blocks=max(1, len(pieces)))
+
+
+def _survey(batch: dict[str, np.ndarray], cfg: CurateConfig, pieces: list[Piece], fraction: float
+            ) -> dict[str, Any]:
+    return {"piece": batch["piece"],
+            "survey": [survey(read_corpus_piece(cfg, pieces[int(i)]), cfg.text_column, cfg.ngram.buckets, cfg.seed,
+                              cfg.sae.train_docs, fraction) for i in batch["piece"]]}
+
+
+def select_all(cfg: CurateConfig, shards: list[str], seeds: int) -> tuple[list[MethodRule], CorpusCounts, int]:
+    """Every method's rule. The methods without seeds (random, ngram) take as many documents as the subset's method
+    selects: with a fixed M in global mode that size is known up front and one round does everything; otherwise
+    a second round follows."""
     r = cfg.retrieval
     primary = r.scoring
     known_size = r.mode == "global" and r.threshold is None
     seeded = [k for k in ("sae", "sae_idf") if k != primary] + [b for b in cfg.baselines if b in SEEDED]
-    first = [plan_for(primary, r.m, primary, r.mode, r.threshold)]
-    first += [plan_for(k, r.m, primary, r.mode, r.threshold) for k in seeded if r.m is not None]
-    first += [plan_for(b, r.m, primary, r.mode, r.threshold) for b in cfg.baselines if b not in seeded and known_size]
-    candidates, counts = _reduce(cfg, scores, first)
+    first = [rule_for(primary, r.m, primary, r.mode, r.threshold, seeds)]
+    first += [rule_for(k, r.m, primary, r.mode, r.threshold, seeds) for k in seeded if r.m is not None]
+    first += [rule_for(b, r.m, primary, r.mode, r.threshold, seeds) for b in cfg.baselines
+              if b not in seeded and known_size]
+    counts = sum(map_files(count_block, shards, cfg.storage, [*COUNT_COLUMNS, SCORE_COLUMN[primary]], primary,
+                           cfg.target_label), start=CorpusCounts())
     if counts.ok == 0:
         raise DataError(f"corpus {cfg.corpus}: no usable documents ({counts.empty} empty, {counts.not_text} not text)")
     if r.m is not None and r.m > counts.ok:
         raise DataError(f"retrieval.m={r.m} is larger than the {counts.ok} usable documents of the corpus")
-    selected = {plan.method: finish(candidates[plan.method], plan) for plan in first}
-    size = len(selected[primary]["id"])
-    if size == 0:
-        raise DataError(f"retrieval.threshold={r.threshold} selects no document of {cfg.corpus} (the highest "
-                        f"{primary} score is {counts.top:.4f}); lower the threshold")
-    second = [plan_for(b, size, primary, r.mode, None) for b in dict.fromkeys([*seeded, *cfg.baselines])
-              if b not in selected]
-    if second:
-        more, _ = _reduce(cfg, scores, second)
-        selected.update({plan.method: finish(more[plan.method], plan) for plan in second})
-    return selected, counts
+    passes = _resolve(cfg, shards, first)
+    size = _size(cfg, shards, first[0]) if len(first[0].cuts) > 1 else first[0].cuts[0].selected
+    second = [rule_for(b, size, primary, r.mode, None, seeds) for b in dict.fromkeys([*seeded, *cfg.baselines])
+              if b not in {rule.method for rule in first}]
+    if second and size:
+        passes += _resolve(cfg, shards, second)
+    return first + (second if size else []), counts, passes
 
 
-def _reduce(cfg: CurateConfig, scores: ray.data.Dataset, plans: list[SelectionPlan]
-            ) -> tuple[dict[str, Columns], CorpusCounts]:
-    def summarise(batch: Columns) -> dict[str, list[BlockSummary]]:
-        return {"summary": [summarise_block(batch, plans, cfg.retrieval.scoring, cfg.target_label)]}
+def _resolve(cfg: CurateConfig, shards: list[str], rules: list[MethodRule]) -> int:
+    driver = Selection([cut for rule in rules for cut in rule.cuts])
+    needs = list(dict.fromkeys(c for rule in rules for c in rule.needs))
+    while not driver.done:
+        requests = driver.requests()
+        driver.update(merge_results(map_files(scan, shards, cfg.storage, needs, requests), requests))
+    return driver.passes
 
-    return merge(row["summary"] for row in scores.map_batches(summarise, batch_size=None).iter_rows())
+
+def _size(cfg: CurateConfig, shards: list[str], rule: MethodRule) -> int:
+    """Documents a per-seed rule selects (the union of its seeds' top M)."""
+    return sum(map_files(lambda cols, rule: int(rule.mask(cols).sum()), shards, cfg.storage, list(rule.needs), rule))
+
+
+@ray.remote(num_cpus=READ_CPUS)
+def _tally_shard(uri: str, cfg: CurateConfig, rules: list[MethodRule]) -> tuple[Tally, pa.Table]:
+    """A score shard's tally, and the subset method's selected rows (id, score, seed index), which stay in the
+    object store for the join."""
+    from ray_jobs.data import read_columns
+
+    cols = read_columns(uri, cfg.storage)
+    part, masks = tally(cols, rules, cfg.retrieval.scoring, cfg.target_label)
+    mask, primary = masks[cfg.retrieval.scoring], cfg.retrieval.scoring
+    return part, pa.table({"id": pa.array(cols["id"][mask].tolist(), pa.string()),
+                           "score": pa.array(cols[SCORE_COLUMN[primary]][mask].astype(np.float32)),
+                           "seed": pa.array(cols[f"{primary}_seed"][mask].astype(np.int32))})
+
+
+@ray.remote(num_cpus=READ_CPUS)
+def _selected_table(corpus: str, seed_ids: list[str], *parts: pa.Table) -> pa.Table:
+    table = pa.concat_tables(parts)
+    if (repeated := repeated_id(np.asarray(table.column("id").to_pylist(), dtype=object))) is not None:
+        raise DataError(f"corpus {corpus}: id '{repeated[0]}' is on {repeated[1]} rows ({repeated[2]} repeated "
+                        "id(s) among the selected documents); ids must be unique (drop id_column to use content ids)")
+    seeds = pa.array(seed_ids, pa.string())
+    return table.append_column("matched_seed", pc.take(seeds, table.column("seed"))).drop(["seed"])
+
+
+@ray.remote(num_cpus=READ_CPUS, num_returns=3)
+def _join_piece(cfg: CurateConfig, item: Piece, selected: pa.Table, preview: set[str]
+                ) -> tuple[pa.Table, int, list[dict[str, Any]]]:
+    """The piece's selected documents with their score and matched seed, and the report's preview rows."""
+    cols = read_corpus_piece(cfg, item)
+    ids = pa.array(cols["id"].tolist(), pa.string())
+    where = pc.index_in(ids, value_set=selected.column("id"))
+    keep = np.flatnonzero(~np.asarray(pc.is_null(where)))
+    at = pa.array(np.asarray(where.drop_null()), pa.int64())
+    table = pa.table({"id": ids.take(keep), "text": pa.array(cols[cfg.text_column][keep].tolist(), pa.string()),
+                      "score": selected.column("score").take(at),
+                      "matched_seed": selected.column("matched_seed").take(at),
+                      **({"label": pa.array([str(x) for x in cols["label"][keep]], pa.string())}
+                         if "label" in cols else {})})
+    shown = [{"id": r["id"], "score": float(r["score"]), "label": r.get("label", ""),
+              "text": str(r["text"])[:160].replace("\n", " ")} for r in table.to_pylist() if r["id"] in preview]
+    return table, table.nbytes, shown
+
+
+@ray.remote(num_cpus=READ_CPUS)
+def _write_part(uri: str, storage: Any, name: str, *tables: pa.Table) -> CommittedFile:
+    table = pa.concat_tables(tables)
+    write_parquet(table, Storage(uri, storage), name)
+    return CommittedFile(name, Storage(uri, storage).size(name), table.num_rows)
+
+
+def write_subset(cfg: CurateConfig, stage: Stage, pieces: list[Piece], selected: ray.ObjectRef, preview: set[str]
+                 ) -> tuple[list[CommittedFile], list[dict[str, Any]]]:
+    """Join every piece with the selected ids (tasks), then write consecutive pieces' rows into Parquet files of
+    about ``subset_shard_mb``; the rows stay in the object store, the driver sees only sizes and the preview."""
+    target = cfg.runtime.subset_shard_mb * 2**20
+    uri = stage.store.uri("subset")
+    joined = [_join_piece.remote(cfg, p, selected, preview) for p in pieces]
+    writes: list[ray.ObjectRef] = []
+    group: list[ray.ObjectRef] = []
+    size, shown = 0, []
+    for table, nbytes, rows in joined:
+        group.append(table)
+        size += ray.get(nbytes)
+        shown += ray.get(rows)
+        if size >= target:
+            writes.append(_write_part.remote(uri, cfg.storage, f"part-{len(writes):05d}.parquet", *group))
+            group, size = [], 0
+    if group:
+        writes.append(_write_part.remote(uri, cfg.storage, f"part-{len(writes):05d}.parquet", *group))
+    return list(ray.get(writes)), shown

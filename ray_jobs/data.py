@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,14 +25,53 @@ from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
 from ray.data.datasource.datasink import WriteResult
 
-from shared.config import StorageConfig
+from shared.config import ActorPoolConfig, StorageConfig
 from shared.data import DatasetSource, Format, read_file, resolve_dataset
-from shared.errors import DataError
+from shared.errors import DataError, first_line
 from shared.stage import CommittedFile, Stage
 from shared.storage import Storage
 
 READ_CPUS = 0.25
 """Logical CPUs per read or write task (fractional: actor pools keep their slots on small machines)."""
+
+
+def actor_pool(runtime: ActorPoolConfig) -> ray.data.ActorPoolStrategy:
+    """A fixed pool of ``num_actors``, or one that autoscales from ``num_actors`` to ``max_actors``."""
+    if runtime.max_actors is None:
+        return ray.data.ActorPoolStrategy(size=runtime.num_actors)
+    return ray.data.ActorPoolStrategy(min_size=runtime.num_actors, max_size=runtime.max_actors)
+
+
+def map_files(fn: Callable[..., Any], uris: Sequence[str], storage: StorageConfig | None,
+              columns: Sequence[str] | None, *args: Any) -> Iterator[Any]:
+    """``fn(columns of one Parquet file, *args)`` for every file, as Ray tasks, results in file order. At most
+    twice the cluster's CPUs are in flight, so the driver holds a bounded number of (small) results."""
+    shared_args = ray.put(args)
+    window = max(2, int(2 * ray.cluster_resources().get("CPU", 1)))
+    pending: list[ray.ObjectRef] = []
+    for uri in uris:
+        pending.append(_file_task.remote(fn, uri, storage, None if columns is None else list(columns), shared_args))
+        if len(pending) >= window:
+            yield ray.get(pending.pop(0))
+    for ref in pending:
+        yield ray.get(ref)
+
+
+@ray.remote(num_cpus=READ_CPUS)
+def _file_task(fn: Callable[..., Any], uri: str, storage: StorageConfig | None, columns: list[str] | None,
+               args: tuple[Any, ...]) -> Any:
+    return fn(read_columns(uri, storage, columns), *args)
+
+
+def read_columns(uri: str, storage: StorageConfig | None, columns: list[str] | None = None) -> dict[str, np.ndarray]:
+    """A Parquet file's columns as numpy arrays (list columns as object arrays of arrays)."""
+    try:
+        parquet = pq.ParquetFile(io.BytesIO(Storage(uri, storage).read_bytes()))
+        present = parquet.schema_arrow.names
+        table = parquet.read(columns=None if columns is None else [c for c in columns if c in present])
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"dataset file {uri}: cannot parse as parquet ({first_line(exc)})") from None
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
 
 
 def read_dataset(uri: str, storage: StorageConfig | None = None, columns: list[str] | None = None

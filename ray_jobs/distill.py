@@ -18,6 +18,7 @@ import ray
 import ray.data
 import ray.train
 
+from ray_jobs.data import actor_pool
 from ray_jobs.metrics import Throughput, TrainingProgress
 from ray_jobs.placement import claim
 from ray_jobs.train_launch import fit_workers
@@ -59,10 +60,10 @@ class TeacherActor:
 def teacher_outputs(cfg: DistillConfig, examples: list[Example], stage: Stage) -> dict[str, tuple[str, bool]]:
     """id -> (teacher text, finished) for every example, from an actor pool over a Ray Dataset."""
     rows = [{"id": e.id, "prompt": e.prompt, "answer": e.answer, "kind": e.kind} for e in examples]
-    ds = ray.data.from_items(rows).repartition(max(cfg.runtime.num_actors * 2,
+    ds = ray.data.from_items(rows).repartition(max(cfg.runtime.most_actors * 2,
                                                    -(-len(rows) // cfg.generation.batch_size)))
     generated = ds.map_batches(TeacherActor, fn_constructor_kwargs={"cfg": cfg, "stage_name": stage.name},
-                               compute=ray.data.ActorPoolStrategy(size=cfg.runtime.num_actors),
+                               compute=actor_pool(cfg.runtime),
                                batch_size=cfg.generation.batch_size, num_cpus=cfg.runtime.cpus_per_actor,
                                num_gpus=cfg.runtime.gpus_per_actor or None)
     return {str(r["id"]): (str(r["teacher_output"]), bool(r["finished"])) for r in generated.iter_rows()}

@@ -18,6 +18,7 @@ import numpy as np
 import ray
 import ray.data
 
+from ray_jobs.data import actor_pool
 from ray_jobs.metrics import Throughput
 from ray_jobs.placement import claim
 from shared.configs.evaluate import EvaluateConfig
@@ -117,10 +118,10 @@ class EvalActor:
 
 
 def evaluate_model(cfg: EvaluateConfig, ref: str, rows: list[dict[str, Any]], stage: Stage) -> list[dict]:
-    ds = ray.data.from_items(rows).repartition(max(cfg.runtime.num_actors * 2, -(-len(rows) // cfg.batch_size)))
+    ds = ray.data.from_items(rows).repartition(max(cfg.runtime.most_actors * 2, -(-len(rows) // cfg.batch_size)))
     scored = ds.map_batches(EvalActor, fn_constructor_kwargs={"cfg": cfg, "ref": ref,
                                                               "stage_name": stage.name},
-                            compute=ray.data.ActorPoolStrategy(size=cfg.runtime.num_actors),
+                            compute=actor_pool(cfg.runtime),
                             batch_size=cfg.batch_size, num_cpus=cfg.runtime.cpus_per_actor,
                             num_gpus=cfg.runtime.gpus_per_actor or None)
     return list(scored.iter_rows())

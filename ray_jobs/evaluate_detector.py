@@ -18,9 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import ray
-import ray.data
 
+from ray_jobs.data import actor_pool
 from ray_jobs.detector_data import decode_mixture
 from ray_jobs.placement import claim
 from shared.config import ActorPoolConfig, StorageConfig
@@ -102,7 +101,7 @@ def run(cfg: EvaluateDetectorConfig, stage: Stage) -> dict[str, Any]:
         keep = SPLITS if t.split == "all" else (t.split,)
         plan = plan_mixture([SourceConfig(name=t.name, uri=t.uri)], split, cfg.storage, keep_splits=keep,
                             require_both_classes=(), what=f"test set '{t.name}'")
-        decoded, bad = decode_mixture(plan, cfg.storage, blocks=max(2, 2 * cfg.runtime.num_actors))
+        decoded, bad = decode_mixture(plan, cfg.storage, blocks=max(2, 2 * cfg.runtime.most_actors))
         dropped += [{**row, "test_set": t.name} for row in bad]
         if bad:
             print(f"test set '{t.name}': dropped {len(bad)} undecodable image(s), e.g. {bad[0]['id']}: "
@@ -113,7 +112,7 @@ def run(cfg: EvaluateDetectorConfig, stage: Stage) -> dict[str, Any]:
             Scorer, fn_constructor_kwargs={"detectors": [(d.name, d.uri) for d in cfg.detectors], "conditions": conds,
                                            "storage": cfg.storage, "stage_name": cfg.stage_name,
                                            "pool": cfg.runtime},
-            compute=ray.data.ActorPoolStrategy(size=cfg.runtime.num_actors), num_cpus=cfg.runtime.cpus_per_actor,
+            compute=actor_pool(cfg.runtime), num_cpus=cfg.runtime.cpus_per_actor,
             num_gpus=cfg.runtime.gpus_per_actor or None,
             batch_size=cfg.batch_size, batch_format="numpy")
         frame = scored.to_pandas()

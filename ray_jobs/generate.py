@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import ray
 import ray.data
 
-from ray_jobs.data import read_dataset, require_columns, shard_uris, write_shards
+from ray_jobs.data import actor_pool, read_dataset, require_columns, shard_uris, write_shards
 from ray_jobs.metrics import Throughput
 from ray_jobs.placement import claim
 from shared.configs.generate import GenerateConfig, GeneratorSpec, Img2ImgGenerator, RealSource
@@ -187,7 +187,7 @@ def run(cfg: GenerateConfig, stage: Stage) -> dict[str, Any]:
         started = time.perf_counter()
         ds = request_dataset(spec, cfg, prompts).map_batches(
             GenerateActor, fn_constructor_args=(spec, cfg, stage.name, ledger),
-            compute=ray.data.ActorPoolStrategy(size=pool.num_actors), batch_size=spec.batch_size,
+            compute=actor_pool(pool), batch_size=spec.batch_size,
             batch_format="pyarrow", num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor or None)
         shards[spec.name] = _write(ds, stage, spec.name)
         wall[spec.name] = time.perf_counter() - started

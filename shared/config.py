@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from shared.errors import ConfigError
 
@@ -49,7 +49,10 @@ class ActorPoolConfig(StrictModel):
     they are not in the stage's config hash."""
 
     num_actors: int = Field(1, ge=1)
-    """Actors in the pool; each loads its model once."""
+    """Actors in the pool; each loads its model once. With ``max_actors``, the fewest the pool keeps."""
+    max_actors: int | None = Field(None, ge=1)
+    """Let the pool grow to this many actors while work is queued (the Ray autoscaler adds nodes for them on an
+    autoscaling cluster, and removes the nodes after their idle timeout). Unset: a fixed pool of num_actors."""
     cpus_per_actor: float = Field(0.5, gt=0)
     """Logical CPUs reserved per actor (fractional, so read and preprocessing tasks always find a slot)."""
     gpus_per_actor: float = Field(0, ge=0)
@@ -57,6 +60,17 @@ class ActorPoolConfig(StrictModel):
     fails if it sees none."""
     threads: int | None = Field(None, ge=1)
     """torch threads per actor. Unset: the CPUs reserved per actor (at least 1, at most the usable cores)."""
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> ActorPoolConfig:
+        if self.max_actors is not None and self.max_actors < self.num_actors:
+            raise ValueError(f"max_actors ({self.max_actors}) is below num_actors ({self.num_actors})")
+        return self
+
+    @property
+    def most_actors(self) -> int:
+        """The largest the pool can grow."""
+        return self.max_actors or self.num_actors
 
 
 class WorkersConfig(StrictModel):

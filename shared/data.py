@@ -94,7 +94,7 @@ def read_table(uri: str, storage: StorageConfig | None = None, columns: list[str
     """Read a (small) dataset into memory as one Arrow table; ``required`` columns must be present."""
     source = resolve_dataset(uri, storage)
     if source.format in ("hf_disk", "hf_hub"):
-        table = _read_hf(source, storage)
+        table = read_hf(source, storage)
     else:
         rows = source.rows or (None,) * len(source.files)
         parts = [read_file(f, source.format, storage, expected_rows=r) for f, r in zip(source.files, rows)]
@@ -119,7 +119,7 @@ def read_file(file_uri: str, fmt: Format, storage: StorageConfig | None = None, 
         if fmt == "parquet":
             table = pq.read_table(io.BytesIO(data), columns=columns)
         else:
-            table = _read_jsonl(data, file_uri)
+            table = parse_jsonl(data, file_uri)
             if columns is not None:
                 table = table.select([c for c in columns if c in table.column_names])
     except DataError:
@@ -132,7 +132,7 @@ def read_file(file_uri: str, fmt: Format, storage: StorageConfig | None = None, 
     return table
 
 
-def _read_jsonl(data: bytes, where: str) -> pa.Table:
+def parse_jsonl(data: bytes, where: str) -> pa.Table:
     """JSON Lines (one object per line) or a JSON array of objects; text that is not UTF-8 is an error naming the
     first bad line."""
     try:
@@ -163,7 +163,7 @@ def _read_jsonl(data: bytes, where: str) -> pa.Table:
         raise
 
 
-def _read_hf(source: DatasetSource, storage: StorageConfig | None) -> pa.Table:
+def read_hf(source: DatasetSource, storage: StorageConfig | None) -> pa.Table:
     import datasets
 
     try:

@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.ray]
 SMALL = {"model": "tiny-llama", "max_tokens": 48, "target_label": "sci.space",
          "coordinates": {"k": 16, "reference_docs": 4, "reference_tokens": 24},
          "sae": {"train_docs": 24, "steps": 40, "expansion": 4, "k": 4, "batch_size": 256},
-         "retrieval": {"m": 12}, "runtime": {"batch_docs": 16}}
+         "retrieval": {"m": 12}, "runtime": {"piece_docs": 16}}
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +75,15 @@ def test_curate_end_to_end_on_s3(ray_session, s3_root, labelled_chunks):
     assert metrics["throughput"]["tokens_per_s"] > 0
 
     stage = committed(f"{s3_root}/run/curate")
-    subset = pq.read_table(io.BytesIO(stage.read_bytes("subset", "part-000.parquet")))
-    assert subset.column_names == ["id", "text", "score", "matched_seed", "label"] and subset.num_rows == 12
-    scores = subset.column("score").to_pylist()
-    assert scores == sorted(scores, reverse=True)
+    subset = pq.read_table(io.BytesIO(stage.read_bytes("subset", "part-00000.parquet")))
+    assert subset.column_names == ["id", "text", "score", "matched_seed", "label"]
+    assert subset.num_rows == 12
+    order = {row["id"]: i for i, row in enumerate(table.to_pylist())}
+    positions = [order[i] for i in subset.column("id").to_pylist()]
+    assert positions == sorted(positions)  # corpus order
+    assert min(subset.column("score").to_pylist()) == pytest.approx(metrics["retrieval"]["sae"]["lowest_score"])
+    assert metrics["scale"]["pieces"] >= 4 and metrics["scale"]["resumed_pieces"] == 0
+    assert metrics["scale"]["rescored_documents"] == len(pool) + 3
     assert set(subset.column("matched_seed").to_pylist()) <= {s.id for s in seeds}
     assert stage.exists("sae", "sae.safetensors") and "n_latents: 64" in stage.read_text("sae", "config.yaml")
     assert stage.exists("sae", "latent_idf.safetensors")
@@ -88,14 +93,14 @@ def test_curate_end_to_end_on_s3(ray_session, s3_root, labelled_chunks):
 
     scorer = DocumentScorer(CurationModel.load(stage), micro_batch=cfg.runtime.micro_batch, dtype=cfg.dtype)
     scorer.setup()
-    first = subset.slice(0, 2).to_pydict()
+    first = subset.sort_by([("score", "descending")]).slice(0, 2).to_pydict()
     tokenized = DocumentTokenizer("tiny-llama", "text", SMALL["max_tokens"], 0, np.zeros(16))(
         {"id": np.array(first["id"], dtype=object), "text": np.array(first["text"], dtype=object)})
     assert scorer(tokenized)["sae_score"] == pytest.approx(first["score"], abs=2e-3)  # bf16, other padding
     coordinates = stage.read_json("coordinates.json")
     assert len(coordinates["indices"]) == 16 and coordinates["layer"] == 4
     assert "SAE score histogram" in stage.read_text("report.html")
-    assert stage.find("scores", suffix=".parquet")
+    assert Storage(metrics["scale"]["scores"]).find(suffix=".parquet")
     assert marker(f"{s3_root}/run/curate")["outputs"]["dataset"] == "subset"
     assert run_job(cfg) == json.loads(json.dumps(metrics))  # rerun: skipped
 
@@ -143,5 +148,5 @@ def test_curate_per_seed_threshold_on_jsonl_without_ids(ray_session, tmp_path, l
     union = metrics["retrieval"]["sae_idf"]["selected"]
     assert 4 <= union <= 12  # three seeds x 4, united
     assert metrics["retrieval"]["random"]["selected"] == union == metrics["retrieval"]["ngram"]["selected"]
-    subset = pq.read_table(committed_path(tmp_path / "run" / "curate") / "subset" / "part-000.parquet")
+    subset = pq.read_table(committed_path(tmp_path / "run" / "curate") / "subset" / "part-00000.parquet")
     assert all(i.startswith("doc-") for i in subset.column("id").to_pylist())

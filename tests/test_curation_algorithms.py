@@ -21,7 +21,7 @@ from shared.curation.features import length_batches, pad_batch
 from shared.curation.ngram import gumbel_keys, hashed_ngrams, log_distribution, log_importance, stable_uniform
 from shared.curation.retrieval import mean_pool, purity_and_recall, select
 from shared.curation.sae import SAEShape, TopKSAE, TrainSettings, idf_codes, idf_weights, pooled_codes, train_sae
-from shared.curation.selection import SelectionPlan, finish, merge, summarise_block
+from shared.curation.selection import CorpusCounts, Tally, count_block, rule_for, sortable, tally
 from shared.errors import DataError, ModelError
 from shared.models import load_causal_lm
 
@@ -196,36 +196,103 @@ def test_selection_modes():
         select(scores, "global", None, None)
 
 
-@pytest.mark.parametrize("mode", ["global", "per_seed"])
-def test_block_summaries_make_the_streaming_reduce_exact(mode):
-    """Any split into blocks (uneven ones, in any order) selects what one pass over the whole corpus selects, and
-    the counts add up; unusable rows are never candidates."""
-    rng = np.random.default_rng(0)
-    n = 500
-    seed_scores = rng.random((n, 4))
+def _run_selection(rules, blocks, limit=None):
+    """The passes a job runs over its shards, here over in-memory blocks (in the order given)."""
+    import shared.curation.selection as selection
+
+    old = selection.GATHER_LIMIT
+    selection.GATHER_LIMIT = selection.GATHER_LIMIT if limit is None else limit
+    try:
+        driver = selection.Selection([cut for rule in rules for cut in rule.cuts])
+        while not driver.done:
+            requests = driver.requests()
+            driver.update(selection.merge_results((selection.scan(b, requests) for b in blocks), requests))
+    finally:
+        selection.GATHER_LIMIT = old
+    return driver.passes
+
+
+def _scored(n, seed=0, ties=False):
+    rng = np.random.default_rng(seed)
+    seed_scores = (rng.random((n, 4)) * 2 - 1).astype(np.float32)
+    if ties:  # many exact ties at the boundary: the order among them is by id
+        seed_scores = np.round(seed_scores, 1)
     status = np.where(rng.random(n) < 0.05, "empty", "ok").astype(object)
-    batch = {"id": np.array([f"d{i}" for i in range(n)], dtype=object), "status": status,
-             "sae_score": seed_scores.max(1), "sae_seed_scores": seed_scores,
-             "random_key": rng.random(n), "truncated": np.zeros(n, bool), "n_tokens": np.full(n, 3),
-             "label": np.where(rng.random(n) < 0.3, "target", "other").astype(object)}
-    plans = [SelectionPlan("sae", 25, mode), SelectionPlan("random", 40)]
-    whole, counts = merge([summarise_block(batch, plans, "sae", "target")])
-    bounds = [0, 37, 38, 200, 311, 500]
-    blocks = [{k: v[a:b] for k, v in batch.items()}
-              for a, b in zip(bounds, bounds[1:])]
-    split, split_counts = merge([summarise_block(b, plans, "sae", "target") for b in reversed(blocks)])
-    for plan in plans:
-        one, many = finish(whole[plan.method], plan), finish(split[plan.method], plan)
-        assert sorted(one["id"]) == sorted(many["id"])
-        assert len(one["id"]) == (40 if plan.method == "random" else len(one["id"]))
-        assert set(one["id"]) <= {f"d{i}" for i in np.flatnonzero(status == "ok")}
-    ok = status == "ok"
-    assert (split_counts.ok, split_counts.empty, split_counts.rows) == (int(ok.sum()), int((~ok).sum()), n)
-    assert split_counts.target == int(((batch["label"] == "target") & ok).sum())
-    assert split_counts.hist.sum() == ok.sum()
-    assert split_counts.top == pytest.approx(seed_scores.max(1)[ok].max())
-    expected = np.flatnonzero(ok)[select(seed_scores.max(1)[ok], mode, 25, None, seed_scores[ok])]
-    assert sorted(finish(split["sae"], plans[0])["id"]) == sorted(f"d{i}" for i in expected)
+    seed_scores[status != "ok"] = np.nan
+    return {"id": np.array([f"d{i:05d}" for i in range(n)], dtype=object), "status": status,
+            "sae_score": seed_scores.max(1), "sae_seed_scores": list(seed_scores),
+            "ngram_key": rng.gumbel(size=n) * 300.0, "truncated": np.zeros(n, bool), "n_tokens": np.full(n, 3),
+            "label": np.where(rng.random(n) < 0.3, "target", "other").astype(object)}
+
+
+def _split(batch, bounds):
+    return [{k: (v[a:b] if not isinstance(v, list) else v[a:b]) for k, v in batch.items()}
+            for a, b in zip(bounds, bounds[1:])]
+
+
+@pytest.mark.parametrize("mode", ["global", "per_seed"])
+@pytest.mark.parametrize("threshold", [None, 0.2])
+def test_the_histogram_selection_is_exact_and_does_not_depend_on_the_split(mode, threshold):
+    """Any split into shards (uneven ones, in any order) selects exactly what select() picks over the whole corpus;
+    unusable rows are never selected; per_seed unites each seed's top M."""
+    n = 3000
+    batch = _scored(n)
+    ok = batch["status"] == "ok"
+    seed_scores = np.stack(batch["sae_seed_scores"])
+    expected_pos = np.flatnonzero(ok)[select(batch["sae_score"][ok].astype(np.float64), mode, 40, threshold,
+                                             seed_scores[ok])]
+    expected = {f"d{i:05d}" for i in expected_pos}
+    for bounds, limit in (([0, n], None), ([0, 37, 38, 1200, 2311, n], None), ([0, 1000, 2000, n], 5)):
+        rules = [rule_for("sae", 40, "sae", mode, threshold, 4), rule_for("ngram", 77, "sae", mode, None, 4)]
+        blocks = _split(batch, bounds)[::-1]
+        passes = _run_selection(rules, blocks, limit)
+        chosen = {i for b in blocks for i in b["id"][rules[0].mask(b)]}
+        assert chosen == expected
+        ngram = [i for b in blocks for i in b["id"][rules[1].mask(b)]]
+        best = np.argsort(-batch["ngram_key"][ok], kind="stable")[:77]
+        assert sorted(ngram) == sorted(batch["id"][ok][best])
+        assert passes >= (3 if limit == 5 else 2)  # a small gather limit makes it narrow the range again
+
+
+def test_ties_at_the_boundary_are_broken_by_id_and_m_above_the_usable_count_takes_all():
+    batch = _scored(2000, seed=1, ties=True)
+    ok = batch["status"] == "ok"
+    blocks = _split(batch, [0, 500, 1999, 2000])
+    rule = rule_for("sae", 100, "sae", "global", None, 4)
+    _run_selection([rule], blocks)
+    chosen = sorted(i for b in blocks for i in b["id"][rule.mask(b)])
+    order = sorted(np.flatnonzero(ok), key=lambda i: (-float(batch["sae_score"][i]), batch["id"][i]))[:100]
+    assert chosen == sorted(batch["id"][order])
+    everything = rule_for("sae", 10**6, "sae", "global", None, 4)
+    _run_selection([everything], blocks)
+    assert sum(int(everything.mask(b).sum()) for b in blocks) == int(ok.sum())
+    above = rule_for("sae", None, "sae", "global", 0.5, 4)
+    _run_selection([above], blocks)
+    assert sum(int(above.mask(b).sum()) for b in blocks) == int((batch["sae_score"][ok] >= 0.5).sum())
+
+
+def test_counts_and_tallies_add_up_over_shards():
+    batch = _scored(600, seed=2)
+    ok = batch["status"] == "ok"
+    blocks = _split(batch, [0, 100, 350, 600])
+    counts = sum((count_block(b, "sae", "target") for b in blocks), start=CorpusCounts())
+    assert (counts.ok, counts.empty, counts.rows) == (int(ok.sum()), int((~ok).sum()), 600)
+    assert counts.target == int(((batch["label"] == "target") & ok).sum())
+    assert counts.hist.sum() == ok.sum()
+    assert counts.top == pytest.approx(float(np.nanmax(batch["sae_score"])))
+    rule = rule_for("sae", 30, "sae", "global", None, 4)
+    _run_selection([rule], blocks)
+    total = sum((tally(b, [rule], "sae", "target")[0] for b in blocks), start=Tally())
+    assert total.selected["sae"] == 30 and 0 <= total.hits["sae"] <= 30
+    assert [s for s, _ in total.best] == sorted(np.sort(batch["sae_score"][ok])[-10:].tolist(), reverse=True)
+    assert total.lowest["sae"] == pytest.approx(float(np.sort(batch["sae_score"][ok])[-30]))
+
+
+def test_sortable_keys_order_like_the_floats():
+    values = np.array([-np.inf, -3e300, -1.0, -1e-300, -0.0, 0.0, 1e-300, 0.5, 1.0, 2e300, np.inf])
+    keys = sortable(values)
+    assert (np.diff(keys.astype(object)) >= 0).all()
+    assert keys[4] < keys[5]  # -0.0 before 0.0: a total order
 
 
 def test_purity_and_recall():

@@ -53,7 +53,7 @@ def test_curate_fits_and_embeds_on_the_gpu(ray_session, tmp_path, tiny_llama_dir
         "max_tokens": 48, "output_root": str(tmp_path), "retrieval": {"m": 4},
         "coordinates": {"k": 16, "reference_docs": 4, "reference_tokens": 24},
         "sae": {"train_docs": 12, "steps": 10, "expansion": 4, "k": 4},
-        "runtime": {"gpus_per_actor": 1, "batch_docs": 8}}, "gpu test")
+        "runtime": {"gpus_per_actor": 1, "piece_docs": 8}}, "gpu test")
     on_gpu(run_job(cfg), "fit task", "embed actor")
 
 

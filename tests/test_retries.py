@@ -66,7 +66,7 @@ def test_a_killed_curate_rerun_scores_every_document_once(ray_session, tmp_path,
         "model": "tiny-llama", "corpus": str(tmp_path / "corpus.jsonl"), "seeds": ["the orbit of the moon"],
         "output_root": str(tmp_path / "run"), "max_tokens": 32, "target_label": "a", "retrieval": {"m": 20},
         "coordinates": {"k": 16, "reference_docs": 4, "reference_tokens": 24}, "baselines": ["random"],
-        "sae": {"train_docs": 24, "steps": 20, "expansion": 4, "k": 4}, "runtime": {"batch_docs": 16}}))
+        "sae": {"train_docs": 24, "steps": 20, "expansion": 4, "k": 4}, "runtime": {"piece_docs": 16}}))
     env = {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     store = Storage(str(tmp_path / "run"))
 

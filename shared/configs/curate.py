@@ -82,8 +82,13 @@ class NgramConfig(StrictModel):
 class CurateRuntime(ActorPoolConfig):
     """Resources of the fit task and the embedding pass (both use gpus_per_actor); none change the results."""
 
-    batch_docs: int = Field(64, ge=1)
-    """Documents per Ray Data batch handed to an actor."""
+    piece_mb: float = Field(64.0, gt=0)
+    """Corpus megabytes (uncompressed) per piece: the unit of work an actor takes, of the score shards it commits,
+    and of resume (a rerun after a crash re-scores only the pieces with no committed shard)."""
+    piece_docs: int = Field(4096, ge=1)
+    """At most this many documents per piece; a small corpus is cut into at least 4 pieces per actor."""
+    subset_shard_mb: float = Field(256.0, gt=0)
+    """Target size of each Parquet file of the subset."""
     micro_batch: int = Field(8, ge=1)
     """Documents per forward pass (sorted by length within a batch, so padding stays small)."""
 
@@ -95,8 +100,9 @@ class CurateConfig(JobConfig):
     over a corpus sample, and every document is scored by the cosine between its mean-pooled SAE code and the
     nearest seed's. Random, dense (mean-pooled hidden state) and DSIR-style n-gram baselines select from the same
     pool with the same M (an idf-weighted variant of the SAE score is reported too). Outputs: subset/ (Parquet: id,
-    text, score, matched_seed, label), sae/, coordinates.json,
-    scores/, metrics.json (retrieval.<method>.purity/recall when labels are known), report.html.
+    text, score, matched_seed, label; in corpus order), sae/, coordinates.json, metrics.json
+    (retrieval.<method>.purity/recall when labels are known), report.html; the per-piece score shards (ids and
+    scores, no text) stay under the stage's checkpoints/ folder, where a rerun of the same config resumes from them.
     """
 
     JOB: ClassVar[str] = "curate"

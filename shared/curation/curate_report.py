@@ -11,21 +11,22 @@ import numpy as np
 
 from shared.curation.features import FitResult
 from shared.curation.model import CurationModel
-from shared.curation.retrieval import purity_and_recall
-from shared.curation.selection import SCORE_BINS, Columns, CorpusCounts
+from shared.curation.selection import SCORE_BINS, CorpusCounts, Tally
 from shared.report import Report
 from shared.storage import Storage
 
 
-def curate_metrics(cfg: Any, fit: FitResult, curation: CurationModel, counts: CorpusCounts,
-                   selected: dict[str, Columns], rows: int, timings: dict[str, float], started: float
-                   ) -> dict[str, Any]:
+def curate_metrics(cfg: Any, fit: FitResult, curation: CurationModel, counts: CorpusCounts, totals: Tally,
+                   rows: int, timings: dict[str, float], started: float) -> dict[str, Any]:
     """metrics.json of a curate stage (``cfg`` is its CurateConfig)."""
     retrieval: dict[str, Any] = {}
-    for method, cols in selected.items():
-        entry: dict[str, Any] = {"selected": int(len(cols["id"]))}
-        if cfg.target_label is not None and "label" in cols:
-            entry.update(purity_and_recall(list(cols["label"]), counts.target, cfg.target_label))
+    for method in totals.selected:
+        n, hits = totals.selected[method], totals.hits[method]
+        lowest = totals.lowest.get(method, np.inf)
+        entry: dict[str, Any] = {"selected": n, "lowest_score": float(lowest) if np.isfinite(lowest) else None}
+        if cfg.target_label is not None and counts.has_labels:
+            entry.update({"purity": hits / n if n else 0.0, "recall": hits / counts.target if counts.target else 0.0,
+                          "selected": n, "hits": hits})
         retrieval[method] = entry
     embed_s = max(timings.get("embed_s", 0.0), 1e-9)
     timings["total_s"] = round(time.time() - started, 1)
@@ -59,7 +60,9 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
 
 
 def write_report(store: Storage, cfg: Any, fit: FitResult, curation: CurationModel, metrics: dict[str, Any],
-                 hist: np.ndarray, subset: Columns) -> str:
+                 hist: np.ndarray, cut: float | None, preview: list[dict[str, Any]]) -> str:
+    """``cut``: the lowest selected score of the subset method; ``preview``: its best documents (id, score, label,
+    text), best first."""
     report = Report(f"curate: {cfg.target_label or 'domain'} from {cfg.corpus}")
     c = metrics["corpus"]
     report.text(f"Model {cfg.model}, layer {metrics['layer']}, {metrics['coordinates']['k']} coordinates "
@@ -93,9 +96,7 @@ def write_report(store: Storage, cfg: Any, fit: FitResult, curation: CurationMod
     bins = SCORE_BINS
     centres = (bins[:-1] + bins[1:]) / 2
     ax.bar(centres, hist, width=bins[1] - bins[0], color="#4c72b0")
-    score_column = f"{cfg.retrieval.scoring}_score"
-    if len(subset.get(score_column, [])):
-        cut = float(np.min(subset[score_column]))
+    if cut is not None and np.isfinite(cut):
         ax.axvline(cut, color="#c44e52", linestyle="--", label=f"cut {cut:.3f}")
         ax.legend()
     nonzero = np.flatnonzero(hist)
@@ -111,12 +112,7 @@ def write_report(store: Storage, cfg: Any, fit: FitResult, curation: CurationMod
         report.text(f"latent {feature['latent']}: seed mean {feature['seed_mean']:.4f}, corpus mean "
                     f"{feature['corpus_mean']:.4f}. Top activations: {snippets}")
 
-    report.heading("First selected documents")
-    preview = []
-    for i in range(min(10, len(subset.get("id", [])))):
-        preview.append({"id": subset["id"][i], "score": float(subset[score_column][i]),
-                        "label": subset["label"][i] if "label" in subset else "",
-                        "text": str(subset["text"][i])[:160].replace("\n", " ")})
+    report.heading("Best selected documents")
     report.table(None, preview)
     report.table("Timings (s)", [metrics["timings"]])
     return report.save(store, "report.html")

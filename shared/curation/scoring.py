@@ -11,10 +11,11 @@ what the step needs once per worker, and ``__call__(batch)`` from columns (a dic
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from shared.config import StorageConfig
 from shared.curation.features import KINDS, Embedder, tokenize
@@ -41,14 +42,74 @@ def content_ids(batch: Batch, column: str) -> Batch:
     return batch
 
 
-def ngram_counts(batch: Batch, column: str, buckets: int) -> Batch:
-    """One row: the hashed n-gram counts of the batch's texts (summed over the corpus for DSIR's raw distribution)."""
-    total = np.zeros(buckets, dtype=np.float64)
-    for text in batch[column]:
-        t = as_text(text)
-        if t:
-            total += hashed_ngrams(t, buckets)
-    return {"counts": total[None, :]}
+def document_columns(table: pa.Table, text_column: str, id_column: str, label_column: str) -> Batch:
+    """A piece of the corpus as the columns the steps read: ``id`` (the id column, or a digest of the text),
+    the text column, and ``label`` when there is a label column."""
+    if table.num_rows == 0:
+        return {text_column: np.array([], dtype=object), "id": np.array([], dtype=object)}
+    cols: Batch = {text_column: table.column(text_column).to_numpy(zero_copy_only=False)}
+    if id_column in table.column_names:
+        cols["id"] = np.array([str(i) for i in table.column(id_column).to_pylist()], dtype=object)
+    else:
+        cols = content_ids(cols, text_column)
+    if label_column in table.column_names:
+        cols["label"] = table.column(label_column).to_numpy(zero_copy_only=False)
+    return cols
+
+
+SAMPLE_SALT = "sae-sample"
+"""Salts the sample's keys, so the SAE's training sample is independent of the random baseline's selection."""
+
+
+@dataclass
+class Survey:
+    """What one pass over the corpus learns before any model runs: rows, the raw n-gram distribution (DSIR), and
+    the SAE's training sample: the ``size`` documents with the smallest hash of (id, seed), so the sample is
+    uniform and the same for every split of the corpus and every worker count."""
+
+    size: int
+    rows: int = 0
+    counts: np.ndarray | None = None
+    keys: list[float] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+
+    def add(self, other: Survey) -> Survey:
+        """Merge another piece's survey (keeps only the ``size`` best sample documents)."""
+        keys, ids, texts = self.keys + other.keys, self.ids + other.ids, self.texts + other.texts
+        order = sorted(range(len(keys)), key=lambda i: (keys[i], ids[i]))[: self.size]
+        counts = other.counts if self.counts is None else self.counts + (
+            other.counts if other.counts is not None else 0)
+        return Survey(self.size, self.rows + other.rows, counts, [keys[i] for i in order], [ids[i] for i in order],
+                      [texts[i] for i in order])
+
+
+def survey(cols: Batch, text_column: str, buckets: int, seed: int, size: int, fraction: float) -> Survey:
+    """One piece's :class:`Survey`: its n-gram counts, and its usable documents whose sample key is below
+    ``fraction`` (at most ``size`` of them)."""
+    texts = [as_text(t) for t in cols[text_column]]
+    ids = [str(i) for i in cols["id"]]
+    counts = np.zeros(buckets, dtype=np.float64)
+    for text in texts:
+        if text:
+            counts += hashed_ngrams(text, buckets)
+    keys = stable_uniform([f"{SAMPLE_SALT}:{i}" for i in ids], seed)
+    usable = [j for j, t in enumerate(texts) if t and t.strip() and keys[j] < fraction]
+    usable = sorted(usable, key=lambda j: keys[j])[:size]
+    return Survey(size, len(ids), counts, [float(keys[j]) for j in usable], [ids[j] for j in usable],
+                  [texts[j] or "" for j in usable])
+
+
+def score_table(cols: Batch) -> pa.Table:
+    """Scored columns as an Arrow table ([N, S] seed-score arrays become fixed-size lists)."""
+    arrays = {}
+    for name, values in cols.items():
+        values = np.asarray(values) if not isinstance(values, np.ndarray) else values
+        if values.ndim == 2:
+            arrays[name] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+        else:
+            arrays[name] = pa.array(values.tolist() if values.dtype == object else values)
+    return pa.table(arrays)
 
 
 _TOKENIZERS: dict[tuple[str, str], Any] = {}

@@ -1,0 +1,82 @@
+"""Corpus pieces: every row read exactly once for any piece size, stable keys, footers-only planning, and a survey
+(n-gram counts and the SAE sample) that does not depend on how the corpus is cut."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from shared.curation.scoring import Survey, document_columns, survey
+from shared.data import resolve_dataset
+from shared.errors import DataError
+from shared.pieces import plan_pieces, read_all, read_piece
+
+
+def _rows(n):
+    return [{"id": f"r{i:04d}", "text": f"document {i} " + "word " * (i % 17), "label": "a" if i % 3 else "b"}
+            for i in range(n)]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    rows = _rows(500)
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table.slice(0, 300), folder / "a.parquet", row_group_size=64)
+    pq.write_table(table.slice(300), folder / "b.parquet", row_group_size=1000)
+    lines = "".join(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "jsonl").mkdir()
+    (tmp_path / "jsonl" / "a.jsonl").write_text(lines[: lines.index("r0250") - 8])  # cut at a line start
+    (tmp_path / "jsonl" / "b.jsonl").write_text(lines[lines.index("r0250") - 8:])
+    return rows, folder, tmp_path / "jsonl"
+
+
+@pytest.mark.parametrize("target, max_rows, min_pieces", [(1 << 30, 10**6, 1), (2000, 10**6, 1), (1 << 30, 37, 1),
+                                                           (1 << 30, 10**6, 9), (50, 1, 1)])
+def test_every_row_is_read_exactly_once_for_any_piece_size(corpus, target, max_rows, min_pieces):
+    rows, parquet, jsonl = corpus
+    for folder in (parquet, jsonl):
+        pieces = plan_pieces(resolve_dataset(str(folder)), None, target, max_rows, min_pieces)
+        assert [p.index for p in pieces] == list(range(len(pieces)))
+        assert read_all(pieces, columns=["id"]).column("id").to_pylist() == [r["id"] for r in rows]
+        if folder == parquet:
+            assert all(p.rows is not None and p.rows <= max_rows for p in pieces)
+            assert len(pieces) >= min(min_pieces, 500)
+        assert len({p.key for p in pieces}) == len(pieces)
+        again = plan_pieces(resolve_dataset(str(folder)), None, target, max_rows, min_pieces)
+        assert [p.key for p in again] == [p.key for p in pieces]  # the same plan every time
+
+
+def test_a_json_array_file_is_one_piece_and_a_damaged_parquet_file_is_named(tmp_path):
+    (tmp_path / "arr").mkdir()
+    (tmp_path / "arr" / "x.json").write_text(json.dumps(_rows(20)))
+    pieces = plan_pieces(resolve_dataset(str(tmp_path / "arr")), None, 10, 5, 4)
+    assert len(pieces) == 1 and read_piece(pieces[0]).num_rows == 20
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match=r"x.parquet: cannot parse as parquet"):
+        plan_pieces(resolve_dataset(str(tmp_path / "bad")), None, 10, 5)
+
+
+def test_the_survey_does_not_depend_on_the_cut(corpus):
+    rows, parquet, _ = corpus
+    results = []
+    for max_rows in (500, 64, 7):
+        found = Survey(40)
+        for piece in plan_pieces(resolve_dataset(str(parquet)), None, 1 << 30, max_rows):
+            cols = document_columns(read_piece(piece), "text", "id", "label")
+            found = found.add(survey(cols, "text", 64, seed=3, size=40, fraction=0.5))
+        results.append(found)
+    first = results[0]
+    assert first.rows == 500 and len(first.ids) == 40
+    for other in results[1:]:
+        assert other.ids == first.ids and other.texts == first.texts
+        assert np.allclose(other.counts, first.counts)
+    other_seed = Survey(40).add(survey(document_columns(read_all(plan_pieces(
+        resolve_dataset(str(parquet)), None, 1 << 30, 500)), "text", "id", "label"), "text", 64, 4, 40, 0.5))
+    assert other_seed.ids != first.ids
