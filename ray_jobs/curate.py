@@ -169,9 +169,7 @@ def run(cfg: CurateConfig, stage: Stage) -> dict[str, Any]:
     # 3. score the pieces without a committed shard
     t1 = time.time()
     shards = stage.checkpoints.child("scores")
-    done = {name.rsplit("/", 1)[-1].removesuffix(".parquet") for name in shards.find(suffix=".parquet")} \
-        if shards.exists() else set()
-    todo = [p for p in pieces if p.key not in done]
+    todo = [p for p in pieces if p.key not in committed_shards(shards, curation.fingerprint(ngram_weights))]
     if len(todo) < len(pieces):
         print(f"resuming: {len(pieces) - len(todo)} of {len(pieces)} pieces already scored", flush=True)
     scored_rows = score_pieces(cfg, todo, curation, ngram_weights, shards.uri())
@@ -211,6 +209,17 @@ def run(cfg: CurateConfig, stage: Stage) -> dict[str, Any]:
     for line in summary_lines(metrics):
         print(line, flush=True)
     return metrics
+
+
+def committed_shards(shards: Storage, fingerprint: str) -> set[str]:
+    """Keys of the pieces an earlier attempt of this config scored with this very curation model. Shards of another
+    model (a fit that came out differently) are removed, so scores of two models never mix."""
+    if shards.exists("_model.json") and shards.read_json("_model.json").get("fingerprint") == fingerprint:
+        return {name.rsplit("/", 1)[-1].removesuffix(".parquet") for name in shards.find(suffix=".parquet")}
+    if shards.exists():
+        shards.rm()
+    shards.write_json({"fingerprint": fingerprint}, "_model.json")
+    return set()
 
 
 def score_pieces(cfg: CurateConfig, pieces: list[Piece], curation: CurationModel, ngram_weights: np.ndarray,

@@ -1,8 +1,9 @@
 """Stage writes that survive a crash and a concurrent attempt, as users hit them: the CLI killed with SIGKILL after
 part of a job's output is written, then run again; two runs of one stage at the same time.
 
-A kill leaves an uncommitted attempt folder (here also with a truncated Parquet file, as a write cut short leaves);
-the rerun is a new attempt and must count and write every input row exactly once. Of two concurrent runs exactly one
+A kill leaves an uncommitted attempt folder (here also with a temporary file, as a write cut short leaves); the rerun
+is a new attempt and must count and write every input row exactly once (curate: re-scoring only the pieces whose
+score shards were not committed, with the same result as an uninterrupted run). Of two concurrent runs exactly one
 commits; the other fails with the lease error. curate runs on local disk, curate-images and the concurrent runs on
 moto's S3 server.
 """
@@ -55,29 +56,35 @@ def _shards(store: Storage, stage: str, folder: str) -> list[str]:
     return [f for f in store.find(stage, "attempts") if f"/{folder}/" in f and f.endswith(".parquet")]
 
 
-def test_a_killed_curate_rerun_scores_every_document_once(ray_session, tmp_path, tiny_llama_dir):
+def _score_shards(store: Storage) -> list[str]:
+    return [f for f in store.find("curate", "checkpoints") if "/scores/" in f and f.endswith(".parquet")]
+
+
+def test_a_killed_curate_rerun_scores_only_the_missing_pieces_and_matches_an_uninterrupted_run(
+        ray_session, tmp_path, tiny_llama_dir):
     words = "the orbit of the moon and the launch of a rocket into space with a crew of three and a dog".split()
     rng = random.Random(0)
     rows = [{"id": f"d{i:04d}", "text": " ".join(rng.choice(words) for _ in range(30)), "label": "ab"[i % 2]}
             for i in range(96)]
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = tmp_path / "curate.yaml"
-    config.write_text(json.dumps({
+    settings = {
         "model": "tiny-llama", "corpus": str(tmp_path / "corpus.jsonl"), "seeds": ["the orbit of the moon"],
-        "output_root": str(tmp_path / "run"), "max_tokens": 32, "target_label": "a", "retrieval": {"m": 20},
+        "max_tokens": 32, "target_label": "a", "retrieval": {"m": 20},
         "coordinates": {"k": 16, "reference_docs": 4, "reference_tokens": 24}, "baselines": ["random"],
-        "sae": {"train_docs": 24, "steps": 20, "expansion": 4, "k": 4}, "runtime": {"piece_docs": 16}}))
+        "sae": {"train_docs": 24, "steps": 20, "expansion": 4, "k": 4}, "runtime": {"piece_docs": 4}}
+    config = tmp_path / "curate.yaml"
+    config.write_text(json.dumps({**settings, "output_root": str(tmp_path / "run")}))
     env = {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     store = Storage(str(tmp_path / "run"))
 
     first = _start(["run", "curate", "--config", str(config)], tmp_path / "first.log", env)
-    _kill_when(first, tmp_path / "first.log", lambda: len(_shards(store, "curate", "scores")) >= 2)
+    _kill_when(first, tmp_path / "first.log", lambda: len(_score_shards(store)) >= 3)
     assert not store.exists("curate", "_SUCCESS")
     (crashed,) = store.list("curate", "attempts")
-    written = sum(pq.read_metadata(f).num_rows for f in _shards(store, "curate", "scores"))
-    assert 0 < written < len(rows)  # part of the scores were written
-    Path(_shards(store, "curate", "scores")[0]).with_name("part-99999-truncated.parquet").write_bytes(
-        Path(_shards(store, "curate", "scores")[0]).read_bytes()[:100])  # a write the crash cut short
+    committed_rows = sum(pq.read_metadata(f).num_rows for f in _score_shards(store))
+    assert 0 < committed_rows < len(rows)  # part of the corpus was scored
+    shard = Path(_score_shards(store)[0])
+    shard.with_name(shard.name + ".tmp-0000dead").write_bytes(shard.read_bytes()[:100])  # a write cut short
 
     rerun = subprocess.run([EXE, "run", "curate", "--config", str(config)], capture_output=True, text=True,
                            cwd=ROOT, timeout=600, env={**os.environ, **env})
@@ -85,11 +92,20 @@ def test_a_killed_curate_rerun_scores_every_document_once(ray_session, tmp_path,
     metrics = stage_metrics(store.uri("curate"))
     assert metrics["corpus"]["rows"] == metrics["corpus"]["scored"] == len(rows)
     assert metrics["corpus"]["target_documents"] == len(rows) // 2
-    scores = read_table(store.uri("curate", "scores"))  # exactly the committed shards
-    assert scores.num_rows == len(rows) and len(set(scores.column("id").to_pylist())) == len(rows)
-    subset = read_table(store.uri("curate")).column("id").to_pylist()
-    assert len(subset) == len(set(subset)) == 20
+    assert metrics["scale"]["resumed_pieces"] >= 3
+    assert metrics["scale"]["rescored_documents"] == len(rows) - committed_rows  # only the missing pieces
     assert store.list("curate", "attempts") == [marker(store.uri("curate"))["attempt"]] != [crashed]
+
+    config.write_text(json.dumps({**settings, "output_root": str(tmp_path / "uninterrupted")}))
+    whole = subprocess.run([EXE, "run", "curate", "--config", str(config)], capture_output=True, text=True,
+                           cwd=ROOT, timeout=600, env={**os.environ, **env})
+    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
+    resumed = read_table(store.uri("curate"))
+    uninterrupted = read_table(str(tmp_path / "uninterrupted" / "curate"))
+    assert resumed.num_rows == 20
+    assert resumed.equals(uninterrupted)  # the same rows, scores and order
+    again = stage_metrics(str(tmp_path / "uninterrupted" / "curate"))
+    assert again["retrieval"] == metrics["retrieval"] and again["sae"]["fvu"] == metrics["sae"]["fvu"]
 
 
 def _noise_png(rng: np.random.Generator) -> bytes:

@@ -14,6 +14,7 @@ later without refitting. Layout under the folder it is saved to::
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,17 @@ class CurationModel:
     """Per kind of document vector (:data:`KINDS`), the seeds' vectors [S, d]."""
     seed_ids: list[str]
     """The id of each seed, in the order of the seed vectors."""
+
+    def fingerprint(self, *extra: np.ndarray) -> str:
+        """A digest of everything that determines a document's scores (with ``extra`` arrays such as the DSIR
+        weights): two models with one fingerprint score every document the same."""
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(f"{self.model}|{self.layer}|{self.skip_first_token}|{self.seed_ids}".encode())
+        arrays = [self.coords, self.idf, *(self.seeds[k] for k in sorted(self.seeds)), *extra]
+        arrays += [t.detach().cpu().float().numpy() for _, t in sorted(self.sae.state_dict().items())]
+        for array in arrays:
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()
 
     @classmethod
     def from_fit(cls, fit: FitResult, model: str, settings: FitSettings, seed_ids: list[str]) -> CurationModel:

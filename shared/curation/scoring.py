@@ -89,10 +89,10 @@ def survey(cols: Batch, text_column: str, buckets: int, seed: int, size: int, fr
     ``fraction`` (at most ``size`` of them)."""
     texts = [as_text(t) for t in cols[text_column]]
     ids = [str(i) for i in cols["id"]]
-    counts = np.zeros(buckets, dtype=np.float64)
+    counts = np.zeros(buckets, dtype=np.int64)  # integers: the sum is exact in any order
     for text in texts:
         if text:
-            counts += hashed_ngrams(text, buckets)
+            counts += hashed_ngrams(text, buckets).astype(np.int64)
     keys = stable_uniform([f"{SAMPLE_SALT}:{i}" for i in ids], seed)
     usable = [j for j, t in enumerate(texts) if t and t.strip() and keys[j] < fraction]
     usable = sorted(usable, key=lambda j: keys[j])[:size]
