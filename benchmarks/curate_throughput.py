@@ -73,20 +73,23 @@ def config(model: str, gpu: bool, actors: int, docs: int):
     return validate_config(CurateConfig, {
         "model": model, "dtype": "bfloat16", "corpus": "unused", "seeds": ["orbit and launch"],
         "layer": 24 if gpu else None, "max_tokens": 256, "runtime": runtime,
-        "sae": {"train_docs": min(64, docs), "steps": 20}, "coordinates": {"selector": "magnitude"},
+        "sae": {"train_docs": min(64, docs), "steps": 20}, "coordinates": {"selector": "magnitude", "k": 32},
     }, "benchmark")
 
 
 def fit_model(cfg, texts: list[str]):
-    """A CurationModel from a short fit (its values do not change the throughput)."""
-    import ray
+    """A CurationModel from a short fit in this process (its values do not change the throughput)."""
+    import torch
 
-    from ray_jobs.curate import fit_task
-    from shared.curation.features import settings_from
+    from shared.curation.fit import fit_curation, settings_from
     from shared.curation.model import CurationModel
+    from shared.models import load_causal_lm
 
-    resources = {"num_gpus": 1} if cfg.runtime.gpus_per_actor else {}
-    fit = ray.get(fit_task.options(**resources).remote(cfg, texts[: cfg.sae.train_docs], list(cfg.seeds)))
+    device = "cuda" if cfg.runtime.gpus_per_actor else "cpu"
+    model, tokenizer = load_causal_lm(cfg.model, dtype=cfg.dtype, device=device)
+    fit = fit_curation(model, tokenizer, texts[: cfg.sae.train_docs], list(cfg.seeds), settings_from(cfg),
+                       torch.Generator().manual_seed(0), log=lambda line: None)
+    del model
     return CurationModel.from_fit(fit, cfg.model, settings_from(cfg), [f"seed-{i}" for i in range(len(cfg.seeds))])
 
 

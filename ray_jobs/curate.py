@@ -31,15 +31,19 @@ import ray.data
 from ray_jobs.data import READ_CPUS, actor_pool, map_files
 from ray_jobs.metrics import Throughput
 from ray_jobs.placement import claim
+from ray_jobs.train_launch import fit_workers
+from shared.config import WorkersConfig
 from shared.configs.curate import CurateConfig
+from shared.curation.cache import ActivationCache, ActivationExtractor
 from shared.curation.curate_report import curate_metrics, summary_lines, write_report
-from shared.curation.features import FitResult, fit_curation, settings_from
+from shared.curation.fit import Coordinates, FitResult, choose_coordinates, fit_from_cache, settings_from
 from shared.curation.model import CurationModel
 from shared.curation.ngram import hashed_ngrams, log_distribution
 from shared.curation.scoring import (
     DocumentScorer,
     DocumentTokenizer,
     Survey,
+    as_text,
     document_columns,
     score_table,
     survey,
@@ -69,14 +73,79 @@ from shared.storage import Storage
 
 
 @ray.remote
-def fit_task(cfg: CurateConfig, sample_texts: list[str], seed_texts: list[str]) -> FitResult:
-    """Coordinates, SAE and seed vectors, on the resources of one embedding actor (its GPU when it has one)."""
+def coordinates_task(cfg: CurateConfig, reference_texts: list[str]) -> Coordinates:
+    """The layer's coordinates from the reference documents, on the resources of one actor (its GPU if it has one)."""
     import torch
 
-    device = claim(cfg.stage_name, "fit task", cfg.runtime.gpus_per_actor, cfg.runtime.threads).device
+    device = claim(cfg.stage_name, "coordinate task", cfg.runtime.gpus_per_actor, cfg.runtime.threads).device
     model, tokenizer = load_causal_lm(cfg.model, dtype=cfg.dtype, device=device, storage=cfg.storage)
-    return fit_curation(model, tokenizer, sample_texts, seed_texts, settings_from(cfg),
-                        torch.Generator().manual_seed(cfg.seed), log=lambda line: print(line, flush=True))
+    return choose_coordinates(model, tokenizer, reference_texts, settings_from(cfg),
+                              torch.Generator().manual_seed(cfg.seed), log=lambda line: print(line, flush=True))
+
+
+class CacheActor:
+    """Writes the activation cache shard of every piece that holds documents of the SAE's sample."""
+
+    def __init__(self, cfg: CurateConfig, pieces: list[Piece], coordinates: Coordinates, sample: dict[str, bool],
+                 cache: str):
+        self.cfg, self.sample, self.store = cfg, sample, Storage(cache, cfg.storage)
+        self.pieces = {p.index: p for p in pieces}
+        device = claim(cfg.stage_name, "embed actor", cfg.runtime.gpus_per_actor, cfg.runtime.threads).device
+        self.extract = ActivationExtractor(cfg.model, coordinates.layer, coordinates.coords, cfg.max_tokens,
+                                           cfg.skip_first_token, cfg.runtime.micro_batch, cfg.dtype, device,
+                                           cfg.storage)
+        self.extract.setup()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = []
+        for item in (self.pieces[int(i)] for i in batch["piece"]):
+            cols = read_corpus_piece(self.cfg, item)
+            rows = [j for j, i in enumerate(cols["id"]) if str(i) in self.sample]
+            ids = [str(cols["id"][j]) for j in rows]
+            shard = self.extract(ids, [as_text(cols[self.cfg.text_column][j]) or "" for j in rows],
+                                 [self.sample[i] for i in ids])
+            names.append(shard.save(self.store, f"{item.key}.npz"))
+        return {"shard": np.array(names, dtype=object)}
+
+
+def sae_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: the SAE trained by streaming from the cache, then everything scoring needs; the curation
+    model and the fit's figures are written to the attempt folder."""
+    cfg: CurateConfig = config["cfg"]
+    device = claim(cfg.stage_name, "sae worker", 1.0 if cfg.runtime.gpus_per_actor else 0.0, train=True).device
+    model, tokenizer = load_causal_lm(cfg.model, dtype=cfg.dtype, device=device, storage=cfg.storage)
+    fit = fit_from_cache(model, tokenizer, config["coordinates"], ActivationCache(config["cache"], cfg.storage),
+                         config["seed_texts"], settings_from(cfg), log=lambda line: print(line, flush=True))
+    store = Storage(config["store"], cfg.storage)
+    CurationModel.from_fit(fit, cfg.model, settings_from(cfg), config["seed_ids"]).save(store)
+    store.write_json({"history": fit.history, "fvu": fit.fvu, "dead_fraction": fit.dead_fraction,
+                      "features": fit.features, "stats": fit.stats}, "fit.json")
+
+
+def fit(cfg: CurateConfig, stage: Stage, pieces: list[Piece], found: Survey, seed_texts: list[str],
+        seed_ids: list[str]) -> tuple[FitResult, CurationModel]:
+    """Coordinates (a task), the activation cache (the actor pool), the SAE and the rest (a Ray Train worker)."""
+    r = cfg.runtime
+    coordinates = ray.get(coordinates_task.options(num_cpus=max(1.0, r.cpus_per_actor), num_gpus=r.gpus_per_actor)
+                          .remote(cfg, found.texts))
+    sample = found.heldout(cfg.sae.heldout_fraction, cfg.seed)
+    holding = sorted(set(found.pieces))
+    cache = stage.store.child("cache")
+    shards = _items([p for p in pieces if p.index in holding]).map_batches(
+        CacheActor, fn_constructor_kwargs={"cfg": cfg, "pieces": pieces, "coordinates": coordinates,
+                                           "sample": sample, "cache": cache.uri()},
+        compute=actor_pool(r), batch_size=1, num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor or None)
+    uris = sorted(str(row["shard"]) for row in shards.iter_rows())
+    fit_workers(sae_worker, {"cfg": cfg, "coordinates": coordinates, "cache": uris, "seed_texts": seed_texts,
+                             "seed_ids": seed_ids, "store": stage.store.uri()}, stage,
+                WorkersConfig(num_workers=1, cpus_per_worker=max(1.0, r.cpus_per_actor),
+                              use_gpu=r.gpus_per_actor > 0), role="sae worker", run_name="sae", resumable=False)
+    curation = CurationModel.load(stage.store)
+    figures = stage.store.read_json("fit.json")
+    return FitResult(layer=curation.layer, coords=curation.coords, coordinate_scores=curation.coordinate_scores,
+                     sae=curation.sae, history=figures["history"], fvu=figures["fvu"],
+                     dead_fraction=figures["dead_fraction"], idf=curation.idf, seeds=curation.seeds,
+                     features=figures["features"], stats=figures["stats"]), curation
 
 
 class ScoreActor:
@@ -140,7 +209,7 @@ def run(cfg: CurateConfig, stage: Stage) -> dict[str, Any]:
     empty: set[int] = set()
     known = sum(p.rows or 0 for p in pieces) if all(p.rows is not None for p in pieces) else None
     fraction = 1.0 if not known else min(1.0, 3.0 * cfg.sae.train_docs / known)
-    found = Survey(cfg.sae.train_docs)
+    found = Survey(cfg.sae.train_docs, cfg.coordinates.reference_docs)
     for row in _items(pieces).map_batches(_survey, fn_kwargs={"cfg": cfg, "pieces": pieces, "fraction": fraction},
                                           batch_size=1, num_cpus=READ_CPUS).iter_rows():
         found = found.add(row["survey"])
@@ -152,15 +221,13 @@ def run(cfg: CurateConfig, stage: Stage) -> dict[str, Any]:
     if cfg.retrieval.m is not None and cfg.retrieval.m > found.rows:
         raise DataError(f"retrieval.m={cfg.retrieval.m} is larger than the corpus ({found.rows} documents)")
     print(f"corpus: {found.rows} documents in {len(pieces)} pieces; {len(seed_texts)} seeds; model {cfg.model} "
-          f"({num_layers} layers); SAE sample {len(found.texts)} documents", flush=True)
+          f"({num_layers} layers); SAE sample {len(found.ids)} documents", flush=True)
 
     # 2. fit on the sample
-    fit = ray.get(fit_task.options(num_cpus=max(1.0, cfg.runtime.cpus_per_actor),
-                                   num_gpus=cfg.runtime.gpus_per_actor).remote(cfg, found.texts, seed_texts))
-    curation = CurationModel.from_fit(fit, cfg.model, settings_from(cfg), seed_ids)
+    fitted, curation = fit(cfg, stage, pieces, found, seed_texts, seed_ids)
     timings["fit_s"] = round(time.time() - t0, 1)
-    print(f"fit: layer {curation.layer}, {len(curation.coords)} coordinates, SAE FVU {fit.fvu:.3f}, "
-          f"dead latents {fit.dead_fraction:.1%} ({timings['fit_s']} s)", flush=True)
+    print(f"fit: layer {curation.layer}, {len(curation.coords)} coordinates, SAE held-out FVU {fitted.fvu:.3f}, "
+          f"dead latents {fitted.dead_fraction:.1%} ({timings['fit_s']} s)", flush=True)
     buckets, alpha = cfg.ngram.buckets, cfg.ngram.alpha
     target_counts = sum((hashed_ngrams(t, buckets) for t in seed_texts), start=np.zeros(buckets))
     raw_counts = found.counts if found.counts is not None else np.zeros(buckets)
@@ -196,15 +263,14 @@ def run(cfg: CurateConfig, stage: Stage) -> dict[str, Any]:
     selected = _selected_table.remote(cfg.corpus, seed_ids, *selected_refs)
     files, preview = write_subset(cfg, stage, pieces, selected, {i for _, i in totals.best})
     stage.add_files("subset", files)
-    curation.save(stage.store)
     stage.outputs.update(dataset="subset", sae="sae")
     timings["subset_s"] = round(time.time() - t3, 1)
 
     scale = {"pieces": len(pieces), "resumed_pieces": len(pieces) - len(todo), "rescored_documents": scored_rows,
              "selection_passes": passes, "subset_files": len(files), "scores": shards.uri()}
-    metrics = curate_metrics(cfg, fit, curation, counts, totals, found.rows, timings, t0)
+    metrics = curate_metrics(cfg, fitted, curation, counts, totals, found.rows, timings, t0)
     metrics["scale"] = scale
-    write_report(stage.store, cfg, fit, curation, metrics, counts.hist,
+    write_report(stage.store, cfg, fitted, curation, metrics, counts.hist,
                  totals.lowest.get(primary.method), sorted(preview, key=lambda r: -r["score"]))
     for line in summary_lines(metrics):
         print(line, flush=True)
@@ -244,7 +310,8 @@ def _survey(batch: dict[str, np.ndarray], cfg: CurateConfig, pieces: list[Piece]
             ) -> dict[str, Any]:
     return {"piece": batch["piece"],
             "survey": [survey(read_corpus_piece(cfg, pieces[int(i)]), cfg.text_column, cfg.ngram.buckets, cfg.seed,
-                              cfg.sae.train_docs, fraction) for i in batch["piece"]]}
+                              cfg.sae.train_docs, fraction, int(i), cfg.coordinates.reference_docs)
+                       for i in batch["piece"]]}
 
 
 def select_all(cfg: CurateConfig, shards: list[str], seeds: int) -> tuple[list[MethodRule], CorpusCounts, int]:

@@ -8,7 +8,8 @@ import torch
 
 from shared.config import load_config
 from shared.configs.curate import CurateConfig
-from shared.curation.features import KINDS, fit_curation, settings_from
+from shared.curation.features import KINDS
+from shared.curation.fit import fit_curation, settings_from
 from shared.curation.model import CurationModel
 from shared.curation.scoring import DocumentScorer, DocumentTokenizer, content_ids
 from shared.curation.seeds import load_seeds

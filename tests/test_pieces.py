@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -67,16 +66,22 @@ def test_the_survey_does_not_depend_on_the_cut(corpus):
     rows, parquet, _ = corpus
     results = []
     for max_rows in (500, 64, 7):
-        found = Survey(40)
+        found = Survey(40, 5)
         for piece in plan_pieces(resolve_dataset(str(parquet)), None, 1 << 30, max_rows):
             cols = document_columns(read_piece(piece), "text", "id", "label")
-            found = found.add(survey(cols, "text", 64, seed=3, size=40, fraction=0.5))
+            found = found.add(survey(cols, "text", 64, seed=3, size=40, fraction=0.5, piece=piece.index,
+                                     text_size=5))
         results.append(found)
     first = results[0]
-    assert first.rows == 500 and len(first.ids) == 40
+    assert first.rows == 500 and len(first.ids) == 40 and len(first.texts) == 5
+    texts = {r["id"]: r["text"] for r in rows}
+    assert first.texts == [texts[i] for i in first.ids[:5]]
     for other in results[1:]:
         assert other.ids == first.ids and other.texts == first.texts
-        assert np.allclose(other.counts, first.counts)
-    other_seed = Survey(40).add(survey(document_columns(read_all(plan_pieces(
+        assert (other.counts == first.counts).all()
+    other_seed = Survey(40, 0).add(survey(document_columns(read_all(plan_pieces(
         resolve_dataset(str(parquet)), None, 1 << 30, 500)), "text", "id", "label"), "text", 64, 4, 40, 0.5))
     assert other_seed.ids != first.ids
+    heldout = first.heldout(0.1, seed=3)
+    assert set(heldout) == set(first.ids) and 1 <= sum(heldout.values()) < 40
+    assert first.heldout(0.1, seed=3) == heldout

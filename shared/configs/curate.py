@@ -39,7 +39,10 @@ class SAEConfig(StrictModel):
     dead_tokens: int = Field(10_000, ge=1)
     """A latent that has not fired in this many tokens counts as dead."""
     train_docs: int = Field(256, ge=2)
-    """Corpus documents sampled for the activations the SAE trains on."""
+    """Corpus documents in the SAE's sample (uniform: the smallest hashes of id and seed). Their activations go to
+    the activation cache and training streams from it, so this can reach millions of tokens."""
+    heldout_fraction: float = Field(0.1, ge=0, lt=1)
+    """Share of the sample's documents held out of training; the reported FVU is measured on them."""
     steps: int = Field(600, ge=1)
     """Optimiser steps."""
     batch_size: int = Field(1024, ge=8)

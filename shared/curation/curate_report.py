@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.curation.features import FitResult
+from shared.curation.fit import FitResult
 from shared.curation.model import CurationModel
 from shared.curation.selection import SCORE_BINS, CorpusCounts, Tally
 from shared.report import Report

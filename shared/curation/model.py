@@ -23,7 +23,8 @@ import torch
 import yaml
 
 from shared.curation.activations import truncate_to_layer
-from shared.curation.features import KINDS, Embedder, FitResult, FitSettings
+from shared.curation.features import KINDS, Embedder
+from shared.curation.fit import FitResult, FitSettings
 from shared.curation.sae import SAEShape, TopKSAE, sae_from_state, sae_state
 from shared.errors import DataError
 from shared.storage import Storage

@@ -12,8 +12,9 @@ scaled by one scalar so that E||x||^2 = d (the scale is part of the model).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -150,35 +151,70 @@ class TrainResult:
                 self.history[-1]["step"], "shape": asdict(self.sae.shape)}
 
 
-def train_sae(activations: torch.Tensor, shape: SAEShape, settings: TrainSettings,
-              log: Any = None) -> TrainResult:
-    """Train on [N, d_in] token activations (float32). ``log(line)`` receives progress lines."""
-    if activations.ndim != 2 or activations.shape[1] != shape.d_in:
-        raise ValueError(f"activations have shape {tuple(activations.shape)}; expected [N, {shape.d_in}]")
-    if activations.shape[0] < 2:
+class BatchSource(Protocol):
+    """Token activations an SAE trains on, possibly larger than memory (``shared.curation.cache``)."""
+
+    def moments(self) -> tuple[int, torch.Tensor, float]:
+        """(rows, mean vector, mean squared norm) of the training rows."""
+
+    def probe(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """About ``n`` training rows, drawn at random (initialises the encoder's scale)."""
+
+    def batches(self, size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        """Shuffled training batches of ``size`` rows, for ever (epoch after epoch)."""
+
+
+class TensorSource:
+    """A :class:`BatchSource` over one in-memory [N, d] tensor (epochs of a random permutation)."""
+
+    def __init__(self, activations: torch.Tensor):
+        if activations.ndim != 2:
+            raise ValueError(f"activations have shape {tuple(activations.shape)}; expected [N, d]")
+        self.x = activations.float()
+
+    def moments(self) -> tuple[int, torch.Tensor, float]:
+        return self.x.shape[0], self.x.mean(dim=0), float(self.x.pow(2).sum(dim=1).mean())
+
+    def probe(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return self.x[torch.randperm(self.x.shape[0], generator=generator)[:n]]
+
+    def batches(self, size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        n = self.x.shape[0]
+        order, cursor = torch.randperm(n, generator=generator), 0
+        while True:
+            if cursor + size > n:
+                order, cursor = torch.randperm(n, generator=generator), 0
+            yield self.x[order[cursor: cursor + size]]
+            cursor += size
+
+
+def train_sae(activations: torch.Tensor | BatchSource, shape: SAEShape, settings: TrainSettings,
+              log: Any = None, device: str | torch.device = "cpu") -> TrainResult:
+    """Train on token activations: an in-memory [N, d_in] tensor or a streamed :class:`BatchSource`.
+    ``log(line)`` receives progress lines; ``result.fvu`` is measured on the training rows (in memory) or left for
+    the caller to measure on held-out rows (streamed)."""
+    source = TensorSource(activations) if isinstance(activations, torch.Tensor) else activations
+    rows, mean, mean_sq = source.moments()
+    if isinstance(source, TensorSource) and source.x.shape[1] != shape.d_in:
+        raise ValueError(f"activations have shape {tuple(source.x.shape)}; expected [N, {shape.d_in}]")
+    if rows < 2:
         raise ValueError("need at least 2 activation vectors to train an SAE")
-    x_all = activations.float()
     gen = torch.Generator().manual_seed(settings.seed)
-    sae = TopKSAE(shape, generator=gen)
+    sae = TopKSAE(shape, generator=gen).to(device)
     with torch.no_grad():
-        sae.input_scale.fill_(float((shape.d_in / x_all.pow(2).sum(dim=1).mean().clamp_min(1e-12)).sqrt()))
-        sae.b_pre.copy_((x_all * sae.input_scale).mean(dim=0))
+        sae.input_scale.fill_(float((shape.d_in / max(mean_sq, 1e-12)) ** 0.5))
+        sae.b_pre.copy_(mean.to(device) * sae.input_scale)
         # k unit-norm atoms with activations of the input's size overshoot the input by about sqrt(k): scale the
         # encoder (TopK-ReLU codes are linear in it) so that the first reconstructions have the inputs' size
-        probe = x_all[torch.randperm(x_all.shape[0], generator=gen)[: settings.batch_size]]
+        probe = source.probe(settings.batch_size, gen).to(device)
         centred = probe * sae.input_scale - sae.b_pre
         recon = sae.decode(*sae.encode(probe)) - sae.b_pre
         sae.encoder.weight.mul_(float(centred.norm(dim=1).mean() / recon.norm(dim=1).mean().clamp_min(1e-12)))
     optimizer = torch.optim.Adam(sae.parameters(), lr=settings.lr)
     result = TrainResult(sae=sae)
-    n = x_all.shape[0]
-    order = torch.randperm(n, generator=gen)
-    cursor = 0
+    batches = source.batches(settings.batch_size, gen)
     for step in range(1, settings.steps + 1):
-        if cursor + settings.batch_size > n:
-            order, cursor = torch.randperm(n, generator=gen), 0
-        batch = x_all[order[cursor: cursor + settings.batch_size]]
-        cursor += settings.batch_size
+        batch = next(batches).to(device, non_blocking=True)
         terms = sae.loss(batch, settings.aux_alpha, settings.l1)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
@@ -193,9 +229,37 @@ def train_sae(activations: torch.Tensor, shape: SAEShape, settings: TrainSetting
                 log(f"sae step {step}/{settings.steps}: loss {record['loss']:.4f} nmse {record['nmse']:.4f} "
                     f"auxk {record['auxk']:.4f} dead {record['dead_fraction']:.1%}")
     sae.eval()
-    result.fvu = sae.fraction_of_variance_unexplained(x_all)
+    if isinstance(source, TensorSource):
+        result.fvu = sae.fraction_of_variance_unexplained(source.x.to(device))
     result.dead_fraction = float(sae.dead_mask().float().mean())
     return result
+
+
+@dataclass
+class FVU:
+    """Fraction of variance unexplained, accumulated over batches: sum ||x^ - x||^2 / sum ||x - mean||^2."""
+
+    error: float = 0.0
+    total: float = 0.0
+    sq_norm: float = 0.0
+    rows: int = 0
+    sum: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def add(self, sae: TopKSAE, x: torch.Tensor) -> None:
+        xs = x.float() * sae.input_scale
+        self.error += float((sae.decode(*sae.encode(x.float())) - xs).pow(2).sum())
+        self.sq_norm += float(xs.pow(2).sum())
+        self.rows += xs.shape[0]
+        part = xs.sum(dim=0).double().cpu()
+        self.sum = part if self.sum is None else self.sum + part
+
+    @property
+    def value(self) -> float | None:
+        if not self.rows or self.sum is None:
+            return None
+        spread = self.sq_norm - float(self.sum.pow(2).sum()) / self.rows
+        return self.error / max(spread, 1e-12)
 
 
 def sae_state(sae: TopKSAE) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
