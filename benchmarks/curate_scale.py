@@ -4,8 +4,8 @@
     python benchmarks/curate_scale.py --sizes 2000 --storage local
 
 Corpora are real text (the embedded news, newsgroup and Python sources, re-chunked at several window sizes and
-offsets, every chunk with a fresh id), written as many Parquet and JSON Lines shards (about 5,000 documents each) on
-local disk and on moto's S3 server (started here on 127.0.0.1). Each (size, storage) runs the whole curate job on
+offsets, every chunk with a fresh id), written as shards of 5,000 documents: Parquet on local disk, JSON Lines on moto's
+S3 server (started here on 127.0.0.1; one dataset holds one format). Each (size, storage) runs the whole curate job on
 tiny-llama in its own process, on its own local Ray instance, so peaks do not carry over. One JSON line each:
 
     docs, storage, wall_s, docs_per_s, tokens_per_s, driver_peak_rss_mb, object_store_peak_mb, output_files, pieces
@@ -54,8 +54,8 @@ def corpus_rows(n: int) -> list[dict[str, str]]:
     return rows
 
 
-def write_corpus(rows: list[dict[str, str]], uri: str) -> int:
-    """Alternate Parquet and JSON Lines shards of SHARD_DOCS documents; returns the number of files."""
+def write_corpus(rows: list[dict[str, str]], uri: str, fmt: str) -> int:
+    """Parquet or JSON Lines shards of SHARD_DOCS documents; returns the number of files."""
     import pyarrow as pa
 
     from shared.data import write_parquet
@@ -65,7 +65,7 @@ def write_corpus(rows: list[dict[str, str]], uri: str) -> int:
     files = 0
     for i, start in enumerate(range(0, len(rows), SHARD_DOCS)):
         part = rows[start: start + SHARD_DOCS]
-        if i % 2 == 0:
+        if fmt == "parquet":
             write_parquet(pa.Table.from_pylist(part), store, f"part-{i:05d}.parquet")
         else:
             store.write_text("".join(json.dumps(r) + "\n" for r in part), f"part-{i:05d}.jsonl")
@@ -172,13 +172,14 @@ def main() -> None:
                 rows = corpus_rows(docs)
                 for storage in storages:
                     base = f"s3://bench/{docs}" if storage == "s3" else f"{tmp}/{docs}"
-                    files = write_corpus(rows, f"{base}/corpus")
+                    fmt = "jsonl" if storage == "s3" else "parquet"
+                    files = write_corpus(rows, f"{base}/corpus", fmt)
                     out = subprocess.run([sys.executable, __file__, "--one", f"{base}/corpus", f"{base}/run",
                                           str(docs), storage], capture_output=True, text=True, env=os.environ)
                     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
                     if line is None:
                         sys.exit(f"{docs} documents on {storage} failed:\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
-                    result = {**json.loads(line[len("RESULT "):]), "input_files": files}
+                    result = {**json.loads(line[len("RESULT "):]), "input_files": files, "format": fmt}
                     results.append(result)
                     print(json.dumps(result), flush=True)
         finally:

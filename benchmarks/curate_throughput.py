@@ -97,7 +97,7 @@ def bare_loop(cfg, pieces, curation, weights, out: str) -> dict:
     """What each scoring actor does per piece, in a plain loop."""
     import torch
 
-    from ray_jobs.curate import read_corpus_piece
+    from ray_jobs.pieces import read_corpus_piece
     from shared.curation.scoring import DocumentScorer, DocumentTokenizer, score_table
     from shared.data import write_parquet
     from shared.storage import Storage

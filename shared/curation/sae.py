@@ -41,6 +41,14 @@ class SAEShape:
             raise ValueError("aux_k must be >= 0 and dead_tokens > 0")
 
 
+def sparse_decode(values: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum_j values[..., j] * weight[indices[..., j]]: one embedding bag per row, so neither the forward nor the
+    backward pass materialises the [..., k, d] gathered rows."""
+    flat_v, flat_i = values.reshape(-1, values.shape[-1]), indices.reshape(-1, indices.shape[-1])
+    out = F.embedding_bag(flat_i, weight, per_sample_weights=flat_v.to(weight.dtype), mode="sum")
+    return out.reshape(*values.shape[:-1], weight.shape[1])
+
+
 class TopKSAE(nn.Module):
     def __init__(self, shape: SAEShape, generator: torch.Generator | None = None):
         super().__init__()
@@ -66,8 +74,8 @@ class TopKSAE(nn.Module):
         return values.relu(), indices
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Sparse decode (gathers k decoder rows per token), in the scaled input space."""
-        return torch.einsum("...k,...kd->...d", values, self.W_dec[indices]) + self.b_pre
+        """Sparse decode (a weighted sum of k decoder rows per token), in the scaled input space."""
+        return sparse_decode(values, indices, self.W_dec) + self.b_pre
 
     def dense_codes(self, x: torch.Tensor) -> torch.Tensor:
         """[..., n_latents] with the k active values scattered in place, zeros elsewhere."""
@@ -85,7 +93,7 @@ class TopKSAE(nn.Module):
         pre = self.encoder(xs - self.b_pre)
         values, indices = pre.topk(self.shape.k, dim=-1, sorted=False)
         values = values.relu()
-        recon = torch.einsum("nk,nkd->nd", values, self.W_dec[indices]) + self.b_pre
+        recon = sparse_decode(values, indices, self.W_dec) + self.b_pre
         variance = (xs - xs.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
         nmse = (recon - xs).pow(2).sum(dim=-1).mean() / variance
 
@@ -102,7 +110,7 @@ class TopKSAE(nn.Module):
             residual = (xs - recon).detach()
             aux_pre = pre.masked_fill(~dead, float("-inf"))
             aux_values, aux_indices = aux_pre.topk(n_aux, dim=-1, sorted=False)
-            aux_recon = torch.einsum("nk,nkd->nd", aux_values.relu(), self.W_dec[aux_indices])
+            aux_recon = sparse_decode(aux_values.relu(), aux_indices, self.W_dec)
             res_var = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
             auxk = (aux_recon - residual).pow(2).sum(dim=-1).mean() / res_var
         l1_term = values.abs().sum(dim=-1).mean() if l1 > 0 else torch.zeros((), device=x.device)
