@@ -49,7 +49,7 @@ class CacheActor:
                  cache: str):
         self.cfg, self.sample, self.store = cfg, sample, Storage(cache, cfg.storage)
         self.pieces = {p.index: p for p in pieces}
-        device = claim(cfg.stage_name, "embed actor", cfg.runtime.gpus_per_actor, cfg.runtime.threads).device
+        device = claim(cfg.stage_name, "cache actor", cfg.runtime.gpus_per_actor, cfg.runtime.threads).device
         self.extract = ActivationExtractor(cfg.model, coordinates.layer, coordinates.coords, cfg.max_tokens,
                                            cfg.skip_first_token, cfg.runtime.micro_batch, cfg.dtype, device,
                                            cfg.storage)

@@ -15,6 +15,7 @@ from typing import Any
 
 import ray
 import ray.train
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from shared.errors import UserError
 from shared.placement import Placement, choose_device, thread_count, usable_cores
@@ -47,10 +48,20 @@ def open_ledger(stage: str) -> None:
     """Start recording the placements of ``stage`` (the ledger is created on first use; workers find it by name in
     the job's namespace)."""
     global _LEDGER
-    job = ray.get_runtime_context().get_job_id()
-    if _LEDGER is None or _LEDGER[0] != job:  # once per Ray connection: replacing the owner's handle ends the actor
-        ledger = PlacementLedger.options(name=LEDGER, get_if_exists=True)  # type: ignore[attr-defined]  # @ray.remote
-        _LEDGER = (job, ledger.remote())
+    context = ray.get_runtime_context()
+    job = context.get_job_id()
+    if _LEDGER is not None and _LEDGER[0] == job:
+        try:
+            ray.get(_LEDGER[1].reset.remote(stage))
+            return
+        except ray.exceptions.ActorDiedError:  # its node went away (an autoscaler removed it): start another
+            pass
+    # once per Ray connection (replacing the owner's handle ends the actor), on the driver's node (the head on a
+    # cluster, which autoscaling never removes)
+    ledger = PlacementLedger.options(  # type: ignore[attr-defined]  # @ray.remote
+        name=LEDGER, get_if_exists=True,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(context.get_node_id(), soft=True))
+    _LEDGER = (job, ledger.remote())
     ray.get(_LEDGER[1].reset.remote(stage))
 
 
@@ -70,7 +81,7 @@ def claim(stage: str, role: str, gpus: float, threads: int | None = None, *, tra
     placement = Placement(stage=stage, role=role, device=device,
                           threads=thread_count(assigned.get("CPU"), threads, usable_cores()),
                           requested_gpus=float(gpus), assigned_cpus=assigned.get("CPU"),
-                          node=context.get_node_id()[:12])
+                          node=context.get_node_id())
     torch.set_num_threads(placement.threads)
     try:
         ray.get_actor(LEDGER).record.remote(placement.to_dict())
@@ -80,7 +91,8 @@ def claim(stage: str, role: str, gpus: float, threads: int | None = None, *, tra
 
 
 def placements(stage: str) -> dict[str, Any]:
-    """Per role: how many workers computed on which device, with how many threads (for the stage's metrics)."""
+    """Per role: how many workers computed on which device and node, with how many threads (for the stage's
+    metrics)."""
     try:
         entries = ray.get(ray.get_actor(LEDGER).of.remote(stage))
     except ValueError:
@@ -88,8 +100,9 @@ def placements(stage: str) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for e in entries:
         role = summary.setdefault(e["role"], {"workers": 0, "devices": {}, "threads": [], "requested_gpus": 0.0,
-                                              "assigned_cpus": e["assigned_cpus"]})
+                                              "assigned_cpus": e["assigned_cpus"], "nodes": {}})
         role["workers"] += 1
+        role["nodes"][e["node"]] = role["nodes"].get(e["node"], 0) + 1
         role["devices"][e["device"]] = role["devices"].get(e["device"], 0) + 1
         role["threads"] = sorted(set(role["threads"]) | {e["threads"]})
         role["requested_gpus"] = e["requested_gpus"]
