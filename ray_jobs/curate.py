@@ -8,7 +8,7 @@ pass streams over them, so neither the driver nor the object store ever holds th
 1. survey (Ray Data tasks): rows, the raw n-gram distribution for DSIR, and a uniform sample keyed by a hash of
    (document id, seed);
 2. fit on that sample (``ray_jobs.curate_fit``): coordinates in a task, the sample's activations cached per piece by
-   the actor pool, the TopK SAE trained from the cache in a Ray Train worker, then the seed vectors;
+   the actor pool, the TopK SAE trained from the cache in a task, then the seed vectors;
 3. score (Ray Data actor pool, the model loaded once per actor, autoscaling between num_actors and max_actors): each
    actor reads a piece, scores it and commits ``<checkpoints>/scores/<piece key>.parquet`` (ids and scores, no
    text). A rerun of the same config scores only the pieces without a committed shard;
@@ -27,7 +27,7 @@ import numpy as np
 
 from ray_jobs.curate_fit import fit
 from ray_jobs.curate_select import select_all, selected_table, tally_all, write_subset
-from ray_jobs.data import READ_CPUS, actor_pool
+from ray_jobs.data import actor_pool
 from ray_jobs.metrics import Throughput
 from ray_jobs.pieces import items, read_corpus_piece
 from ray_jobs.placement import claim
@@ -109,7 +109,7 @@ def run(cfg: CurateConfig, stage: Stage) -> dict[str, Any]:
     fraction = 1.0 if not known else min(1.0, 3.0 * cfg.sae.train_docs / known)
     found = Survey(cfg.sae.train_docs, cfg.coordinates.reference_docs)
     for row in items(pieces).map_batches(_survey, fn_kwargs={"cfg": cfg, "pieces": pieces, "fraction": fraction},
-                                          batch_size=1, num_cpus=READ_CPUS).iter_rows():
+                                         batch_size=1, num_cpus=1).iter_rows():  # CPU-bound: n-gram hashing
         found = found.add(row["survey"])
         if row["survey"].rows == 0:
             empty.add(int(row["piece"]))

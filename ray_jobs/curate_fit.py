@@ -3,14 +3,12 @@
 1. ``coordinates_task``: the layer's K_act coordinates from the sample's reference documents (one task);
 2. ``CacheActor``: the sample's activations at those coordinates, one cache shard per piece that holds sample
    documents (the actor pool, autoscaling like the scoring pool), under ``<attempt>/cache/``;
-3. ``sae_worker``: the TopK SAE trained by streaming from the cache (a Ray Train worker; GPU when the pool has one),
+3. ``sae_task``: the TopK SAE trained by streaming from the cache (a task; GPU when the pool has one),
    its FVU on the held-out documents, idf, seed vectors and feature snippets; it saves the curation model and the
    fit's figures in the attempt folder.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import numpy as np
 import ray
@@ -18,8 +16,6 @@ import ray
 from ray_jobs.data import actor_pool
 from ray_jobs.pieces import items, read_corpus_piece
 from ray_jobs.placement import claim
-from ray_jobs.train_launch import fit_workers
-from shared.config import WorkersConfig
 from shared.configs.curate import CurateConfig
 from shared.curation.cache import ActivationCache, ActivationExtractor
 from shared.curation.fit import Coordinates, FitResult, choose_coordinates, fit_from_cache, settings_from
@@ -67,23 +63,25 @@ class CacheActor:
         return {"shard": np.array(names, dtype=object)}
 
 
-def sae_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker: the SAE trained by streaming from the cache, then everything scoring needs; the curation
-    model and the fit's figures are written to the attempt folder."""
-    cfg: CurateConfig = config["cfg"]
-    device = claim(cfg.stage_name, "sae worker", 1.0 if cfg.runtime.gpus_per_actor else 0.0, train=True).device
+@ray.remote(max_retries=2)
+def sae_task(cfg: CurateConfig, coordinates: Coordinates, cache: list[str], seed_texts: list[str],
+             seed_ids: list[str], store_uri: str) -> None:
+    """The SAE trained by streaming from the cache, then everything scoring needs, on the resources of one actor
+    (its GPU when the pool has GPUs); the curation model and the fit's figures go to the attempt folder. (A Ray task:
+    one process trains, so Ray Train's controller and worker group would only add start-up time.)"""
+    device = claim(cfg.stage_name, "sae task", cfg.runtime.gpus_per_actor, cfg.runtime.threads).device
     model, tokenizer = load_causal_lm(cfg.model, dtype=cfg.dtype, device=device, storage=cfg.storage)
-    fit = fit_from_cache(model, tokenizer, config["coordinates"], ActivationCache(config["cache"], cfg.storage),
-                         config["seed_texts"], settings_from(cfg), log=lambda line: print(line, flush=True))
-    store = Storage(config["store"], cfg.storage)
-    CurationModel.from_fit(fit, cfg.model, settings_from(cfg), config["seed_ids"]).save(store)
+    fit = fit_from_cache(model, tokenizer, coordinates, ActivationCache(cache, cfg.storage), seed_texts,
+                         settings_from(cfg), log=lambda line: print(line, flush=True))
+    store = Storage(store_uri, cfg.storage)
+    CurationModel.from_fit(fit, cfg.model, settings_from(cfg), seed_ids).save(store)
     store.write_json({"history": fit.history, "fvu": fit.fvu, "dead_fraction": fit.dead_fraction,
                       "features": fit.features, "stats": fit.stats}, "fit.json")
 
 
 def fit(cfg: CurateConfig, stage: Stage, pieces: list[Piece], found: Survey, seed_texts: list[str],
         seed_ids: list[str]) -> tuple[FitResult, CurationModel]:
-    """Coordinates (a task), the activation cache (the actor pool), the SAE and the rest (a Ray Train worker)."""
+    """Coordinates (a task), the activation cache (the actor pool), the SAE and the rest (a task)."""
     r = cfg.runtime
     coordinates = ray.get(coordinates_task.options(num_cpus=max(1.0, r.cpus_per_actor), num_gpus=r.gpus_per_actor)
                           .remote(cfg, found.texts))
@@ -95,10 +93,8 @@ def fit(cfg: CurateConfig, stage: Stage, pieces: list[Piece], found: Survey, see
                                            "sample": sample, "cache": cache.uri()},
         compute=actor_pool(r), batch_size=1, num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor or None)
     uris = sorted(str(row["shard"]) for row in shards.iter_rows())
-    fit_workers(sae_worker, {"cfg": cfg, "coordinates": coordinates, "cache": uris, "seed_texts": seed_texts,
-                             "seed_ids": seed_ids, "store": stage.store.uri()}, stage,
-                WorkersConfig(num_workers=1, cpus_per_worker=max(1.0, r.cpus_per_actor),
-                              use_gpu=r.gpus_per_actor > 0), role="sae worker", run_name="sae", resumable=False)
+    ray.get(sae_task.options(num_cpus=max(1.0, r.cpus_per_actor), num_gpus=r.gpus_per_actor)
+            .remote(cfg, coordinates, uris, seed_texts, seed_ids, stage.store.uri()))
     curation = CurationModel.load(stage.store)
     figures = stage.store.read_json("fit.json")
     return FitResult(layer=curation.layer, coords=curation.coords, coordinate_scores=curation.coordinate_scores,

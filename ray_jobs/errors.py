@@ -7,6 +7,8 @@ import importlib
 import logging
 import sys
 
+from ray.exceptions import RayTaskError
+
 from shared.errors import UserError, first_line
 
 
@@ -29,10 +31,15 @@ def cause_of(exc: BaseException) -> BaseException:
 
 
 def _user_error_in_text(error: BaseException) -> UserError | None:
-    """An actor whose constructor raised dies with only the traceback's text (ActorDiedError.error_msg): the user
-    error it raised is recovered from that text's last line (``shared.placement.PlacementError: stage ...``)."""
-    text = getattr(error, "error_msg", None)
-    if not isinstance(text, str) or not getattr(error, "_actor_init_failed", False):
+    """An actor whose constructor raised dies with only the traceback's text (ActorDiedError.error_msg), and a Ray
+    Data UDF's error reaches the driver as text inside UserCodeException: the user error is recovered from the
+    text's last line that names one (``shared.placement.PlacementError: stage ...``)."""
+    text = getattr(error, "error_msg", None) if getattr(error, "_actor_init_failed", False) else None
+    if text is None and isinstance(error, RayTaskError):
+        # a task's error whose cause did not survive pickling (Ray Data wraps a UDF's error in UserCodeException):
+        # the task's traceback, in its text, still names it
+        text = str(error)
+    if not isinstance(text, str):
         return None
     for line in reversed([line.strip() for line in text.splitlines() if line.strip()]):
         name, sep, message = line.partition(": ")

@@ -11,6 +11,7 @@ local Ray instance can satisfy a GPU request at all (``check_gpu_request``): oth
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import ray
@@ -58,11 +59,17 @@ def open_ledger(stage: str) -> None:
             pass
     # once per Ray connection (replacing the owner's handle ends the actor), on the driver's node (the head on a
     # cluster, which autoscaling never removes)
-    ledger = PlacementLedger.options(  # type: ignore[attr-defined]  # @ray.remote
-        name=LEDGER, get_if_exists=True,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(context.get_node_id(), soft=True))
-    _LEDGER = (job, ledger.remote())
-    ray.get(_LEDGER[1].reset.remote(stage))
+    for _ in range(40):
+        ledger = PlacementLedger.options(  # type: ignore[attr-defined]  # @ray.remote
+            name=LEDGER, get_if_exists=True,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(context.get_node_id(), soft=True))
+        _LEDGER = (job, ledger.remote())
+        try:
+            ray.get(_LEDGER[1].reset.remote(stage))
+            return
+        except ray.exceptions.ActorDiedError:  # the dead ledger still holds its name for a moment
+            time.sleep(0.25)
+    raise RuntimeError("the placement ledger actor cannot be started")
 
 
 def claim(stage: str, role: str, gpus: float, threads: int | None = None, *, train: bool = False) -> Placement:

@@ -132,13 +132,13 @@ def read_file(file_uri: str, fmt: Format, storage: StorageConfig | None = None, 
     return table
 
 
-def parse_jsonl(data: bytes, where: str) -> pa.Table:
+def parse_jsonl(data: bytes, where: str, line_offset: int = 1) -> pa.Table:
     """JSON Lines (one object per line) or a JSON array of objects; text that is not UTF-8 is an error naming the
     first bad line."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        bad_line = data[: exc.start].count(b"\n") + 1
+        bad_line = data[: exc.start].count(b"\n") + line_offset
         raise DataError(f"dataset file {where}: line {bad_line} is not UTF-8 text (byte {exc.start}: "
                         f"{data[exc.start:exc.start + 1]!r})") from None
     stripped = text.lstrip()
@@ -153,7 +153,7 @@ def parse_jsonl(data: bytes, where: str) -> pa.Table:
     try:
         return pajson.read_json(io.BytesIO(data))
     except pa.ArrowInvalid:
-        for number, line in enumerate(text.splitlines(), 1):  # name the line pyarrow could not read
+        for number, line in enumerate(text.splitlines(), line_offset):  # name the line pyarrow could not read
             if line.strip():
                 try:
                     json.loads(line)

@@ -48,6 +48,9 @@ def summarise(root: Storage) -> tuple[str, dict[str, Any]]:
                 "sft": recovered_share(ppl["base"], ppl["pruned"], ppl["sft"])}
     metrics: dict[str, Any] = {
         "curation": {m: e for m, e in curate["retrieval"].items()},
+        "sae": {"heldout_fvu": curate.get("sae", {}).get("fvu"),
+                **{k: curate.get("fit", {}).get(k) for k in ("sample_docs", "sample_tokens", "train_tokens",
+                                                              "heldout_tokens")}},
         "pruning": {k: prune.get(k) for k in ("parameters_before", "parameters_after", "achieved_fraction",
                                               "target_fraction")},
         "distillation_filter": distill.get("filter"),
@@ -62,6 +65,9 @@ def summarise(root: Storage) -> tuple[str, dict[str, Any]]:
               "| method | selected | purity | recall |", "|---|---|---|---|"]
     for method, entry in curate["retrieval"].items():
         lines.append(f"| {method} | {entry['selected']} | {_f(entry.get('purity'))} | {_f(entry.get('recall'))} |")
+    sae = metrics["sae"]
+    lines += ["", f"SAE: held-out FVU {_f(sae['heldout_fvu'])} on a sample of {sae['sample_docs']} documents "
+              f"({sae['sample_tokens']} tokens, {sae['heldout_tokens']} of them held out of training).", ""]
     lines += ["", "## Pruning", "",
               f"{prune.get('parameters_before'):,} -> {prune.get('parameters_after'):,} parameters "
               f"(removed {_f(prune.get('achieved_fraction'))} of them; target {prune.get('target_fraction')}).", ""]

@@ -180,7 +180,12 @@ def _read_jsonl_range(piece: Piece, storage: StorageConfig | None) -> pa.Table:
         data = handle.read(piece.stop - begin)
         if not data.endswith(b"\n"):
             data += handle.readline()
-    return parse_jsonl(data, f"{piece.file} (bytes {begin}..)")
+    try:
+        return parse_jsonl(data, piece.file)
+    except DataError:  # name the line as the file numbers it: count the lines before this range (error path only)
+        with store.fs.open(store.path(), "rb") as handle:
+            before = handle.read(begin).count(b"\n")
+        return parse_jsonl(data, piece.file, line_offset=before + 1)
 
 
 def read_all(pieces: list[Piece], storage: StorageConfig | None = None, columns: list[str] | None = None

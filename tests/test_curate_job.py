@@ -63,7 +63,7 @@ def test_curate_end_to_end_on_s3(ray_session, s3_root, labelled_chunks):
 
     placement = metrics["placement"]
     assert placement["coordinate task"]["devices"] == {"cpu": 1} and placement["embed actor"]["devices"] == {"cpu": 1}
-    assert placement["sae worker"]["devices"] == {"cpu": 1}
+    assert placement["sae task"]["devices"] == {"cpu": 1}
     corpus = metrics["corpus"]
     assert corpus["rows"] == corpus["scored"] == len(pool) + 3 and corpus["usable"] == len(pool) + 1
     assert corpus["skipped_empty"] == 2 and corpus["truncated"] >= 1 and corpus["target_documents"] == 30

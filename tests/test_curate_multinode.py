@@ -2,7 +2,7 @@
 many shards from moto's S3 server:
 
 - ``ray.cluster_utils.Cluster``, a head with no CPUs and two nodes: the scoring actors run on both nodes, and the
-  output equals a run of the same config after one node is removed;
+  output equals a run of the same config on this session's one-node instance;
 - ``AutoscalingCluster`` (Ray's fake multi-node provider) with no worker node at the start: the autoscaler adds
   nodes for the job's tasks and actor pools, and removes them after the idle timeout.
 
@@ -57,23 +57,29 @@ def _child(scenario: str, tmp_path, config: dict, timeout: float = 600) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
-def test_two_nodes_score_in_parallel_and_match_one_node(s3_root, tmp_path, rows):
+def test_two_nodes_score_in_parallel_and_match_one_node(ray_session, s3_root, tmp_path, rows):
+    import pyarrow as pa
+
+    from ray_jobs.runtime import run_job
+    from shared.config import validate_config
+    from shared.configs.curate import CurateConfig
+
     store = Storage(s3_root)
     for i in range(0, len(rows), 10):  # eight Parquet shards
-        import pyarrow as pa
-
         write_parquet(pa.Table.from_pylist(rows[i: i + 10]), store, "corpus", f"part-{i // 10:03d}.parquet")
     config = {**SETTINGS, "corpus": f"{s3_root}/corpus", "seeds": [rows[0]["text"], rows[1]["text"]],
-              "runtime": {"num_actors": 2, "cpus_per_actor": 1.5, "threads": 1, "piece_docs": 5}}
+              "runtime": {"num_actors": 2, "cpus_per_actor": 1.5, "threads": 1, "piece_docs": 10}}
     result = _child("two-node", tmp_path, config)
-    two, one = result["two"], result["one"]
+    two = result["metrics"]
     assert len(two["placement"]["embed actor"]["nodes"]) == 2  # one scoring actor per node
-    assert len(one["placement"]["embed actor"]["nodes"]) == 1 and result["worker_nodes"] == 1
-    assert two["scale"]["pieces"] == one["scale"]["pieces"] >= 16
+    assert result["worker_nodes"] == 2 and result["non_loopback"] == []
+    # the same config on this session's one-node instance
+    one = run_job(validate_config(CurateConfig, {**config, "output_root": str(tmp_path / "one")}, "test"))
+    assert len(one["placement"]["embed actor"]["nodes"]) == 1
+    assert two["scale"]["pieces"] == one["scale"]["pieces"] == 8
     assert two["retrieval"] == one["retrieval"]
     assert two["sae"]["fvu"] == one["sae"]["fvu"]
     assert read_table(str(tmp_path / "two" / "curate")).equals(read_table(str(tmp_path / "one" / "curate")))
-    assert result["non_loopback"] == []
 
 
 def test_an_autoscaling_cluster_grows_for_curation_and_shrinks_after(s3_root, tmp_path, rows):
@@ -81,7 +87,7 @@ def test_an_autoscaling_cluster_grows_for_curation_and_shrinks_after(s3_root, tm
     for i in range(0, len(rows), 8):  # ten JSON Lines shards
         store.write_text("".join(json.dumps(r) + "\n" for r in rows[i: i + 8]), "corpus", f"part-{i // 8:03d}.jsonl")
     config = {**SETTINGS, "corpus": f"{s3_root}/corpus", "seeds": [rows[0]["text"]],
-              "runtime": {"num_actors": 1, "max_actors": 2, "cpus_per_actor": 1.5, "piece_docs": 8}}
+              "runtime": {"num_actors": 1, "max_actors": 2, "cpus_per_actor": 1.5, "piece_docs": 10}}
     result = _child("autoscale", tmp_path, config)
     counts = [n for _, n in result["trajectory"]]
     assert result["at_start"] == 0 and counts[0] == 0

@@ -85,3 +85,13 @@ def test_the_survey_does_not_depend_on_the_cut(corpus):
     heldout = first.heldout(0.1, seed=3)
     assert set(heldout) == set(first.ids) and 1 <= sum(heldout.values()) < 40
     assert first.heldout(0.1, seed=3) == heldout
+
+
+def test_a_bad_line_in_a_later_byte_range_is_named_by_its_line_in_the_file(tmp_path):
+    lines = [json.dumps(r).encode() for r in _rows(40)]
+    lines[31] = b'{"id": "x", "text": "caf\xe9"}'  # latin-1, not UTF-8
+    (tmp_path / "c.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    pieces = plan_pieces(resolve_dataset(str(tmp_path / "c.jsonl")), None, 1 << 30, 10**6, min_pieces=4)
+    assert len(pieces) == 4
+    with pytest.raises(DataError, match=r"c.jsonl: line 32 is not UTF-8 text"):
+        read_all(pieces)

@@ -65,7 +65,7 @@ def test_a_killed_curate_rerun_scores_only_the_missing_pieces_and_matches_an_uni
     words = "the orbit of the moon and the launch of a rocket into space with a crew of three and a dog".split()
     rng = random.Random(0)
     rows = [{"id": f"d{i:04d}", "text": " ".join(rng.choice(words) for _ in range(30)), "label": "ab"[i % 2]}
-            for i in range(96)]
+            for i in range(200)]
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     settings = {
         "model": "tiny-llama", "corpus": str(tmp_path / "corpus.jsonl"), "seeds": ["the orbit of the moon"],
@@ -79,6 +79,13 @@ def test_a_killed_curate_rerun_scores_only_the_missing_pieces_and_matches_an_uni
 
     first = _start(["run", "curate", "--config", str(config)], tmp_path / "first.log", env)
     _kill_when(first, tmp_path / "first.log", lambda: len(_score_shards(store)) >= 3)
+    # the driver is gone; actors of the shared cluster may still finish the pieces they hold: wait until they stop
+    seen, quiet = -1, 0
+    while quiet < 6:
+        now = len(_score_shards(store))
+        quiet = quiet + 1 if now == seen else 0
+        seen = now
+        time.sleep(0.5)
     assert not store.exists("curate", "_SUCCESS")
     (crashed,) = store.list("curate", "attempts")
     committed_rows = sum(pq.read_metadata(f).num_rows for f in _score_shards(store))
