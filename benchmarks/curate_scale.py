@@ -78,7 +78,7 @@ def config(corpus: str, output_root: str):
     from shared.configs.curate import CurateConfig
 
     return validate_config(CurateConfig, {
-        "model": "tiny-llama", "corpus": corpus, "output_root": output_root, "max_tokens": 64,
+        "model": "tiny-llama", "corpus": corpus, "output_root": output_root, "max_tokens": 32,
         "target_label": "sci.space", "seeds": ["The shuttle launch put the satellite into a low orbit.",
                                                "NASA plans a probe to study the moons of Jupiter."],
         "coordinates": {"k": 16, "reference_docs": 4, "reference_tokens": 32},
