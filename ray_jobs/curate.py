@@ -14,8 +14,8 @@ pass streams over them, so neither the driver nor the object store ever holds th
    text). A rerun of the same config scores only the pieces without a committed shard;
 4. select (``ray_jobs.curate_select``, tasks over the score shards): each method's top M by histogram passes
    (``shared.curation.selection``), then a tally per method;
-5. write the subset (tasks per piece: the corpus joined with the selected ids, written in Parquet files of about
-   ``subset_shard_mb``, in corpus order) and the report.
+5. write the subset (tasks of a few pieces each: the corpus joined with the selected ids, written in Parquet files
+   of about ``subset_shard_mb``, in corpus order) and the report.
 """
 
 from __future__ import annotations
@@ -27,21 +27,16 @@ import numpy as np
 
 from ray_jobs.curate_fit import fit
 from ray_jobs.curate_select import select_all, selected_table, tally_all, write_subset
-from ray_jobs.data import actor_pool
+from ray_jobs.data import actor_pool, task_groups
 from ray_jobs.metrics import Throughput
-from ray_jobs.pieces import items, read_corpus_piece
+from ray_jobs.pieces import items, read_corpus_piece, survey_batch
 from ray_jobs.placement import claim
 from shared.configs.curate import CurateConfig
 from shared.curation.curate_report import curate_metrics, summary_lines, write_report
+from shared.curation.documents import Survey
 from shared.curation.model import CurationModel
 from shared.curation.ngram import hashed_ngrams, log_distribution
-from shared.curation.scoring import (
-    DocumentScorer,
-    DocumentTokenizer,
-    Survey,
-    score_table,
-    survey,
-)
+from shared.curation.scoring import DocumentScorer, DocumentTokenizer, score_table
 from shared.curation.seeds import load_seeds
 from shared.data import resolve_dataset, write_parquet
 from shared.errors import DataError
@@ -108,8 +103,10 @@ def run(cfg: CurateConfig, stage: Stage) -> dict[str, Any]:
     known = sum(p.rows or 0 for p in pieces) if all(p.rows is not None for p in pieces) else None
     fraction = 1.0 if not known else min(1.0, 3.0 * cfg.sae.train_docs / known)
     found = Survey(cfg.sae.train_docs, cfg.coordinates.reference_docs)
-    for row in items(pieces).map_batches(_survey, fn_kwargs={"cfg": cfg, "pieces": pieces, "fraction": fraction},
-                                         batch_size=1, num_cpus=1).iter_rows():  # CPU-bound: n-gram hashing
+    blocks = len(task_groups(len(pieces)))  # a few pieces per task: CPU-bound n-gram hashing, one CPU each
+    for row in items(pieces, blocks).map_batches(survey_batch, fn_kwargs={"cfg": cfg, "pieces": pieces,
+                                                                     "fraction": fraction},
+                                                 batch_size=None, num_cpus=1).iter_rows():
         found = found.add(row["survey"])
         if row["survey"].rows == 0:
             empty.add(int(row["piece"]))
@@ -192,13 +189,3 @@ def score_pieces(cfg: CurateConfig, pieces: list[Piece], curation: CurationModel
         compute=actor_pool(cfg.runtime), batch_size=1, num_cpus=cfg.runtime.cpus_per_actor,
         num_gpus=cfg.runtime.gpus_per_actor or None)
     return sum(int(row["rows"]) for row in scored.iter_rows())
-
-
-def _survey(batch: dict[str, np.ndarray], cfg: CurateConfig, pieces: list[Piece], fraction: float
-            ) -> dict[str, Any]:
-    return {"piece": batch["piece"],
-            "survey": [survey(read_corpus_piece(cfg, pieces[int(i)]), cfg.text_column, cfg.ngram.buckets, cfg.seed,
-                              cfg.sae.train_docs, fraction, int(i), cfg.coordinates.reference_docs)
-                       for i in batch["piece"]]}
-
-

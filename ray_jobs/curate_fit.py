@@ -18,9 +18,9 @@ from ray_jobs.pieces import items, read_corpus_piece
 from ray_jobs.placement import claim
 from shared.configs.curate import CurateConfig
 from shared.curation.cache import ActivationCache, ActivationExtractor
+from shared.curation.documents import Survey, as_text
 from shared.curation.fit import Coordinates, FitResult, choose_coordinates, fit_from_cache, settings_from
 from shared.curation.model import CurationModel
-from shared.curation.scoring import Survey, as_text
 from shared.models import load_causal_lm
 from shared.pieces import Piece
 from shared.stage import Stage

@@ -2,8 +2,8 @@
 
 Selection runs as Ray tasks over the shards (``map_files``), reading only the columns a pass needs; the driver
 holds histograms and boundary ids (``shared.curation.selection``), never candidates. The subset is joined back from
-the corpus per piece; its rows stay in the object store until a writer task puts them in Parquet files of about
-``runtime.subset_shard_mb``, in corpus order.
+the corpus a few pieces per task; its rows stay in the object store until a writer task puts them in Parquet files
+of about ``runtime.subset_shard_mb``, in corpus order.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from ray_jobs.data import READ_CPUS, map_files
+from ray_jobs.data import READ_CPUS, map_files, task_groups
 from ray_jobs.pieces import read_corpus_piece
 from shared.configs.curate import CurateConfig
 from shared.curation.selection import (
@@ -82,27 +82,33 @@ def _size(cfg: CurateConfig, shards: list[str], rule: MethodRule) -> int:
 
 
 def tally_all(cfg: CurateConfig, shards: list[str], rules: list[MethodRule]) -> tuple[Tally, list[ray.ObjectRef]]:
-    """Every method's tally over the shards, and the subset method's selected rows per shard (object refs)."""
-    totals, selected = Tally(), []
-    for uri in shards:
-        part, table = _tally_shard.options(num_returns=2).remote(uri, cfg, rules)
-        totals = totals + ray.get(part)
+    """Every method's tally over the shards, and the subset method's selected rows per group of shards (object
+    refs, in shard order)."""
+    parts, selected = [], []
+    for group in task_groups(len(shards)):
+        part, table = _tally_shards.options(num_returns=2).remote([shards[i] for i in group], cfg, rules)
+        parts.append(part)
         selected.append(table)
-    return totals, selected
+    return sum(ray.get(parts), start=Tally()), selected
 
 
 @ray.remote(num_cpus=READ_CPUS)
-def _tally_shard(uri: str, cfg: CurateConfig, rules: list[MethodRule]) -> tuple[Tally, pa.Table]:
-    """A score shard's tally, and the subset method's selected rows (id, score, seed index), which stay in the
-    object store for the join."""
+def _tally_shards(uris: list[str], cfg: CurateConfig, rules: list[MethodRule]) -> tuple[Tally, pa.Table]:
+    """The shards' tally, and the subset method's selected rows (id, score, seed index), which stay in the object
+    store for the join."""
     from ray_jobs.data import read_columns
 
-    cols = read_columns(uri, cfg.storage)
-    part, masks = tally(cols, rules, cfg.retrieval.scoring, cfg.target_label)
-    mask, primary = masks[cfg.retrieval.scoring], cfg.retrieval.scoring
-    return part, pa.table({"id": pa.array(cols["id"][mask].tolist(), pa.string()),
-                           "score": pa.array(cols[SCORE_COLUMN[primary]][mask].astype(np.float32)),
-                           "seed": pa.array(cols[f"{primary}_seed"][mask].astype(np.int32))})
+    primary = cfg.retrieval.scoring
+    totals, tables = Tally(), []
+    for uri in uris:
+        cols = read_columns(uri, cfg.storage)
+        part, masks = tally(cols, rules, primary, cfg.target_label)
+        mask = masks[primary]
+        totals = totals + part
+        tables.append(pa.table({"id": pa.array(cols["id"][mask].tolist(), pa.string()),
+                                "score": pa.array(cols[SCORE_COLUMN[primary]][mask].astype(np.float32)),
+                                "seed": pa.array(cols[f"{primary}_seed"][mask].astype(np.int32))}))
+    return totals, pa.concat_tables(tables)
 
 
 @ray.remote(num_cpus=READ_CPUS)
@@ -116,19 +122,22 @@ def selected_table(corpus: str, seed_ids: list[str], *parts: pa.Table) -> pa.Tab
 
 
 @ray.remote(num_cpus=READ_CPUS, num_returns=3)
-def _join_piece(cfg: CurateConfig, item: Piece, selected: pa.Table, preview: set[str]
-                ) -> tuple[pa.Table, int, list[dict[str, Any]]]:
-    """The piece's selected documents with their score and matched seed, and the report's preview rows."""
-    cols = read_corpus_piece(cfg, item)
-    ids = pa.array(cols["id"].tolist(), pa.string())
-    where = pc.index_in(ids, value_set=selected.column("id"))
-    keep = np.flatnonzero(~np.asarray(pc.is_null(where)))
-    at = pa.array(np.asarray(where.drop_null()), pa.int64())
-    table = pa.table({"id": ids.take(keep), "text": pa.array(cols[cfg.text_column][keep].tolist(), pa.string()),
-                      "score": selected.column("score").take(at),
-                      "matched_seed": selected.column("matched_seed").take(at),
-                      **({"label": pa.array([str(x) for x in cols["label"][keep]], pa.string())}
-                         if "label" in cols else {})})
+def _join_pieces(cfg: CurateConfig, group: list[Piece], selected: pa.Table, preview: set[str]
+                 ) -> tuple[pa.Table, int, list[dict[str, Any]]]:
+    """The selected documents of consecutive pieces with their score and matched seed, and the report's preview
+    rows."""
+    tables = []
+    for item in group:
+        cols = read_corpus_piece(cfg, item)
+        ids = pa.array(cols["id"].tolist(), pa.string())
+        where = pc.index_in(ids, value_set=selected.column("id"))
+        keep = np.flatnonzero(~np.asarray(pc.is_null(where)))
+        at = pa.array(np.asarray(where.drop_null()), pa.int64())
+        tables.append(pa.table({
+            "id": ids.take(keep), "text": pa.array(cols[cfg.text_column][keep].tolist(), pa.string()),
+            "score": selected.column("score").take(at), "matched_seed": selected.column("matched_seed").take(at),
+            **({"label": pa.array([str(x) for x in cols["label"][keep]], pa.string())} if "label" in cols else {})}))
+    table = pa.concat_tables(tables)
     shown = [{"id": r["id"], "score": float(r["score"]), "label": r.get("label", ""),
               "text": str(r["text"])[:160].replace("\n", " ")} for r in table.to_pylist() if r["id"] in preview]
     return table, table.nbytes, shown
@@ -147,7 +156,8 @@ def write_subset(cfg: CurateConfig, stage: Stage, pieces: list[Piece], selected:
     about ``subset_shard_mb``; the rows stay in the object store, the driver sees only sizes and the preview."""
     target = cfg.runtime.subset_shard_mb * 2**20
     uri = stage.store.uri("subset")
-    joined = [_join_piece.remote(cfg, p, selected, preview) for p in pieces]
+    joined = [_join_pieces.remote(cfg, [pieces[i] for i in group], selected, preview)
+              for group in task_groups(len(pieces))]
     writes: list[ray.ObjectRef] = []
     group: list[ray.ObjectRef] = []
     size, shown = 0, []

@@ -12,6 +12,7 @@ and rows of each file they wrote: the stage commits exactly those, so a stray fi
 from __future__ import annotations
 
 import io
+import math
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -42,25 +43,43 @@ def actor_pool(runtime: ActorPoolConfig) -> ray.data.ActorPoolStrategy:
     return ray.data.ActorPoolStrategy(min_size=runtime.num_actors, max_size=runtime.max_actors)
 
 
+TASK_FILES = 16
+"""At most this many files (or corpus pieces) per task of ``task_groups``: a small job is a few tasks, not one per
+file (each costs a worker's start-up on a small machine), and a large one still spreads over the cluster."""
+
+
+def task_groups(n: int, slots: int | None = None) -> list[range]:
+    """Consecutive ranges covering ``range(n)``: at least two per CPU slot (the cluster's CPUs unless ``slots``),
+    at most ``TASK_FILES`` long."""
+    if n == 0:
+        return []
+    slots = max(1, int(ray.cluster_resources().get("CPU", 1)) if slots is None else slots)
+    count = max(min(n, 2 * slots), math.ceil(n / TASK_FILES))
+    step = math.ceil(n / count)
+    return [range(a, min(n, a + step)) for a in range(0, n, step)]
+
+
 def map_files(fn: Callable[..., Any], uris: Sequence[str], storage: StorageConfig | None,
               columns: Sequence[str] | None, *args: Any) -> Iterator[Any]:
-    """``fn(columns of one Parquet file, *args)`` for every file, as Ray tasks, results in file order. At most
-    twice the cluster's CPUs are in flight, so the driver holds a bounded number of (small) results."""
+    """``fn(columns of one Parquet file, *args)`` for every file, in Ray tasks of a few files each
+    (``task_groups``), results in file order. At most two tasks per CPU are in flight, so the driver holds a bounded
+    number of (small) results."""
     shared_args = ray.put(args)
     window = max(2, int(2 * ray.cluster_resources().get("CPU", 1)))
     pending: list[ray.ObjectRef] = []
-    for uri in uris:
-        pending.append(_file_task.remote(fn, uri, storage, None if columns is None else list(columns), shared_args))
+    for group in task_groups(len(uris)):
+        pending.append(_files_task.remote(fn, [uris[i] for i in group], storage,
+                                          None if columns is None else list(columns), shared_args))
         if len(pending) >= window:
-            yield ray.get(pending.pop(0))
+            yield from ray.get(pending.pop(0))
     for ref in pending:
-        yield ray.get(ref)
+        yield from ray.get(ref)
 
 
 @ray.remote(num_cpus=READ_CPUS)
-def _file_task(fn: Callable[..., Any], uri: str, storage: StorageConfig | None, columns: list[str] | None,
-               args: tuple[Any, ...]) -> Any:
-    return fn(read_columns(uri, storage, columns), *args)
+def _files_task(fn: Callable[..., Any], uris: list[str], storage: StorageConfig | None, columns: list[str] | None,
+                args: tuple[Any, ...]) -> list[Any]:
+    return [fn(read_columns(uri, storage, columns), *args) for uri in uris]
 
 
 def read_columns(uri: str, storage: StorageConfig | None, columns: list[str] | None = None) -> dict[str, np.ndarray]:

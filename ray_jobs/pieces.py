@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import ray.data
 
 from shared.configs.curate import CurateConfig
-from shared.curation.scoring import document_columns
+from shared.curation.documents import document_columns, survey
 from shared.pieces import Piece, read_piece
 
 
-def items(pieces: list[Piece]) -> ray.data.Dataset:
-    """One row per piece (its index into the plan, which travels with the functions)."""
-    return ray.data.from_items([{"piece": p.index} for p in pieces], override_num_blocks=max(1, len(pieces)))
+def items(pieces: list[Piece], blocks: int | None = None) -> ray.data.Dataset:
+    """One row per piece (its index into the plan, which travels with the functions), in ``blocks`` blocks of
+    consecutive pieces (default: one block per piece)."""
+    return ray.data.from_items([{"piece": p.index} for p in pieces],
+                               override_num_blocks=max(1, blocks or len(pieces)))
 
 
 def read_corpus_piece(cfg: CurateConfig, item: Piece) -> dict[str, np.ndarray]:
     """A piece of the corpus as the columns curation reads (id, text, label)."""
     columns = [cfg.text_column, cfg.id_column, cfg.label_column]
     return document_columns(read_piece(item, cfg.storage, columns), cfg.text_column, cfg.id_column, cfg.label_column)
+
+
+def survey_batch(batch: dict[str, np.ndarray], cfg: CurateConfig, pieces: list[Piece], fraction: float
+                 ) -> dict[str, Any]:
+    """The survey of each piece of a batch (a Ray Data UDF; importing this module does not import torch)."""
+    return {"piece": batch["piece"],
+            "survey": [survey(read_corpus_piece(cfg, pieces[int(i)]), cfg.text_column, cfg.ngram.buckets, cfg.seed,
+                              cfg.sae.train_docs, fraction, int(i), cfg.coordinates.reference_docs)
+                       for i in batch["piece"]]}
+
+

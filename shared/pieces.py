@@ -46,6 +46,10 @@ class Piece:
         return f"{self.index:06d}-{hashlib.blake2b(text.encode(), digest_size=6).hexdigest()}"
 
 
+HEAD_BYTES = 1 << 16
+"""Bytes read from the start of each JSON Lines file to estimate its rows per byte."""
+
+
 def plan_pieces(source: DatasetSource, storage: StorageConfig | None, target_bytes: int, max_rows: int,
                 min_pieces: int = 1) -> list[Piece]:
     """Cut a dataset into pieces of about ``target_bytes`` (uncompressed) and at most ``max_rows`` rows; small
@@ -78,7 +82,7 @@ def plan_pieces(source: DatasetSource, storage: StorageConfig | None, target_byt
     pieces: list[Piece] = []
     for file, fmt, start, stop, rows, size in spans:
         if fmt == "jsonl":
-            cuts = _byte_cuts(file, storage, size, target_bytes, total_bytes, min_pieces)
+            cuts = _byte_cuts(file, storage, size, target_bytes, max_rows, total_bytes, min_pieces)
             pieces += [Piece(len(pieces) + j, file, fmt, a, b, None, size) for j, (a, b) in enumerate(cuts)]
             continue
         per_row = max(1.0, size / max(1, rows or 1)) if fmt == "parquet" else 512.0
@@ -91,18 +95,21 @@ def plan_pieces(source: DatasetSource, storage: StorageConfig | None, target_byt
     return pieces
 
 
-def _byte_cuts(file: str, storage: StorageConfig | None, size: int, target_bytes: int, total_bytes: int,
-               min_pieces: int) -> list[tuple[int, int]]:
-    """Byte ranges of a JSON Lines file (a JSON array is one range: it cannot be split at lines)."""
+def _byte_cuts(file: str, storage: StorageConfig | None, size: int, target_bytes: int, max_rows: int,
+               total_bytes: int, min_pieces: int) -> list[tuple[int, int]]:
+    """Byte ranges of a JSON Lines file (a JSON array is one range: it cannot be split at lines). The rows per piece
+    are bounded by an estimate from the lines in the file's first ``HEAD_BYTES``."""
     if size == 0:
         return [(0, 0)]
     store = Storage(file, storage)
     with store.fs.open(store.path(), "rb") as handle:
-        head = handle.read(min(size, 4096)).lstrip()
-    if head.startswith(b"["):
+        head = handle.read(min(size, HEAD_BYTES))
+    if head.lstrip().startswith(b"["):
         return [(0, size)]
+    lines = head.count(b"\n") + (len(head) == size and not head.endswith(b"\n"))
+    estimated_rows = size / (len(head) / max(1, lines))
     share = size / max(1, total_bytes)
-    pieces = max(math.ceil(size / target_bytes), math.ceil(min_pieces * share), 1)
+    pieces = max(math.ceil(size / target_bytes), math.ceil(estimated_rows / max_rows), math.ceil(min_pieces * share), 1)
     step = math.ceil(size / pieces)
     return [(a, min(size, a + step)) for a in range(0, size, step)]
 

@@ -8,10 +8,11 @@ import torch
 
 from shared.config import load_config
 from shared.configs.curate import CurateConfig
+from shared.curation.documents import content_ids
 from shared.curation.features import KINDS
 from shared.curation.fit import fit_curation, settings_from
 from shared.curation.model import CurationModel
-from shared.curation.scoring import DocumentScorer, DocumentTokenizer, content_ids
+from shared.curation.scoring import DocumentScorer, DocumentTokenizer
 from shared.curation.seeds import load_seeds
 from shared.errors import DataError
 from shared.models import load_causal_lm

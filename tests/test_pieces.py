@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from shared.curation.scoring import Survey, document_columns, survey
+from shared.curation.documents import Survey, document_columns, survey
 from shared.data import resolve_dataset
 from shared.errors import DataError
 from shared.pieces import plan_pieces, read_all, read_piece
@@ -49,6 +49,16 @@ def test_every_row_is_read_exactly_once_for_any_piece_size(corpus, target, max_r
         assert len({p.key for p in pieces}) == len(pieces)
         again = plan_pieces(resolve_dataset(str(folder)), None, target, max_rows, min_pieces)
         assert [p.key for p in again] == [p.key for p in pieces]  # the same plan every time
+
+
+@pytest.mark.parametrize("max_rows", [64, 7])
+def test_json_lines_pieces_hold_about_max_rows(corpus, max_rows):
+    """JSON Lines row counts are unknown before reading: the cut estimates rows per byte from each file's head."""
+    rows, _, jsonl = corpus
+    pieces = plan_pieces(resolve_dataset(str(jsonl)), None, 1 << 30, max_rows)
+    sizes = [read_piece(p).num_rows for p in pieces]
+    assert sum(sizes) == len(rows) and len(pieces) >= len(rows) / max_rows
+    assert max(sizes) <= 2 * max_rows  # lines differ in length up to ~2x in this corpus
 
 
 def test_a_json_array_file_is_one_piece_and_a_damaged_parquet_file_is_named(tmp_path):

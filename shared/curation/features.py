@@ -18,6 +18,7 @@ from shared.curation.activations import (
     hidden_states,
     token_mask,
 )
+from shared.curation.kinds import KINDS
 from shared.curation.retrieval import mean_pool, seed_similarities
 from shared.curation.sae import (
     TopKSAE,
@@ -69,9 +70,6 @@ def length_batches(lengths: list[int], size: int) -> list[list[int]]:
 # The per-worker embedder
 
 
-KINDS = ("sae", "sae_idf", "dense")
-"""Document vectors compared with the seeds': pooled SAE codes as the method defines them, the same codes
-re-weighted by latent idf, and the mean-pooled hidden state (the dense baseline)."""
 
 
 @dataclass

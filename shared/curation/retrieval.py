@@ -6,13 +6,11 @@ streaming reduce (:mod:`shared.curation.selection`).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-Mode = Literal["global", "per_seed"]
+from shared.curation.kinds import Mode
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -25,8 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.curation.features import KINDS
-from shared.curation.retrieval import Mode
+from shared.curation.kinds import KINDS, Mode
 
 Columns = dict[str, np.ndarray]
 
