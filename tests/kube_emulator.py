@@ -4,7 +4,8 @@ and event loop, driven from a plain synchronous test over HTTP the way kubectl w
 kmock stores objects verbatim; a real API server fills ``metadata.name`` from ``generateName`` and stamps
 ``metadata.uid``, ``resourceVersion``, ``generation`` and
 ``creationTimestamp``. Kopf relies on them (and ``kopf.adopt``-style ownerReferences need the uid), so the emulator
-here stamps them on create and bumps the resourceVersion on every patch. Resources are registered from the CRDs
+here stamps them on create, bumps the resourceVersion on every patch, and answers a failed JSON-patch test with
+422 as the API server does. Resources are registered from the CRDs
 themselves (the project's Pipeline CRD and the real KubeRay CRDs), with their status subresources, next to kmock's
 bundled built-in resources (Kopf waits for those before it watches anything).
 """
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jsonpatch
 import kmock
 import requests
 import yaml
@@ -49,7 +51,14 @@ class StampingEmulator(kmock.KubernetesEmulator):
                 meta["resourceVersion"] = str(next(self._versions))
             elif request.action == kmock.action.UPDATE:
                 request.data.setdefault("metadata", {})["resourceVersion"] = str(next(self._versions))
-        return await super()._handle(request)
+        try:
+            return await super()._handle(request)
+        except jsonpatch.JsonPatchTestFailed as exc:
+            # The API server answers a failed JSON-patch "test" (Kopf tests the resourceVersion before it patches
+            # finalizers) with 422, after which Kopf re-reads the object; kmock would answer 500, which Kopf
+            # retries with the same stale patch until it gives up.
+            message = f"the patch's test failed: {exc}"
+            raise kmock.KubernetesError(status=422, reason="Invalid", message=message) from None
 
 
 def register_crd(emulator: kmock.KubernetesEmulator, crd: dict[str, Any]) -> None:
