@@ -55,8 +55,8 @@ def task_groups(n: int, slots: int | None = None) -> list[range]:
         return []
     slots = max(1, int(ray.cluster_resources().get("CPU", 1)) if slots is None else slots)
     count = max(min(n, 2 * slots), math.ceil(n / TASK_FILES))
-    step = math.ceil(n / count)
-    return [range(a, min(n, a + step)) for a in range(0, n, step)]
+    bounds = [n * k // count for k in range(count + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
 def map_files(fn: Callable[..., Any], uris: Sequence[str], storage: StorageConfig | None,

@@ -105,3 +105,15 @@ def test_a_bad_line_in_a_later_byte_range_is_named_by_its_line_in_the_file(tmp_p
     assert len(pieces) == 4
     with pytest.raises(DataError, match=r"c.jsonl: line 32 is not UTF-8 text"):
         read_all(pieces)
+
+
+def test_task_groups_cover_every_piece_once_in_order():
+    from ray_jobs.data import TASK_FILES, task_groups
+
+    assert task_groups(0, 4) == []
+    for n in (1, 5, 16, 17, 100, 1000):
+        for slots in (1, 2, 8):
+            groups = task_groups(n, slots)
+            assert [i for g in groups for i in g] == list(range(n))
+            assert max(len(g) for g in groups) <= TASK_FILES
+            assert len(groups) >= min(n, 2 * slots)  # every CPU slot gets work
