@@ -152,11 +152,12 @@ def main(argv: list[str] | None = None) -> int:
         print("scopeforge: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        from ray_jobs.errors import user_message
+        from ray_jobs.errors import stop_worker_output, user_message
 
         message = user_message(exc)
         if message is None:
             raise
+        stop_worker_output()
         print(f"scopeforge: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
 

@@ -107,8 +107,8 @@ def run(cfg: CurateConfig, stage: Stage) -> dict[str, Any]:
     for row in items(pieces, blocks).map_batches(survey_batch, fn_kwargs={"cfg": cfg, "pieces": pieces,
                                                                      "fraction": fraction},
                                                  batch_size=None, num_cpus=1).iter_rows():
-        found = found.add(row["survey"])
-        if row["survey"].rows == 0:
+        found = found.add(Survey.from_row(row, found.size, found.text_size))
+        if row["rows"] == 0:
             empty.add(int(row["piece"]))
     pieces = [p for p in pieces if p.index not in empty]
     if found.rows == 0:

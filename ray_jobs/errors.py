@@ -87,3 +87,19 @@ def user_message(exc: BaseException) -> str | None:
     """One-line message for a user error (also when it was raised inside a Ray worker), else None."""
     inner = user_error_in(exc)
     return None if inner is None else first_line(inner.args[0] if inner.args else inner)
+
+
+def stop_worker_output() -> None:
+    """Stop echoing Ray workers' output on this driver, and drop what it held back (its deduplicator).
+
+    Called once a job has failed with a user error, before the CLI prints it: Ray then cancels the failed job's
+    other tasks, and what they print while they die (``KeyboardInterrupt`` tracebacks from cancelled tasks)
+    reaches the terminal after the one-line error otherwise. Their logs stay in Ray's session folder.
+    """
+    worker = sys.modules.get("ray._private.worker")
+    if worker is None:
+        return
+    worker.global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
+    for deduplicator in (worker.stdout_deduplicator, worker.stderr_deduplicator):
+        deduplicator.flush()
+

@@ -8,7 +8,7 @@ import numpy as np
 import ray.data
 
 from shared.configs.curate import CurateConfig
-from shared.curation.documents import document_columns, survey
+from shared.curation.documents import Survey, document_columns, survey
 from shared.pieces import Piece, read_piece
 
 
@@ -27,10 +27,12 @@ def read_corpus_piece(cfg: CurateConfig, item: Piece) -> dict[str, np.ndarray]:
 
 def survey_batch(batch: dict[str, np.ndarray], cfg: CurateConfig, pieces: list[Piece], fraction: float
                  ) -> dict[str, Any]:
-    """The survey of each piece of a batch (a Ray Data UDF; importing this module does not import torch)."""
-    return {"piece": batch["piece"],
-            "survey": [survey(read_corpus_piece(cfg, pieces[int(i)]), cfg.text_column, cfg.ngram.buckets, cfg.seed,
-                              cfg.sae.train_docs, fraction, int(i), cfg.coordinates.reference_docs)
-                       for i in batch["piece"]]}
-
-
+    """The survey of each piece of a batch, as ``Survey.row`` columns beside ``piece`` (a Ray Data UDF; importing
+    this module does not import torch)."""
+    rows = [survey(read_corpus_piece(cfg, pieces[int(i)]), cfg.text_column, cfg.ngram.buckets, cfg.seed,
+                   cfg.sae.train_docs, fraction, int(i), cfg.coordinates.reference_docs).row()
+            for i in batch["piece"]]
+    columns: dict[str, Any] = {"piece": batch["piece"]}
+    for name in Survey.ROW_FIELDS:
+        columns[name] = np.stack([r[name] for r in rows]) if name == "counts" else [r[name] for r in rows]
+    return columns

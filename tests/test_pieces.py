@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -95,6 +96,21 @@ def test_the_survey_does_not_depend_on_the_cut(corpus):
     heldout = first.heldout(0.1, seed=3)
     assert set(heldout) == set(first.ids) and 1 <= sum(heldout.values()) < 40
     assert first.heldout(0.1, seed=3) == heldout
+
+
+def test_a_survey_crosses_processes_as_arrow_columns_and_comes_back_whole(corpus):
+    _, parquet, _ = corpus
+    piece = plan_pieces(resolve_dataset(str(parquet)), None, 1 << 30, 500)[0]
+    original = survey(document_columns(read_piece(piece), "text", "id", "label"), "text", 64, seed=3, size=40,
+                      fraction=0.5, piece=2, text_size=5)
+    empty = survey(document_columns(read_piece(piece).slice(0, 0), "text", "id", "label"), "text", 64, 3, 40, 0.5)
+    table = pa.Table.from_pylist([original.row(), empty.row()])  # what Ray Data builds its blocks with
+    back = [Survey.from_row(r, 40, 5) for r in table.to_pylist()]
+    assert (back[0].rows, back[0].keys, back[0].ids, back[0].pieces, back[0].texts) == (
+        original.rows, original.keys, original.ids, original.pieces, original.texts)
+    assert (back[0].counts == original.counts).all() and back[0].counts.dtype == np.int64
+    assert back[1].rows == 0 and back[1].ids == [] and (back[1].counts == 0).all()
+    assert all(not pa.types.is_binary(f.type) for f in table.schema)  # no pickled objects
 
 
 def test_a_bad_line_in_a_later_byte_range_is_named_by_its_line_in_the_file(tmp_path):

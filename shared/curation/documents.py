@@ -83,6 +83,23 @@ class Survey:
                       [ids[i] for i in order], [pieces[i] for i in order],
                       [texts[ids[i]] for i in order[: self.text_size] if ids[i] in texts])
 
+    ROW_FIELDS = ("rows", "counts", "keys", "ids", "pieces", "texts")
+    """The fields a survey travels as between processes: Arrow-native columns (numbers, lists), not a pickle."""
+
+    def row(self) -> dict[str, Any]:
+        """This survey as one row of :attr:`ROW_FIELDS` (counts as int64; empty when there are none)."""
+        counts = self.counts if self.counts is not None else np.zeros(0, dtype=np.int64)
+        return {"rows": self.rows, "counts": counts.astype(np.int64), "keys": list(self.keys),
+                "ids": list(self.ids), "pieces": list(self.pieces), "texts": list(self.texts)}
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any], size: int, text_size: int) -> Survey:
+        """The survey a :meth:`row` holds."""
+        counts = np.asarray(row["counts"], dtype=np.int64)
+        return cls(size, text_size, int(row["rows"]), counts if counts.size else None,
+                   [float(k) for k in row["keys"]], [str(i) for i in row["ids"]], [int(p) for p in row["pieces"]],
+                   [str(t) for t in row["texts"]])
+
     def heldout(self, fraction: float, seed: int) -> dict[str, bool]:
         """Which sample documents are held out of SAE training: a hash of (id, seed) below ``fraction``, and at
         least one document when the sample has two or more."""
