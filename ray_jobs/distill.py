@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ import ray.train
 from ray_jobs.data import actor_pool
 from ray_jobs.metrics import Throughput, TrainingProgress
 from ray_jobs.placement import claim
-from ray_jobs.train_launch import fit_workers
+from ray_jobs.train_launch import StageRef, fit_workers
 from shared.configs.distill import DistillConfig
 from shared.data import read_table, write_parquet
 from shared.distill.examples import Example, build_examples
@@ -30,6 +31,7 @@ from shared.distill.report import write_report
 from shared.distill.rewriter import TeacherRewriter
 from shared.distill.teacher import distilled_table, judge, tally
 from shared.errors import ConfigError, DataError
+from shared.lm_data import LMExample
 from shared.models import load_tokenizer
 from shared.stage import Stage
 
@@ -84,7 +86,16 @@ def check_tokenizers(cfg: DistillConfig) -> Any:
 # Ray Train
 
 
-def train_loop(config: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class StudentWork:
+    """What every training worker gets: the config, the stage, and the encoded examples (loss on answer tokens)."""
+
+    cfg: DistillConfig
+    stage: StageRef
+    examples: list[LMExample]
+
+
+def train_loop(work: StudentWork) -> None:
     """Per worker: load the student, resume from the latest checkpoint of this stage, train, checkpoint, save."""
     import torch
 
@@ -97,24 +108,22 @@ def train_loop(config: dict[str, Any]) -> None:
         train_step,
         trainable_parameters,
     )
-    from shared.lm_data import LMExample
     from shared.models import load_causal_lm, save_model
     from shared.storage import Storage
 
-    cfg: DistillConfig = config["cfg"]
+    cfg, examples = work.cfg, work.examples
     t = cfg.training
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = claim(config["stage_name"], "training worker", 1.0 if cfg.runtime.use_gpu else 0.0,
+    device = claim(work.stage.name, "training worker", 1.0 if cfg.runtime.use_gpu else 0.0,
                    train=True).device
     torch.manual_seed(cfg.seed)
-    examples = [LMExample.from_dict(e) for e in config["examples"]]
     model, tokenizer = load_causal_lm(cfg.student, dtype="float32", device=device, storage=cfg.storage)
     model = prepare_student(model, t.method, t.lora).to(device)  # on its device before the optimiser state loads
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=t.lr, weight_decay=t.weight_decay)
     schedule = Schedule(len(examples), t.batch_size, t.epochs)
     start, history = 0, []
-    fingerprint = {"config": config["config_hash"]}
+    fingerprint = {"config": work.stage.config_hash}
     state = restore_state(fingerprint, "distill")
     if state is not None:
         model.load_state_dict(state["model"], strict=False)
@@ -124,7 +133,7 @@ def train_loop(config: dict[str, Any]) -> None:
             print(f"resuming from the checkpoint at step {start} of {schedule.total_steps}", flush=True)
     model = ray.train.torch.prepare_model(model, move_to_device=True)
     no_sync = getattr(model, "no_sync", None)
-    progress = TrainingProgress("distill", config["stage_name"]) if rank == 0 else None
+    progress = TrainingProgress("distill", work.stage.name) if rank == 0 else None
     started = time.time()
     for step in range(start, schedule.total_steps):
         for group in optimizer.param_groups:
@@ -146,15 +155,13 @@ def train_loop(config: dict[str, Any]) -> None:
         else:
             ray.train.report(metrics)
     if rank == 0:
-        stage_store = Storage(config["attempt_uri"], cfg.storage)
+        stage_store = Storage(work.stage.attempt_uri, cfg.storage)
         save_model(merged_for_saving(model), tokenizer, stage_store, "model")
         stage_store.write_json(history, "training_history.json")
 
 
-def fine_tune(cfg: DistillConfig, stage: Stage, examples: list[Any]) -> list[dict[str, Any]]:
-    config = {"cfg": cfg, "examples": [e.to_dict() for e in examples], "config_hash": stage.config_hash,
-              "attempt_uri": stage.store.uri(), "stage_name": stage.name}
-    fit_workers(train_loop, config, stage, cfg.runtime, run_name="train")
+def fine_tune(cfg: DistillConfig, stage: Stage, examples: list[LMExample]) -> list[dict[str, Any]]:
+    fit_workers(train_loop, StudentWork(cfg, StageRef.of(stage), examples), stage, cfg.runtime, run_name="train")
     return stage.store.read_json("training_history.json")
 
 

@@ -27,7 +27,7 @@ from shared.configs.evaluate_detector import EvaluateDetectorConfig
 from shared.configs.train_detector import SourceConfig, SplitConfig
 from shared.data import write_parquet
 from shared.detection.augment import perturb_batch, resize_batch, to_tensor
-from shared.detection.backbones import fake_probability, load_detector
+from shared.detection.backbones import DetectorSpec, TrainedOn, fake_probability, load_detector
 from shared.detection.evaluation import conditions, evaluation_matrix, markdown_report, roc_curves
 from shared.detection.mixture import SPLITS, plan_mixture
 from shared.detection.report import difficulty_figure, roc_figure
@@ -54,7 +54,7 @@ class Scorer:
         for cond, kind, strength in self.conditions:
             images = perturb_batch(batch["image"], kind, strength)  # at the data's resolution, reals and fakes alike
             for name, model, spec in self.models:
-                x = to_tensor(resize_batch(images, spec["input_size"]), spec["mean"], spec["std"])
+                x = to_tensor(resize_batch(images, spec.input_size), spec.mean, spec.std)
                 out[f"{name}|{cond}"] = fake_probability(model, x.to(self.device)).cpu().numpy().astype(np.float64)
         return out
 
@@ -63,27 +63,27 @@ def _same_place(a: str, b: str) -> bool:
     return Storage(a).uri() == Storage(b).uri() if "://" not in a + b else a.rstrip("/") == b.rstrip("/")
 
 
-def _seen(training: dict[str, Any], testset_uri: str, column_source: str, label: str) -> bool:
+def _seen(training: TrainedOn | None, testset_uri: str, column_source: str, label: str) -> bool:
     """Whether a detector's training mixture took ``column_source`` images of this class from this dataset."""
-    for s in training.get("sources", []):
+    for s in training.sources if training is not None else []:
         if _same_place(s["uri"], testset_uri) and (not s["include"] or column_source in s["include"]) \
                 and column_source not in s["exclude"] and label in s["labels"]:
             return True
     return False
 
 
-def resolve_split(cfg: EvaluateDetectorConfig, specs: dict[str, dict[str, Any]]) -> SplitConfig:
+def resolve_split(cfg: EvaluateDetectorConfig, specs: dict[str, DetectorSpec]) -> SplitConfig:
     """The configured split, or the one every detector was trained with; refuses to test on training images."""
-    trained = {name: spec.get("training", {}).get("split") for name, spec in specs.items()}
+    trained = {name: spec.training.split if spec.training else None for name, spec in specs.items()}
     if cfg.split is None:
-        distinct = {str(v) for v in trained.values()}
-        if None in trained.values() or len(distinct) != 1:
+        known = [v for v in trained.values() if v is not None]
+        if len(known) != len(trained) or len({str(v) for v in known}) != 1:
             raise ConfigError(f"evaluate-detector: the detectors were trained with different (or unknown) splits "
                               f"({'; '.join(f'{k}: {v}' for k, v in trained.items())}); set 'split' explicitly")
-        return SplitConfig(**next(iter(trained.values())))
+        return SplitConfig(**known[0])
     for t in cfg.test_sets:
         for name, spec in specs.items():
-            sources = spec.get("training", {}).get("sources", [])
+            sources = spec.training.sources if spec.training else []
             overlaps = any(_same_place(s["uri"], t.uri) for s in sources)
             if overlaps and (t.split != "test" or trained[name] != cfg.split.model_dump()):
                 raise ConfigError(f"test set '{t.name}': detector '{name}' was trained on {t.uri}, so only its own "
@@ -136,7 +136,7 @@ def run(cfg: EvaluateDetectorConfig, stage: Stage) -> dict[str, Any]:
         src = col.split("/", 1)[1] if len(cfg.test_sets) > 1 else col
         is_real = bool(((source == src) & (label == 0) & (testset == t_name)).any())
         column_meta[col] = (next(t.uri for t in cfg.test_sets if t.name == t_name), src, "real" if is_real else "fake")
-    seen = {d: {c for c, (uri, src, lab) in column_meta.items() if _seen(specs[d].get("training", {}), uri, src, lab)}
+    seen = {d: {c for c, (uri, src, lab) in column_meta.items() if _seen(specs[d].training, uri, src, lab)}
             for d in names}
     counts = {c: {k: v for k, v in matrix[names[0]][c]["clean"].items() if k.startswith("n_")} for c in columns}
     markdown = markdown_report(matrix, names, list(columns), [c[0] for c in conds], counts, cfg.threshold, seen)

@@ -20,17 +20,35 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 import ray.train
 
-from ray_jobs.train_launch import fit_workers
+from ray_jobs.train_launch import StageRef, fit_workers
 from shared.configs.prune import PruneConfig
 from shared.lm_data import LMExample
 from shared.pruning.inputs import Inputs, prepare
 from shared.pruning.report import loss_results, prune_metrics, summary_line, write_report
+from shared.pruning.solver import Plan
 from shared.stage import Stage
+
+
+@dataclass(frozen=True)
+class PruneWork:
+    """What every importance worker gets."""
+
+    cfg: PruneConfig
+    stage: StageRef
+    plan: Plan
+    """How many KV groups and channels each pruned layer keeps (solved on the driver)."""
+    layers: list[int]
+    calibration: list[LMExample]
+    evaluation: list[LMExample]
+    calibration_tokens: int
+    """Target tokens of the whole calibration set: the importance sums are gradients of its mean loss."""
+
 
 _checked: dict[str, Inputs] = {}
 """Inputs prepared by ``check`` (before Ray starts), handed to ``run`` of the same config."""
@@ -46,11 +64,9 @@ def run(cfg: PruneConfig, stage: Stage) -> dict[str, Any]:
     inputs = _checked.pop(cfg.model_dump_json(), None) or prepare(cfg)
     print(inputs.summary(cfg), flush=True)
 
-    config = {"cfg": cfg, "stage_name": stage.name, "attempt_uri": stage.store.uri(), "plan": inputs.target.plan,
-              "layers": inputs.target.layers, "calibration": [e.to_dict() for e in inputs.calibration],
-              "evaluation": [e.to_dict() for e in inputs.evaluation],
-              "calibration_tokens": inputs.calibration_stats.target_tokens, "config_hash": stage.config_hash}
-    result = fit_workers(_worker, config, stage, cfg.runtime, role="importance worker", run_name="prune")
+    work = PruneWork(cfg, StageRef.of(stage), inputs.target.plan, inputs.target.layers, inputs.calibration,
+                     inputs.evaluation, inputs.calibration_stats.target_tokens)
+    result = fit_workers(_worker, work, stage, cfg.runtime, role="importance worker", run_name="prune")
     metrics = prune_metrics(cfg, inputs, result.return_value, round(time.perf_counter() - started, 1))
     stage.outputs["model"] = "model"
     write_report(cfg.model, metrics, stage.store)
@@ -62,7 +78,7 @@ def run(cfg: PruneConfig, stage: Stage) -> dict[str, Any]:
 # The worker
 
 
-def _worker(config: dict[str, Any]) -> dict[str, Any] | None:
+def _worker(work: PruneWork) -> dict[str, Any] | None:
     import torch
     import torch.distributed as dist
 
@@ -76,10 +92,10 @@ def _worker(config: dict[str, Any]) -> dict[str, Any] | None:
     from shared.pruning.importance import GRADIENT_METHODS, static_scores
     from shared.pruning.step import greedy_sample, prune_and_verify
 
-    cfg: PruneConfig = config["cfg"]
+    cfg = work.cfg
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    placement = claim(config["stage_name"], "importance worker", 1.0 if cfg.runtime.use_gpu else 0.0, train=True)
+    placement = claim(work.stage.name, "importance worker", 1.0 if cfg.runtime.use_gpu else 0.0, train=True)
     distributed = dist.is_available() and dist.is_initialized() and world > 1
     say = _say(rank, world)
 
@@ -101,17 +117,17 @@ def _worker(config: dict[str, Any]) -> dict[str, Any] | None:
     t0, c0 = time.perf_counter(), time.process_time()
     model, tokenizer = load_causal_lm(cfg.model, storage=cfg.storage, device=placement.device)
     pad = tokenizer.pad_token_id
-    layers = prunable_layers(model, config["layers"])
-    calibration = shard([LMExample.from_dict(e) for e in config["calibration"]], rank, world)
-    evaluation = shard([LMExample.from_dict(e) for e in config["evaluation"]], rank, world)
+    layers = prunable_layers(model, work.layers)
+    calibration = shard(work.calibration, rank, world)
+    evaluation = shard(work.evaluation, rank, world)
     timings["load"], cpu["load"] = time.perf_counter() - t0, time.process_time() - c0
 
     # 1. importance over this worker's shard; the loss before pruning comes with it
     t0, c0 = time.perf_counter(), time.process_time()
     if cfg.importance in GRADIENT_METHODS:
-        scores, part, resumed = _importance(config, model, layers, calibration, pad, rank, world, distributed, say,
-                                   Throughput("prune", config["stage_name"], ("tokens",)),
-                                   TrainingProgress("prune", config["stage_name"]) if rank == 0 else None)
+        scores, part, resumed = _importance(work, model, layers, calibration, pad, rank, world, distributed, say,
+                                   Throughput("prune", work.stage.name, ("tokens",)),
+                                   TrainingProgress("prune", work.stage.name) if rank == 0 else None)
         loss_before = total(part)
     else:
         scores, resumed = static_scores(layers, cfg.importance, cfg.seed), 0
@@ -122,7 +138,7 @@ def _worker(config: dict[str, Any]) -> dict[str, Any] | None:
     t0, c0 = time.perf_counter(), time.process_time()
     eval_before = loss(model, evaluation, "domain loss before")
     sample_before = greedy_sample(model, tokenizer, cfg.sample_prompt, cfg.sample_tokens) if rank == 0 else None
-    pruned = prune_and_verify(model, layers, scores, config["plan"])
+    pruned = prune_and_verify(model, layers, scores, work.plan)
     del model, layers
     loss_after = loss(pruned.model, calibration, "calibration loss after")
     eval_after = loss(pruned.model, evaluation, "domain loss after")
@@ -132,7 +148,7 @@ def _worker(config: dict[str, Any]) -> dict[str, Any] | None:
     output = None
     if rank == 0:
         t0, c0 = time.perf_counter(), time.process_time()
-        output = _save(pruned.model, tokenizer, calibration[: cfg.micro_batch_size], pad, config, say)
+        output = _save(pruned.model, tokenizer, calibration[: cfg.micro_batch_size], pad, work, say)
         output["sample_before"] = sample_before
         timings["save"], cpu["save"] = time.perf_counter() - t0, time.process_time() - c0
     if distributed:
@@ -146,7 +162,7 @@ def _worker(config: dict[str, Any]) -> dict[str, Any] | None:
             "worker_cpu_s": {k: round(v, 2) for k, v in cpu.items()}}
 
 
-def _importance(config: dict[str, Any], model: Any, layers: list[Any], calibration: list[LMExample], pad: int,
+def _importance(work: PruneWork, model: Any, layers: list[Any], calibration: list[LMExample], pad: int,
                 rank: int, world: int, distributed: bool, say: Any, throughput: Any, progress: Any
                 ) -> tuple[Any, Any, int]:
     """The gradient importance pass, checkpointed every ``runtime.checkpoint_every`` micro-batches that every worker
@@ -158,12 +174,12 @@ def _importance(config: dict[str, Any], model: Any, layers: list[Any], calibrati
     from shared.lm_data import shard
     from shared.pruning.step import ImportancePass, ImportanceProgress
 
-    cfg: PruneConfig = config["cfg"]
-    fingerprint = {"config": config["config_hash"], "workers": world}
-    common = min(-(-len(shard(config["calibration"], r, world)) // cfg.micro_batch_size) for r in range(world))
+    cfg = work.cfg
+    fingerprint = {"config": work.stage.config_hash, "workers": world}
+    common = min(-(-len(shard(work.calibration, r, world)) // cfg.micro_batch_size) for r in range(world))
     started = time.perf_counter()
     with ImportancePass(model, layers, cfg.importance, micro_batch=cfg.micro_batch_size, pad_id=pad,
-                        scale=1.0 / config["calibration_tokens"],  # gradients of the mean loss over the whole set
+                        scale=1.0 / work.calibration_tokens,  # gradients of the mean loss over the whole set
                         activation_checkpointing=cfg.activation_checkpointing) as importance:
         steps = importance.steps(calibration)
         state = restore_state(fingerprint, "prune importance", rank=rank)
@@ -197,14 +213,14 @@ def _say(rank: int, world: int) -> Any:
     return say
 
 
-def _save(pruned: Any, tokenizer: Any, examples: list[LMExample], pad: int, config: dict[str, Any],
+def _save(pruned: Any, tokenizer: Any, examples: list[LMExample], pad: int, work: PruneWork,
           say: Any) -> dict[str, Any]:
     """Save, reload and compare (shared.pruning.step.save_checked), then upload to <attempt>/model/."""
     from shared.pruning.step import SavedModel, greedy_sample, save_checked
     from shared.storage import Storage
 
-    cfg: PruneConfig = config["cfg"]
-    store = Storage(config["attempt_uri"], cfg.storage)
+    cfg = work.cfg
+    store = Storage(work.stage.attempt_uri, cfg.storage)
 
     def upload(saved: SavedModel) -> dict[str, Any]:
         sample = greedy_sample(saved.reloaded, tokenizer, cfg.sample_prompt, cfg.sample_tokens)

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import ray
 import ray.train
@@ -32,7 +34,7 @@ from ray_jobs.train_launch import fit_workers, report_state, restore_state
 from shared.checkpoint import FINGERPRINT_FILE, check_fingerprint, load_training_state
 from shared.configs.train_detector import DetectorConfig
 from shared.data import write_parquet
-from shared.detection.backbones import build_detector, make_spec, save_detector
+from shared.detection.backbones import DetectorSpec, TrainedOn, build_detector, make_spec, save_detector
 from shared.detection.mixture import LABEL_NAMES, plan_mixture
 from shared.detection.report import training_report
 from shared.detection.trainer import DetectorTrainer
@@ -47,20 +49,34 @@ RUN_NAME = "run"  # Ray Train run folder under <stage>/checkpoints/<config>/; a 
 # The loop on each Ray Train worker
 
 
-def train_loop(config: dict[str, Any]) -> dict[str, Any]:
-    cfg: DetectorConfig = config["cfg"]
-    fingerprint = config["fingerprint"]
+@dataclass(frozen=True)
+class DetectorWork:
+    """What every training worker gets."""
+
+    cfg: DetectorConfig
+    spec: DetectorSpec
+    fingerprint: dict[str, Any]
+    """The settings and the mixture a checkpoint must match to be resumed."""
+    groups: np.ndarray
+    """The difficulty group of each sample, by its stable index."""
+    group_names: list[str]
+    resume_from: ray.train.Checkpoint | None
+    """``cfg.resume_from`` as a checkpoint, checked on the driver (None: none)."""
+
+
+def train_loop(work: DetectorWork) -> dict[str, Any]:
+    cfg, fingerprint = work.cfg, work.fingerprint
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # our own progress lines only
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
 
     # --- setup: model, optimiser, booster; state from the latest checkpoint (a crashed run) or resume_from
     device = claim(cfg.stage_name, "training worker", 1.0 if cfg.runtime.use_gpu else 0.0, train=True).device
-    trainer = DetectorTrainer(cfg, config["spec"], config["groups"], config["group_names"], rank=rank, device=device,
+    trainer = DetectorTrainer(cfg, work.spec, work.groups, work.group_names, rank=rank, device=device,
                               wrap=ray.train.torch.prepare_model)
     progress = TrainingProgress("train-detector", cfg.stage_name) if rank == 0 else None
     # this run's latest checkpoint (after a crash), else resume_from
-    resume_from = (config["resume_from"], str(cfg.resume_from)) if config["resume_from"] is not None else None
+    resume_from = (work.resume_from, str(cfg.resume_from)) if work.resume_from is not None else None
     state = restore_state(fingerprint, "train-detector", fallback=resume_from)
     if state is not None:
         trainer.load_state_dict(state)
@@ -143,14 +159,13 @@ def run(cfg: DetectorConfig, stage: Stage) -> dict[str, Any]:
                             f"{', '.join(LABEL_NAMES[y] for y in sorted(present)) or 'no'} images")
 
     # 2. Ray Train
-    spec = make_spec(cfg.model, cfg.input_size or plan.height, cfg.storage)
-    spec["training"] = {"split": cfg.split.model_dump(), "groups": plan.group_names,
-                        "sources": [s.model_dump() for s in cfg.sources], "boosting": cfg.boosting.method}
-    config = {"cfg": cfg, "spec": spec, "fingerprint": fingerprint, "groups": plan.column("group"),
-              "group_names": plan.group_names, "resume_from": resume_from}
+    spec = replace(make_spec(cfg.model, cfg.input_size or plan.height, cfg.storage),
+                   training=TrainedOn(cfg.split.model_dump(), plan.group_names, [s.model_dump() for s in cfg.sources],
+                                      cfg.boosting.method))
+    work = DetectorWork(cfg, spec, fingerprint, plan.column("group"), plan.group_names, resume_from)
     started = time.time()
     result = fit_workers(
-        train_loop, config, stage, cfg.runtime, run_name=RUN_NAME,
+        train_loop, work, stage, cfg.runtime, run_name=RUN_NAME,
         checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_auc",
                                            checkpoint_score_order="max"),
         logging_config=LoggingConfig(log_level="WARNING"),

@@ -1,6 +1,9 @@
 """One way to start Ray Train for every job that trains or scores on workers (prune, distill, train-detector).
 
-    result = fit_workers(train_loop, config, stage, resources, run_name="train")
+    result = fit_workers(train_loop, work, stage, resources, run_name="train")
+
+- Inputs: ``work`` is the job's own dataclass (its config, a ``StageRef``, its data); every worker gets it as the
+  one argument of ``train_loop(work)``.
 
 - Storage: ``<stage>/checkpoints/<config>/<run_name>`` when the run is resumable (a rerun of the same config finds
   its latest checkpoint through ``ray.train.get_checkpoint()``), else a folder of this attempt.
@@ -20,6 +23,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import os
 import socket
@@ -27,7 +31,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 import ray.train
@@ -44,12 +48,29 @@ from shared.stage import Stage
 LOOPBACK = "127.0.0.1"
 
 
-def fit_workers(train_loop: Callable[[dict[str, Any]], Any], config: dict[str, Any], stage: Stage,
+@dataclass(frozen=True)
+class StageRef:
+    """What a worker knows of the stage it computes for: its name (placement, progress), this attempt's folder (where
+    rank 0 writes outputs) and the config hash (checkpoint fingerprints)."""
+
+    name: str
+    attempt_uri: str
+    config_hash: str
+
+    @classmethod
+    def of(cls, stage: Stage) -> StageRef:
+        return cls(stage.name, stage.store.uri(), stage.config_hash)
+
+
+Work = TypeVar("Work")
+
+
+def fit_workers(train_loop: Callable[[Work], Any], work: Work, stage: Stage,
                 resources: WorkersConfig, *, role: str = "training worker", run_name: str = "run",
                 resumable: bool = True,
                 datasets: dict[str, ray.data.Dataset] | None = None, dataset_config: DataConfig | None = None,
                 checkpoint_config: CheckpointConfig | None = None, logging_config: Any = None) -> ray.train.Result:
-    """Run ``train_loop(config)`` on the workers and return Ray Train's result."""
+    """Run ``train_loop(work)`` on the workers and return Ray Train's result."""
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints reach the driver once, not twice
     store = stage.checkpoints if resumable else stage.store.child("ray_train")
     fs, path = store.pyarrow_filesystem()
@@ -58,7 +79,7 @@ def fit_workers(train_loop: Callable[[dict[str, Any]], Any], config: dict[str, A
                            failure_config=FailureConfig(max_failures=resources.max_failures),
                            **({"logging_config": logging_config} if logging_config is not None else {}))
     trainer = TorchTrainer(
-        train_loop, train_loop_config=config,
+        functools.partial(_per_worker, train_loop), train_loop_config={"work": work},
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker={"CPU": resources.cpus_per_worker}),
         torch_config=CheckedTorchConfig(stage=stage.name, role=role, loopback=started_locally()),
@@ -71,6 +92,10 @@ def fit_workers(train_loop: Callable[[dict[str, Any]], Any], config: dict[str, A
         if error is not None:
             raise error from None
         raise
+
+
+def _per_worker(train_loop: Callable[[Work], Any], config: dict[str, Any]) -> Any:
+    return train_loop(config["work"])  # Ray Train hands a worker one dict; the job's loop takes its typed work
 
 
 def _state_folder(root: str | Path, rank: int | None) -> Path:

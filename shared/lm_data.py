@@ -36,13 +36,6 @@ class LMExample:
         """Tokens that carry loss once labels are shifted for next-token prediction (the first position never does)."""
         return sum(1 for label in self.labels[1:] if label != IGNORE)
 
-    def to_dict(self) -> dict[str, list[int]]:
-        return {"input_ids": list(self.input_ids), "labels": list(self.labels)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Sequence[int]]) -> LMExample:
-        return cls(tuple(int(i) for i in data["input_ids"]), tuple(int(i) for i in data["labels"]))
-
 
 @dataclass
 class EncodeStats:

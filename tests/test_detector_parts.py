@@ -16,7 +16,14 @@ from shared.configs.standin_faces import StandinFacesConfig
 from shared.configs.train_detector import BackboneConfig, DetectorConfig, SourceConfig, SplitConfig
 from shared.data import write_parquet
 from shared.detection.augment import augment_batch, perturb_batch, to_tensor
-from shared.detection.backbones import build_detector, fake_probability, load_detector, make_spec, save_detector
+from shared.detection.backbones import (
+    DetectorSpec,
+    build_detector,
+    fake_probability,
+    load_detector,
+    make_spec,
+    save_detector,
+)
 from shared.detection.mixture import assign_split, decode_batch, plan_mixture, read_metadata
 from shared.detection.standin import standin_table
 from shared.errors import ConfigError, DataError, ModelError
@@ -150,7 +157,8 @@ def test_backbones_build_score_and_round_trip(kind, config, tmp_path):
         assert not model.tower.training
     save_detector(model, spec, Storage(str(tmp_path)), "det")
     loaded, loaded_spec = load_detector(str(tmp_path / "det"))
-    assert loaded_spec == json.loads(json.dumps(spec))
+    assert json.loads(json.dumps(loaded_spec.to_json())) == json.loads(json.dumps(spec.to_json()))
+    assert (loaded_spec.kind, loaded_spec.mean, loaded_spec.training) == (kind, spec.mean, None)
     torch.testing.assert_close(fake_probability(loaded, x), p)
 
 
@@ -160,7 +168,9 @@ def test_pretrained_reference_is_loaded_and_a_bad_one_is_a_clear_error(tmp_path)
     ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
                                               layer_type="basic", num_labels=5)).save_pretrained(tmp_path / "r")
     spec = make_spec(BackboneConfig(kind="resnet", reference=str(tmp_path / "r")), 16)
-    assert len(spec["hf_config"]["id2label"]) == 2 and spec["hf_config"]["hidden_sizes"] == [8, 16]
+    assert spec.hf_config is not None
+    assert len(spec.hf_config["id2label"]) == 2
+    assert spec.hf_config["hidden_sizes"] == [8, 16]
     net = build_detector(spec, pretrained=True)
     source = ResNetForImageClassification.from_pretrained(tmp_path / "r")
     torch.testing.assert_close(net.net.resnet.embedder.embedder.convolution.weight,
@@ -199,3 +209,14 @@ def test_a_checkpoint_holding_an_object_is_refused_not_unpickled(tmp_path):
     save_training_state(tmp_path, {"step": 2, "optimizer": torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))])
                                    .state_dict(), "history": [{"loss": 0.5, "step": 2}]}, fingerprint)
     assert load_training_state(tmp_path, fingerprint, "ck")["history"] == [{"loss": 0.5, "step": 2}]
+
+
+def test_a_detector_json_of_another_format_or_with_unknown_fields_is_refused():
+    spec = make_spec(BackboneConfig(kind="small-cnn", width=4), 16).to_json()
+    assert DetectorSpec.from_json(json.loads(json.dumps(spec)), "d").mean == spec["mean"]
+    with pytest.raises(ModelError, match=r"detector d: unknown detector.json format 2"):
+        DetectorSpec.from_json({**spec, "format": 2}, "d")
+    with pytest.raises(ModelError, match=r"detector d: unknown detector.json field\(s\) colour"):
+        DetectorSpec.from_json({**spec, "colour": "red"}, "d")
+    with pytest.raises(ModelError, match=r"detector d: detector.json is incomplete"):
+        DetectorSpec.from_json({k: v for k, v in spec.items() if k != "kind"}, "d")

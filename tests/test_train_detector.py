@@ -98,7 +98,9 @@ def test_train_and_evaluate_on_s3_with_two_workers(ray_session, s3_root):
     with pytest.raises(DataError, match="no fingerprint.json there"):
         run_job(other.model_copy(update={"resume_from": stage_root.uri("checkpoints")}))
     model, spec = load_detector(stage_root.uri())
-    assert spec["training"]["split"] == SPLIT and spec["input_size"] == 16
+    assert spec.training is not None
+    assert spec.training.split == SPLIT
+    assert spec.input_size == 16
     import torch
 
     assert fake_probability(model, torch.zeros(2, 3, 16, 16)).shape == (2,)

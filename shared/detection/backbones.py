@@ -1,18 +1,19 @@
 """Detector networks: (B, 3, H, W) normalised images -> (B, 2) logits (index 0 real, 1 fake); the score is
 softmax(logits)[:, 1].
 
-A detector is described by a JSON *spec* (saved beside its weights as ``detector.json``), so a saved detector is
-rebuilt offline without its original reference:
+A detector is described by a :class:`DetectorSpec` (saved beside its weights as ``detector.json``), so a saved
+detector is rebuilt offline without its original reference:
 
     {"format": 1, "kind": "small-cnn" | "resnet" | "convnext" | "vit" | "clip-probe", "input_size": 32,
      "mean": [...], "std": [...], "width": 32, "norm": "batch", "dropout": 0.1, "hf_config": {...} | null,
-     "reference": str | null}
+     "reference": str | null, "training": {"split": ..., "groups": [...], "sources": [...], "boosting": ...} | null}
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -37,6 +38,67 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "clip-probe": {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 128,
                    "patch_size": 4, "projection_dim": 64},
 }
+
+
+SPEC_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TrainedOn:
+    """What a detector was trained on (train-detector writes it): evaluate-detector refuses to test it on images it
+    saw, and takes its split when none is configured."""
+
+    split: dict[str, Any]
+    """The SplitConfig fields the mixture was split with."""
+    groups: list[str]
+    """The difficulty groups (dataset/source/label) of the mixture."""
+    sources: list[dict[str, Any]]
+    """The SourceConfig fields of every dataset in the mixture (uri, include, exclude, labels)."""
+    boosting: str
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """Everything needed to rebuild a detector's network and feed it: its kind and sizes, its input normalisation,
+    the transformers config of HF backbones, and what it was trained on."""
+
+    kind: str
+    """small-cnn, resnet, convnext, vit or clip-probe."""
+    input_size: int
+    """Images are resized to input_size x input_size before normalisation."""
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    width: int = 32
+    """small-cnn: channels of the first block."""
+    norm: str = "batch"
+    """small-cnn: batch or group normalisation."""
+    dropout: float = 0.1
+    hf_config: dict[str, Any] | None = None
+    """HF backbones: the transformers config as a dict (two labels)."""
+    reference: str | None = None
+    """Where pretrained weights come from (a hub id, local path or s3://), if any."""
+    training: TrainedOn | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": SPEC_FORMAT, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str) -> DetectorSpec:
+        """The spec a detector.json holds; a ModelError naming ``where`` for another format or unknown fields."""
+        if data.get("format") != SPEC_FORMAT:
+            raise ModelError(f"detector {where}: unknown {SPEC_FILE} format {data.get('format')!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known - {"format"})
+        if unknown:
+            raise ModelError(f"detector {where}: unknown {SPEC_FILE} field(s) {', '.join(unknown)}")
+        values = {k: v for k, v in data.items() if k in known}
+        values.update(mean=tuple(values.get("mean", ())), std=tuple(values.get("std", ())))
+        if values.get("training") is not None:
+            values["training"] = TrainedOn(**values["training"])
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ModelError(f"detector {where}: {SPEC_FILE} is incomplete ({exc})") from None
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -122,13 +184,12 @@ def _hf_classes(kind: str):
     }[kind]
 
 
-def make_spec(model: Any, input_size: int, storage: StorageConfig | None = None) -> dict[str, Any]:
+def make_spec(model: Any, input_size: int, storage: StorageConfig | None = None) -> DetectorSpec:
     """The spec of a new detector from a BackboneConfig; a reference is resolved here (its config is read)."""
-    spec: dict[str, Any] = {"format": 1, "kind": model.kind, "input_size": int(input_size), "width": model.width,
-                            "norm": model.norm,
-                            "dropout": model.dropout, "hf_config": None, "reference": model.reference,
-                            "mean": list(CLIP_MEAN if model.kind == "clip-probe" else IMAGENET_MEAN),
-                            "std": list(CLIP_STD if model.kind == "clip-probe" else IMAGENET_STD)}
+    clip = model.kind == "clip-probe"
+    spec = DetectorSpec(kind=model.kind, input_size=int(input_size), width=model.width, norm=model.norm,
+                        dropout=model.dropout, reference=model.reference,
+                        mean=tuple(CLIP_MEAN if clip else IMAGENET_MEAN), std=tuple(CLIP_STD if clip else IMAGENET_STD))
     if model.kind == "small-cnn":
         return spec
     config_cls, _ = _hf_classes(model.kind)
@@ -158,34 +219,33 @@ def make_spec(model: Any, input_size: int, storage: StorageConfig | None = None)
     if model.kind != "clip-probe":
         cfg.num_labels = 2
         cfg.id2label, cfg.label2id = {0: "real", 1: "fake"}, {"real": 0, "fake": 1}
-    spec["hf_config"] = cfg.to_dict()
-    return spec
+    return replace(spec, hf_config=cfg.to_dict())
 
 
-def build_detector(spec: dict[str, Any], pretrained: bool = False, storage: StorageConfig | None = None) -> nn.Module:
+def build_detector(spec: DetectorSpec, pretrained: bool = False, storage: StorageConfig | None = None) -> nn.Module:
     """The network of a spec: random weights, or (``pretrained``) the reference's weights where there is one."""
-    kind = spec["kind"]
+    kind = spec.kind
     if kind == "small-cnn":
-        return SmallCNN(spec["width"], spec["dropout"], spec.get("norm", "batch"))
+        return SmallCNN(spec.width, spec.dropout, spec.norm)
     config_cls, model_cls = _hf_classes(kind)
-    cfg = config_cls.from_dict(dict(spec["hf_config"]))
+    cfg = config_cls.from_dict(dict(spec.hf_config or {}))
     native = getattr(cfg, "image_size", None) if kind in ("vit", "clip-probe") else None
-    if pretrained and spec.get("reference"):
+    if pretrained and spec.reference:
         from shared.models import resolve_model
 
-        where = resolve_model(spec["reference"], storage)
+        where = resolve_model(spec.reference, storage)
         kwargs = {} if kind == "clip-probe" else {"config": cfg, "ignore_mismatched_sizes": True}
         try:
             net = model_cls.from_pretrained(where, **kwargs)
         except (OSError, ValueError) as exc:
-            raise ModelError(f"model reference {spec['reference']!r}: cannot load "
+            raise ModelError(f"model reference {spec.reference!r}: cannot load "
                              f"({str(exc).strip().splitlines()[0]})") from None
     else:
         net = model_cls(cfg)
     if kind == "clip-probe":
         if native is None:
-            raise ModelError(f"model reference {spec.get('reference')!r}: its vision config has no image_size")
-        return ClipProbe(net, int(native), spec["dropout"])
+            raise ModelError(f"model reference {spec.reference!r}: its vision config has no image_size")
+        return ClipProbe(net, int(native), spec.dropout)
     return HFClassifier(net, int(native) if native else None)
 
 
@@ -194,17 +254,17 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def save_detector(model: nn.Module, spec: dict[str, Any], store: Storage, *parts: str) -> str:
+def save_detector(model: nn.Module, spec: DetectorSpec, store: Storage, *parts: str) -> str:
     """detector.json + model.safetensors under ``parts``; returns the folder URI."""
     from safetensors.torch import save
 
     state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
     store.write_bytes(save(state), *parts, WEIGHTS_FILE)
-    store.write_text(json.dumps(spec, indent=2) + "\n", *parts, SPEC_FILE)
+    store.write_text(json.dumps(spec.to_json(), indent=2) + "\n", *parts, SPEC_FILE)
     return store.uri(*parts)
 
 
-def load_detector(uri: str, storage: StorageConfig | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def load_detector(uri: str, storage: StorageConfig | None = None) -> tuple[nn.Module, DetectorSpec]:
     """(network in eval mode, spec) from a train-detector stage or a detector folder, local or s3://."""
     from safetensors.torch import load
 
@@ -212,9 +272,7 @@ def load_detector(uri: str, storage: StorageConfig | None = None) -> tuple[nn.Mo
     store = Storage(folder, storage)
     if not store.exists(SPEC_FILE):
         raise ModelError(f"detector {uri}: no {SPEC_FILE} there (expected a train-detector stage or its model folder)")
-    spec = store.read_json(SPEC_FILE)
-    if spec.get("format") != 1:
-        raise ModelError(f"detector {uri}: unknown {SPEC_FILE} format {spec.get('format')!r}")
+    spec = DetectorSpec.from_json(store.read_json(SPEC_FILE), uri)
     model = build_detector(spec)
     try:
         model.load_state_dict(load(store.read_bytes(WEIGHTS_FILE)))

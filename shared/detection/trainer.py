@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from shared.detection.augment import resize_batch, to_tensor
-from shared.detection.backbones import build_detector, fake_probability, unwrap
+from shared.detection.backbones import DetectorSpec, build_detector, fake_probability, unwrap
 from shared.detection.boosting import Booster, Gather, default_gather
 from shared.detection.metrics import accuracy, average_precision, roc_auc
 from shared.detection.training import train_step
@@ -44,7 +44,7 @@ class EpochTotals:
 class DetectorTrainer:
     """Model, optimiser and booster of one worker (``cfg`` is a DetectorConfig, ``spec`` the detector spec)."""
 
-    def __init__(self, cfg: Any, spec: dict[str, Any], groups: Any, group_names: list[str], *, rank: int = 0,
+    def __init__(self, cfg: Any, spec: DetectorSpec, groups: Any, group_names: list[str], *, rank: int = 0,
                  device: torch.device | str = "cpu", wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
                  gather: Gather | None = None, pretrained: bool = True):
         self.cfg, self.spec, self.rank, self.device = cfg, spec, rank, torch.device(device)
@@ -88,8 +88,7 @@ class DetectorTrainer:
             mine = batch["index"] % world == self.rank
             if not mine.any():
                 continue
-            x = to_tensor(resize_batch(batch["image"][mine], self.spec["input_size"]), self.spec["mean"],
-                          self.spec["std"])
+            x = to_tensor(resize_batch(batch["image"][mine], self.spec.input_size), self.spec.mean, self.spec.std)
             parts.append(torch.stack([torch.from_numpy(batch["index"][mine]).double(),
                                       fake_probability(net, x.to(self.device)).double().cpu(),
                                       torch.from_numpy(batch["label"][mine]).double()], dim=1))
