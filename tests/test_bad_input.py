@@ -33,7 +33,8 @@ def _texts(n: int) -> list[str]:
 def _one_line(result, *expected: str) -> str:
     assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-3000:])
     errors = [line for line in result.stderr.splitlines() if line.startswith("scopeforge: error: ")]
-    assert len(errors) == 1 and all(e in errors[0] for e in expected), result.stderr[-3000:]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert all(e in errors[0] for e in expected), result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     return errors[0]
 
@@ -101,6 +102,8 @@ def test_a_huge_document_reaches_the_tokenizer_cut_to_a_bound(tiny_llama_dir):
 
     huge = "orbit " * 2_000_000  # 12 MB
     out = tokenize(Recording(), [huge, "a short one"], max_tokens=48)
-    assert max(seen) == 48 * CHARS_PER_TOKEN and out.truncated == [True, False] and len(out.ids[0]) == 48
+    assert max(seen) == 48 * CHARS_PER_TOKEN
+    assert out.truncated == [True, False]
+    assert len(out.ids[0]) == 48
     assert cap_text("x" * 10, 1) == ("x" * 10, False)
     assert cap_text("ab" * 100, 2, keep="tail") == (("ab" * 100)[-2 * CHARS_PER_TOKEN:], True)

@@ -20,12 +20,14 @@ from shared.errors import ModelError
 def test_first_sight_sets_m_then_ema_and_duplicates_are_averaged():
     st = DifficultyState([0, 0, 1, 1], ["a", "b"], beta=0.9)
     st.update(torch.tensor([0, 2]), torch.tensor([1.0, 2.0]))
-    assert st.m.tolist() == [1.0, 0.0, 2.0, 0.0] and st.seen.tolist() == [True, False, True, False]
+    assert st.m.tolist() == [1.0, 0.0, 2.0, 0.0]
+    assert st.seen.tolist() == [True, False, True, False]
     st.update(torch.tensor([0, 1]), torch.tensor([3.0, 5.0]))
     assert st.m[0].item() == pytest.approx(0.9 * 1.0 + 0.1 * 3.0)  # EMA of a seen sample
     assert st.m[1].item() == 5.0  # first sight: m = d, not 0.1 * d
     st.update(torch.tensor([3, 3, 2]), torch.tensor([1.0, 3.0, 2.0]))  # index 3 twice in one step: mean 2.0
-    assert st.m[3].item() == 2.0 and st.m[2].item() == pytest.approx(2.0)
+    assert st.m[3].item() == 2.0
+    assert st.m[2].item() == pytest.approx(2.0)
     with pytest.raises(IndexError):
         st.update(torch.tensor([4]), torch.tensor([1.0]))
 
@@ -81,7 +83,8 @@ def test_weights_are_exp_of_alpha_z_clipped():
     z = b.state.zscores(idx, "global")
     w = b.weights(idx, epoch=0)
     np.testing.assert_allclose(w.numpy(), np.clip(np.exp(2.0 * z), 0.5, 3.0))
-    assert w.max().item() == 3.0 and w.min().item() == 0.5  # both clips bind on these inputs
+    assert w.max().item() == 3.0
+    assert w.min().item() == 0.5
 
 
 def test_warmup_is_uniform_then_the_loss_is_the_weighted_mean():
@@ -92,7 +95,8 @@ def test_warmup_is_uniform_then_the_loss_is_the_weighted_mean():
     idx = torch.arange(6)
     ce = F.cross_entropy(logits, labels, reduction="none")
     loss, w = b(logits, labels, idx, epoch=0)
-    assert torch.equal(w, torch.ones(6, dtype=w.dtype)) and loss.item() == pytest.approx(ce.mean().item())
+    assert torch.equal(w, torch.ones(6, dtype=w.dtype))
+    assert loss.item() == pytest.approx(ce.mean().item())
     assert b.state.seen.all()  # tracked during the warm-up
     loss, w = b(logits, labels, idx, epoch=1)
     m = 0.9 * ce.detach().double() + 0.1 * ce.detach().double()  # second sight of the same losses: m = d
@@ -102,7 +106,8 @@ def test_warmup_is_uniform_then_the_loss_is_the_weighted_mean():
     assert loss.item() == pytest.approx((expected_w.float() * ce).sum().item() / expected_w.sum().item(), rel=1e-5)
     assert loss.item() > ce.mean().item()  # the hard samples weigh more
     loss.backward()  # weights are constants: the gradient flows through the losses only
-    assert logits.grad is not None and not w.requires_grad
+    assert logits.grad is not None
+    assert not w.requires_grad
 
 
 def test_baselines_focal_and_ohem_and_uniform_track_too():
@@ -127,11 +132,13 @@ def test_end_epoch_history_and_state_roundtrip():
     logits = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
     b(logits, torch.tensor([0, 0, 0, 1, 1, 1]), torch.arange(6), epoch=0)
     record = b.end_epoch(0)
-    assert [g["group"] for g in record["groups"]] == ["real", "fake"] and record["groups"][0]["tracked"] == 3
+    assert [g["group"] for g in record["groups"]] == ["real", "fake"]
+    assert record["groups"][0]["tracked"] == 3
     assert record["groups"][0]["mean_weight"] is not None
     other = _booster(warmup_epochs=0)
     other.load_state_dict(b.state_dict())
-    assert other.state.checksum() == b.state.checksum() and other.history == b.history
+    assert other.state.checksum() == b.state.checksum()
+    assert other.history == b.history
     wrong = Booster(BoostingConfig(), [0, 1, 1], ["real", "fake"])
     with pytest.raises(ModelError, match="does not match this mixture"):
         wrong.load_state_dict(b.state_dict())
@@ -185,7 +192,9 @@ def test_ddp_gather_on_two_gloo_processes_gives_identical_state(tmp_path):
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["gathered"] == r1["gathered"] == [0.0, 1.0, 0.0, 1.0, 2.0]
-    assert r0["checksum"] == r1["checksum"] and r0["m"] == r1["m"] and r0["seen"] == r1["seen"]
+    assert r0["checksum"] == r1["checksum"]
+    assert r0["m"] == r1["m"]
+    assert r0["seen"] == r1["seen"]
 
     # The same as one process that sees both ranks' batches, in rank order, at every step.
     reference = Booster(BoostingConfig(warmup_epochs=1), _groups(), ["a", "b", "c"])
@@ -197,4 +206,5 @@ def test_ddp_gather_on_two_gloo_processes_gives_identical_state(tmp_path):
             expected = reference.weights(parts[rank][2], epoch=step // 3)
             np.testing.assert_allclose(rec["weights"][step], expected.float().numpy(), rtol=1e-6)
     assert reference.state.checksum() == r0["checksum"]
-    assert sum(r0["seen"]) > 0 and not all(math.isclose(w, 1.0) for w in r0["weights"][-1])  # boosting was active
+    assert sum(r0["seen"]) > 0
+    assert not all(math.isclose(w, 1.0) for w in r0["weights"][-1])

@@ -11,7 +11,9 @@ from tests.conftest import committed_path, run_cli
 
 def test_help_and_job_list():
     top = run_cli("--help")
-    assert top.returncode == 0 and "run" in top.stdout and "jobs" in top.stdout
+    assert top.returncode == 0
+    assert "run" in top.stdout
+    assert "jobs" in top.stdout
     jobs = run_cli("jobs")
     assert jobs.returncode == 0
     assert any(line.startswith("inspect-model ") for line in jobs.stdout.splitlines())
@@ -35,7 +37,9 @@ def test_user_errors_are_one_line_and_exit_2(args, expected):
     result = run_cli(*args)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("scopeforge: error: ") and expected in lines[0], result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("scopeforge: error: "), result.stderr
+    assert expected in lines[0], result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -43,7 +47,8 @@ def test_schema_command():
     result = run_cli("schema", "inspect-model")
     assert result.returncode == 0
     schema = json.loads(result.stdout)
-    assert schema["properties"]["model"]["default"] == "smollm2-135m" and "$ref" not in result.stdout
+    assert schema["properties"]["model"]["default"] == "smollm2-135m"
+    assert "$ref" not in result.stdout
 
 
 @pytest.mark.ray
@@ -55,10 +60,12 @@ def test_run_inspect_model_end_to_end_then_skip(tmp_path, tiny_llama_dir):
     assert "LlamaForCausalLM with" in first.stdout
     stage = tmp_path / "run" / "inspect-model"
     metrics = json.loads((committed_path(stage) / "metrics.json").read_text())
-    assert metrics["kv_heads"] == 2 and metrics["parameters"] > 0
+    assert metrics["kv_heads"] == 2
+    assert metrics["parameters"] > 0
     assert json.loads((stage / "_SUCCESS").read_text())["job"] == "inspect-model"
     again = run_cli("run", "inspect-model", "--config", str(config))
-    assert again.returncode == 0 and "already done" in again.stderr
+    assert again.returncode == 0
+    assert "already done" in again.stderr
 
 
 @pytest.mark.ray

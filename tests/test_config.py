@@ -46,8 +46,11 @@ def write(tmp_path, text: str):
 def test_yaml_and_overrides_keep_types(tmp_path):
     cfg = load_config(DemoConfig, write(tmp_path, "model: a\nsae:\n  k: 8\n"),
                       ["sae.mode=relu", "seeds=[x, y]", "output_root=s3://b/p"])
-    assert cfg.model == "a" and cfg.sae.k == 8 and cfg.sae.mode == "relu"
-    assert cfg.seeds == ["x", "y"] and cfg.output_root == "s3://b/p"
+    assert cfg.model == "a"
+    assert cfg.sae.k == 8
+    assert cfg.sae.mode == "relu"
+    assert cfg.seeds == ["x", "y"]
+    assert cfg.output_root == "s3://b/p"
 
 
 def test_override_parsing():
@@ -73,7 +76,9 @@ def test_wrong_type_from_override_names_the_override(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(DemoConfig, write(tmp_path, "model: a\n"), ["sae.k=lots"])
     message = str(err.value)
-    assert message.startswith("--set sae.k: key 'sae.k':") and "'lots'" in message and "\n" not in message
+    assert message.startswith("--set sae.k: key 'sae.k':")
+    assert "'lots'" in message
+    assert "\n" not in message
 
 
 def test_bad_choice_and_counts_more_problems(tmp_path):
@@ -93,7 +98,9 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_secrets_never_dumped_and_hash_ignores_storage():
     cfg = DemoConfig.model_validate({"storage": {"access_key_id": "AKIAFAKE", "secret_access_key": "hunter2"}})
     dumped = dump_config(cfg)
-    assert "hunter2" not in dumped and "AKIAFAKE" not in dumped and "secret_access_key" not in dumped
+    assert "hunter2" not in dumped
+    assert "AKIAFAKE" not in dumped
+    assert "secret_access_key" not in dumped
     assert "hunter2" not in repr(cfg)
     plain = DemoConfig()
     assert config_hash(cfg) == config_hash(plain)
@@ -104,7 +111,8 @@ def test_secrets_never_dumped_and_hash_ignores_storage():
 
 def test_json_schema_is_inline_and_documented():
     schema = json_schema(DemoConfig)
-    assert "$ref" not in str(schema) and "$defs" not in schema
+    assert "$ref" not in str(schema)
+    assert "$defs" not in schema
     assert schema["properties"]["sae"]["properties"]["k"]["description"] == "Active latents."
     assert schema["properties"]["model"]["description"] == "Model reference."
     assert schema["additionalProperties"] is False

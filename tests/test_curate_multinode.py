@@ -53,7 +53,8 @@ def _child(scenario: str, tmp_path, config: dict, timeout: float = 600) -> dict:
                          env=env)
     (tmp_path / f"{scenario}.log").write_text(out.stdout + out.stderr)
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-    assert out.returncode == 0 and line, f"{scenario} failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+    assert out.returncode == 0, f"{scenario} failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+    assert line, f"{scenario} failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
     return json.loads(line[len("RESULT "):])
 
 
@@ -72,7 +73,8 @@ def test_two_nodes_score_in_parallel_and_match_one_node(ray_session, s3_root, tm
     result = _child("two-node", tmp_path, config)
     two = result["metrics"]
     assert len(two["placement"]["embed actor"]["nodes"]) == 2  # one scoring actor per node
-    assert result["worker_nodes"] == 2 and result["non_loopback"] == []
+    assert result["worker_nodes"] == 2
+    assert result["non_loopback"] == []
     # the same config on this session's one-node instance
     one = run_job(validate_config(CurateConfig, {**config, "output_root": str(tmp_path / "one")}, "test"))
     assert len(one["placement"]["embed actor"]["nodes"]) == 1
@@ -90,11 +92,13 @@ def test_an_autoscaling_cluster_grows_for_curation_and_shrinks_after(s3_root, tm
               "runtime": {"num_actors": 1, "max_actors": 2, "cpus_per_actor": 1.5, "piece_docs": 10}}
     result = _child("autoscale", tmp_path, config)
     counts = [n for _, n in result["trajectory"]]
-    assert result["at_start"] == 0 and counts[0] == 0
+    assert result["at_start"] == 0
+    assert counts[0] == 0
     assert max(counts) >= 1  # the autoscaler added worker nodes for the job
     assert counts[-1] == 0  # and removed them after the idle timeout
     assert max(counts) <= 2
     metrics = stage_metrics(str(tmp_path / "run" / "curate"))
-    assert metrics["corpus"]["rows"] == len(rows) and metrics["retrieval"]["sae"]["selected"] == 10
+    assert metrics["corpus"]["rows"] == len(rows)
+    assert metrics["retrieval"]["sae"]["selected"] == 10
     assert read_table(str(tmp_path / "run" / "curate")).num_rows == 10
     assert result["non_loopback"] == []

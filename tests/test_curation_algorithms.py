@@ -36,7 +36,9 @@ def tiny_base(tiny_llama_dir):
 
 
 def test_default_layer_is_three_quarters_deep():
-    assert default_layer(30) == 22 and default_layer(6) == 4 and default_layer(1) == 0
+    assert default_layer(30) == 22
+    assert default_layer(6) == 4
+    assert default_layer(1) == 0
 
 
 def test_layer_out_of_range(tiny_llama_dir):
@@ -65,12 +67,14 @@ def test_jvp_sensitivity_matches_brute_force_jacobian(tiny_base):
     estimate = jvp_sensitivity(base, input_ids, attention, probes=96, generator=torch.Generator().manual_seed(0))
     # Rademacher probes give an unbiased estimate of the squared norm; with 96 probes it is within several percent
     relative = (estimate - exact).abs() / exact
-    assert float(relative.median()) < 0.08 and float(relative.max()) < 0.35
+    assert float(relative.median()) < 0.08
+    assert float(relative.max()) < 0.35
     top_exact = set(select_coordinates(exact, 16).tolist())
     top_estimate = set(select_coordinates(estimate, 16).tolist())
     assert len(top_exact & top_estimate) >= 12
     one_probe = jvp_sensitivity(base, input_ids, attention, probes=1, generator=torch.Generator().manual_seed(1))
-    assert one_probe.shape == exact.shape and torch.isfinite(one_probe).all()
+    assert one_probe.shape == exact.shape
+    assert torch.isfinite(one_probe).all()
 
 
 def test_statistic_selectors_and_k_bounds():
@@ -107,7 +111,9 @@ def test_topk_codes_and_unit_norm_decoder():
     sae = TopKSAE(SAEShape(d_in=8, n_latents=32, k=4, aux_k=8, dead_tokens=100), torch.Generator().manual_seed(0))
     x = torch.randn(50, 8)
     codes = sae.dense_codes(x)
-    assert codes.shape == (50, 32) and int((codes != 0).sum(1).max()) <= 4 and float(codes.min().detach()) >= 0
+    assert codes.shape == (50, 32)
+    assert int((codes != 0).sum(1).max()) <= 4
+    assert float(codes.min().detach()) >= 0
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(32), atol=1e-6)
 
 
@@ -119,7 +125,8 @@ def test_nmse_is_squared_error_over_batch_variance():
     recon = sae.decode(values, indices)
     expected = ((recon - x) ** 2).sum(1).mean() / ((x - x.mean(0)) ** 2).sum(1).mean()
     assert torch.allclose(terms["nmse"], expected, rtol=1e-5)
-    assert float(terms["auxk"]) == 0.0 and float(terms["l1"]) == 0.0
+    assert float(terms["auxk"]) == 0.0
+    assert float(terms["l1"]) == 0.0
     with_l1 = sae.loss(x, aux_alpha=0.0, l1=0.5)
     assert torch.allclose(with_l1["l1"], values.abs().sum(-1).mean(), rtol=1e-5)
     assert torch.allclose(with_l1["loss"], with_l1["nmse"] + 0.5 * with_l1["l1"], rtol=1e-5)
@@ -134,13 +141,15 @@ def test_dead_latents_and_auxk_gradient_reaches_only_dead_latents():
     fired_once = sae.tokens_since_fired == 0
     sae.loss(x, 1.0, 0.0)  # the same batch: the same latents fire again; the rest reach 40 tokens unfired
     dead = sae.dead_mask()
-    assert dead.any() and not (dead & fired_once).any()
+    assert dead.any()
+    assert not (dead & fired_once).any()
     sae.zero_grad()
     terms = sae.loss(x, aux_alpha=1.0, l1=0.0)
     assert float(terms["auxk"].detach()) > 0
     terms["auxk"].backward()
     grad_rows = sae.encoder.weight.grad.abs().sum(1) > 0
-    assert grad_rows.any() and not (grad_rows & ~sae.dead_mask()).any()
+    assert grad_rows.any()
+    assert not (grad_rows & ~sae.dead_mask()).any()
 
 
 def test_parallel_gradient_removed_and_decoder_renormalised():
@@ -162,7 +171,8 @@ def test_training_learns_a_sparse_dictionary():
     before = untrained.fraction_of_variance_unexplained(data)
     result = train_sae(data, shape, TrainSettings(steps=200, batch_size=256, lr=3e-3, log_every=100))
     assert result.fvu < 0.15 < before
-    assert len(result.history) == 2 and 0.0 <= result.dead_fraction < 0.5
+    assert len(result.history) == 2
+    assert 0.0 <= result.dead_fraction < 0.5
     assert torch.allclose(result.sae.W_dec.norm(dim=1), torch.ones(128), atol=1e-5)
 
 
@@ -283,7 +293,8 @@ def test_counts_and_tallies_add_up_over_shards():
     rule = rule_for("sae", 30, "sae", "global", None, 4)
     _run_selection([rule], blocks)
     total = sum((tally(b, [rule], "sae", "target")[0] for b in blocks), start=Tally())
-    assert total.selected["sae"] == 30 and 0 <= total.hits["sae"] <= 30
+    assert total.selected["sae"] == 30
+    assert 0 <= total.hits["sae"] <= 30
     assert [s for s, _ in total.best] == sorted(np.sort(batch["sae_score"][ok])[-10:].tolist(), reverse=True)
     assert total.lowest["sae"] == pytest.approx(float(np.sort(batch["sae_score"][ok])[-30]))
 
@@ -312,7 +323,8 @@ def test_dsir_importance_prefers_target_like_text_and_keys_are_stable():
     assert int(np.argmax(weights)) == 0
     assert np.array_equal(hashed_ngrams(raw_docs[0], buckets), hashed_ngrams(raw_docs[0], buckets))
     u = stable_uniform(["a", "b", "c"], seed=3)
-    assert np.array_equal(u, stable_uniform(["a", "b", "c"], seed=3)) and ((u > 0) & (u < 1)).all()
+    assert np.array_equal(u, stable_uniform(["a", "b", "c"], seed=3))
+    assert ((u > 0) & (u < 1)).all()
     assert not np.array_equal(u, stable_uniform(["a", "b", "c"], seed=4))
     assert np.array_equal(gumbel_keys(weights, ["x", "y", "z"], 0), gumbel_keys(weights, ["x", "y", "z"], 0))
 
@@ -342,8 +354,11 @@ def test_split_keeps_seed_and_heldout_documents_out_of_the_pool():
     seed_docs = {c.doc_id for c in split.seeds}
     held_docs = {c.doc_id for c in split.heldout} | {c.doc_id for c in split.heldout_general}
     pool_docs = {c.doc_id for c in split.pool}
-    assert len(split.seeds) == 3 and not seed_docs & pool_docs and not held_docs & pool_docs
-    assert {c.label for c in split.heldout} == {"target"} and {c.label for c in split.heldout_general} == {"other"}
+    assert len(split.seeds) == 3
+    assert not seed_docs & pool_docs
+    assert not held_docs & pool_docs
+    assert {c.label for c in split.heldout} == {"target"}
+    assert {c.label for c in split.heldout_general} == {"other"}
     with pytest.raises(DataError, match="target label 'missing' has no documents"):
         split_corpus(docs, "missing", chunk_words=40, min_words=10, caps={}, per_doc={}, n_seeds=1,
                      heldout_target_docs=0, heldout_general_share=0.0, rng=random.Random(0))
@@ -357,7 +372,8 @@ def test_length_batches_group_similar_lengths():
 def test_idf_weights_discount_latents_that_fire_everywhere():
     pooled = torch.tensor([[0.5, 0.2, 0.0], [0.4, 0.0, 0.0], [0.6, 0.0, 0.3], [0.5, 0.0, 0.0]])
     idf = idf_weights(pooled)
-    assert float(idf[0]) == 0.0 and float(idf[1]) > float(idf[0])  # everywhere: no weight; rare: weight
+    assert float(idf[0]) == 0.0
+    assert float(idf[1]) > float(idf[0])
     assert torch.isclose(idf[1], torch.log(torch.tensor(4 / 2)))
     weighted = idf_codes(pooled, idf)
     assert torch.allclose(weighted[0], torch.tensor([0.0, 1.0, 0.0]))  # only the rare latent remains

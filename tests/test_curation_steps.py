@@ -73,7 +73,8 @@ def test_the_scorer_matches_each_seed_to_its_domain_and_a_saved_model_scores_the
         # a seed text is its own nearest seed, at cosine 1
         assert scored[f"{kind}_seed"][:2].tolist() == [0, 1]
         assert scored[f"{kind}_score"][:2] == pytest.approx([1.0, 1.0], abs=1e-4)
-        assert np.isnan(scored[f"{kind}_score"][2]) and scored[f"{kind}_seed"][2] == -1
+        assert np.isnan(scored[f"{kind}_score"][2])
+        assert scored[f"{kind}_seed"][2] == -1
         assert scored[f"{kind}_seed_scores"].shape == (7, 2)
 
     curation.save(Storage(str(tmp_path)))

@@ -48,11 +48,13 @@ def test_standin_rows_follow_the_image_schema(dataset):
     meta = read_metadata(dataset)
     assert meta.num_rows == 30 + 3 * 12
     sources = meta.column("source").to_pylist()
-    assert sources.count("lfw") == 30 and sources.count("standin-morph") == 12
+    assert sources.count("lfw") == 30
+    assert sources.count("standin-morph") == 12
     table = standin_table(SMALL)
     assert table.schema.equals(IMAGE_SCHEMA)
     first_fake = table.filter(pa.compute.equal(table.column("source"), "standin-blur")).to_pylist()[0]
-    assert first_fake["mode"] == "img2img" and first_fake["source_image_id"].startswith("lfw-")
+    assert first_fake["mode"] == "img2img"
+    assert first_fake["source_image_id"].startswith("lfw-")
     assert decode_image(first_fake["image"]).shape == (16, 16, 3)
 
 
@@ -60,7 +62,8 @@ def test_split_is_stable_seeded_and_keeps_img2img_fakes_with_their_real(dataset)
     keys = [f"k{i}" for i in range(2000)]
     a = assign_split(keys, 0, 0.2, 0.1)
     assert (a == assign_split(list(reversed(keys)), 0, 0.2, 0.1)[::-1]).all()  # order-free
-    assert abs((a == "val").mean() - 0.2) < 0.03 and abs((a == "test").mean() - 0.1) < 0.03
+    assert abs((a == "val").mean() - 0.2) < 0.03
+    assert abs((a == "test").mean() - 0.1) < 0.03
     assert (a != assign_split(keys, 1, 0.2, 0.1)).any()
     plan = plan_mixture([SourceConfig(name="d", uri=dataset)], SplitConfig(val_fraction=0.3, test_fraction=0.3),
                         keep_splits=("train", "val", "test"), require_both_classes=())
@@ -76,7 +79,8 @@ def test_plan_indexes_rows_stably_with_groups(dataset):
                SourceConfig(name="fakes", uri=dataset, labels=["fake"], exclude=["standin-morph"])]
     plan = plan_mixture(sources, SplitConfig())
     again = plan_mixture(sources, SplitConfig())
-    assert plan.fingerprint == again.fingerprint and plan.rows.equals(again.rows)
+    assert plan.fingerprint == again.fingerprint
+    assert plan.rows.equals(again.rows)
     assert plan.column("index").tolist() == list(range(plan.num_samples))
     assert set(plan.column("split")) == {"train", "val"}
     assert plan.group_names == ["lfw/real", "standin-blur/fake", "standin-pca/fake"]
@@ -112,9 +116,12 @@ def test_decode_batch_reports_bad_rows_and_never_substitutes():
     other_size = encode_image(np.zeros((6, 8, 3), np.uint8))
     images, ok, reasons = decode_batch([good, b"\x89PNG broken", None, other_size], ["a", "b", "c", "d"], 8, 8, "t")
     assert ok.tolist() == [True, False, False, False]
-    assert reasons[0] is None and "cannot decode" in reasons[1] and reasons[2] == "no image bytes"
+    assert reasons[0] is None
+    assert "cannot decode" in reasons[1]
+    assert reasons[2] == "no image bytes"
     assert reasons[3] == "decoded size 6x8 differs from 8x8"
-    assert images[0].min() == 200 and images[1:].max() == 0  # bad rows are blank, never a neighbour's pixels
+    assert images[0].min() == 200
+    assert images[1:].max() == 0
 
 
 def test_augmentations_shapes_determinism_and_perturbations():
@@ -125,14 +132,19 @@ def test_augmentations_shapes_determinism_and_perturbations():
     a = augment_batch(rng_images, 16, settings, np.random.default_rng(7))
     b = augment_batch(rng_images, 16, settings, np.random.default_rng(7))
     c = augment_batch(rng_images, 16, settings, np.random.default_rng(8))
-    assert a.shape == (4, 16, 16, 3) and a.dtype == np.uint8 and (a == b).all() and (a != c).any()
+    assert a.shape == (4, 16, 16, 3)
+    assert a.dtype == np.uint8
+    assert (a == b).all()
+    assert (a != c).any()
     flat = np.tile(np.arange(20, dtype=np.uint8)[None, :, None, None] * 10, (1, 1, 20, 3)).transpose(0, 2, 1, 3)
     off = AugmentConfig(hflip=0.0, crop_scale_min=1.0, blur_prob=0.0, jpeg_prob=0.0)
     assert (augment_batch(flat, 20, off, np.random.default_rng(0)) == flat).all()  # all off: identity
     assert np.abs(perturb_batch(rng_images, "blur", 2.0).astype(int) - rng_images).mean() > 10
     assert (perturb_batch(rng_images, "clean", 0) == rng_images).all()
     x = to_tensor(a, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    assert x.shape == (4, 3, 16, 16) and -1.0 <= x.min() and x.max() <= 1.0
+    assert x.shape == (4, 3, 16, 16)
+    assert -1.0 <= x.min()
+    assert x.max() <= 1.0
 
 
 @pytest.mark.parametrize(
@@ -149,7 +161,8 @@ def test_backbones_build_score_and_round_trip(kind, config, tmp_path):
     model = build_detector(spec).eval()
     x = torch.randn(3, 3, 16, 16)
     p = fake_probability(model, x)
-    assert p.shape == (3,) and ((0 <= p) & (p <= 1)).all()
+    assert p.shape == (3,)
+    assert ((0 <= p) & (p <= 1)).all()
     if kind == "clip-probe":  # the CLIP tower is frozen, only the probe trains
         trainable = {n for n, q in model.named_parameters() if q.requires_grad}
         assert trainable == {"head.1.weight", "head.1.bias"}

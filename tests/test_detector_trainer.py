@@ -68,7 +68,8 @@ def test_a_few_epochs_beat_chance_and_a_restored_trainer_continues_identically(s
     save_training_state(tmp_path, trainer.state_dict(), {"config": "c"})
     restored = DetectorTrainer(cfg, spec, plan.column("group"), plan.group_names, pretrained=False)
     restored.load_state_dict(load_training_state(tmp_path, {"config": "c"}, "ck"))
-    assert restored.next_epoch == 4 and restored.history == trainer.history
+    assert restored.next_epoch == 4
+    assert restored.history == trainer.history
     results = []
     for t in (trainer, restored):  # the same draws for augmentation (numpy) and dropout (torch) in both
         t.rng = np.random.default_rng(7)

@@ -64,7 +64,8 @@ def test_schedule_and_step_sharding_are_deterministic():
     schedule = Schedule(examples=10, batch_size=4, epochs=2)
     assert (schedule.steps_per_epoch, schedule.total_steps) == (3, 6)
     both = [step_examples(examples, 1, schedule, r, 2, seed=0) for r in (0, 1)]
-    assert not set(both[0]) & set(both[1]) and len(both[0]) + len(both[1]) == 4
+    assert not set(both[0]) & set(both[1])
+    assert len(both[0]) + len(both[1]) == 4
     assert step_examples(examples, 4, schedule, 0, 1, 0) == step_examples(examples, 4, schedule, 0, 1, 0)
     assert 0 < schedule.lr_factor(0) <= 1
     assert schedule.lr_factor(schedule.total_steps) == 0
@@ -78,20 +79,25 @@ def test_distill_end_to_end_on_s3(ray_session, s3_root, tiny_llama_dir):
                           "test")
     metrics = run_job(cfg)
 
-    assert metrics["examples"] == 14 and sum(metrics["filter"].values()) == 14
+    assert metrics["examples"] == 14
+    assert sum(metrics["filter"].values()) == 14
     stage = committed(f"{s3_root}/run/distill")
     table = pq.read_table(io.BytesIO(stage.read_bytes("distilled", "part-000.parquet")))
     rows = table.to_pylist()
     assert {r["kind"] for r in rows} == {"instruction", "continuation"}
     for row in rows:  # a rejected rewrite is never kept: it falls back to the original answer
         if row["reason"] == "kept":
-            assert row["source"] == "teacher" and row["answer"] == row["teacher_output"].strip()
+            assert row["source"] == "teacher"
+            assert row["answer"] == row["teacher_output"].strip()
         elif row["reason"] == "kept_trimmed":  # a continuation cut at max_new_tokens, up to its last sentence
-            assert row["source"] == "teacher" and row["teacher_output"].strip().startswith(row["answer"])
+            assert row["source"] == "teacher"
+            assert row["teacher_output"].strip().startswith(row["answer"])
         else:
-            assert row["source"] == "original" and row["answer"] == row["original_answer"]
+            assert row["source"] == "original"
+            assert row["answer"] == row["original_answer"]
     history = metrics["training"]["history"]
-    assert [h["step"] for h in history] == list(range(1, len(history) + 1)) and len(history) == 4
+    assert [h["step"] for h in history] == list(range(1, len(history) + 1))
+    assert len(history) == 4
     assert Storage(f"{s3_root}/run/distill").find("checkpoints", suffix="state.pt")
     assert marker(f"{s3_root}/run/distill")["outputs"] == {"model": "model", "dataset": "distilled"}
 
@@ -168,7 +174,8 @@ def test_killed_training_resumes_from_its_last_checkpoint(ray_session, tmp_path,
     log = (tmp_path / "second.log").read_text()
     assert "resuming from the checkpoint at step" in log
     resumed_at = int(log.split("resuming from the checkpoint at step ")[1].split()[0])
-    assert resumed_at >= 3 and "step 1/" not in log  # the first steps are not trained again
+    assert resumed_at >= 3
+    assert "step 1/" not in log
     history = json.loads((committed_path(tmp_path / "run" / "distill") / "training_history.json").read_text())
     assert [h["step"] for h in history] == list(range(1, len(history) + 1))
     assert (tmp_path / "run" / "distill" / "_SUCCESS").exists()

@@ -12,11 +12,14 @@ from shared.errors import DataError
 def test_documents_become_continuation_tasks_cut_at_a_line():
     text = "\n".join(f"line {i} has five words" for i in range(10))  # 50 words
     prompt, answer = split_document(text, prompt_fraction=0.4, min_answer_words=10)
-    assert prompt.endswith("\n") and prompt.count("\n") == 4 and answer.startswith("line 4")
+    assert prompt.endswith("\n")
+    assert prompt.count("\n") == 4
+    assert answer.startswith("line 4")
     assert (prompt + answer).split() == text.split()
     one_line = " ".join(f"w{i}" for i in range(100))
     prompt, answer = split_document(one_line, 0.3, 10)
-    assert prompt.split() == [f"w{i}" for i in range(30)] and answer.split()[0] == "w30"
+    assert prompt.split() == [f"w{i}" for i in range(30)]
+    assert answer.split()[0] == "w30"
     assert split_document("too short", 0.5, 10) is None
 
 
@@ -33,7 +36,8 @@ def test_build_examples_keeps_instruction_pairs_and_counts_unusable_rows():
 def test_teacher_request_carries_the_original_answer():
     ex = Example("a", "Explain orbits.", "Objects fall around a body.", "instruction")
     request = teacher_request(ex)
-    assert "Explain orbits." in request and "Objects fall around a body." in request
+    assert "Explain orbits." in request
+    assert "Objects fall around a body." in request
 
 
 @pytest.mark.parametrize(
@@ -53,9 +57,11 @@ def test_filter_decisions(original, output, finished, reason):
     decision = judge(ex, output, finished)
     assert decision.reason == reason
     if reason == "kept":
-        assert decision.source == "teacher" and decision.answer == output.strip()
+        assert decision.source == "teacher"
+        assert decision.answer == output.strip()
     else:  # a failed rewrite is never kept: the original answer is used instead
-        assert decision.source == "original" and decision.answer == original
+        assert decision.source == "original"
+        assert decision.answer == original
 
 
 def test_continuations_have_no_number_check_and_tally_counts_everything():
@@ -75,7 +81,8 @@ def test_a_continuation_cut_at_max_new_tokens_keeps_its_complete_sentences():
     assert judge(ex, "Yes. and then it went on and on", False).reason == "truncated"  # too little before the cut
     instruction = Example("y", "Q?", "The answer is 42.", "instruction")
     assert judge(instruction, "First, 40. Then add 2 so", False).reason == "truncated"  # never trimmed
-    assert final_number("#### 1,024") == 1024.0 and final_number("no digits") is None
+    assert final_number("#### 1,024") == 1024.0
+    assert final_number("no digits") is None
 
 
 def test_the_teacher_step_rewrites_a_batch_reproducibly(tiny_llama_dir):
@@ -92,7 +99,9 @@ def test_the_teacher_step_rewrites_a_batch_reproducibly(tiny_llama_dir):
         step = TeacherRewriter("tiny-llama", GenerationConfig(max_new_tokens=6, do_sample=sampled), seed=3)
         step.setup()
         out, tokens = step.rewrite(batch)
-        assert list(out["id"]) == ["a", "b"] and out["teacher_output"].shape == (2,)
-        assert all(isinstance(t, str) for t in out["teacher_output"]) and out["finished"].dtype == bool
+        assert list(out["id"]) == ["a", "b"]
+        assert out["teacher_output"].shape == (2,)
+        assert all(isinstance(t, str) for t in out["teacher_output"])
+        assert out["finished"].dtype == bool
         assert 0 < tokens <= 12
         assert list(step(batch)["teacher_output"]) == list(out["teacher_output"])

@@ -61,18 +61,26 @@ def test_unconditional_rows_follow_the_schema(tiny_ddpm_dir):
                    "scheduler": "ddim"}])
     _, result = run_stage(cfg)
     table = result.table
-    assert table.schema == IMAGE_SCHEMA and table.num_rows == 4 and not result.drops
+    assert table.schema == IMAGE_SCHEMA
+    assert table.num_rows == 4
+    assert not result.drops
     check_image_table(table, "test")
     row = table.slice(0, 1).to_pylist()[0]
-    assert row["id"] == "uncond-0000000" and row["label"] == 1 and row["source"] == "uncond"
+    assert row["id"] == "uncond-0000000"
+    assert row["label"] == 1
+    assert row["source"] == "uncond"
     assert (row["mode"], row["scheduler"], row["steps"], row["model_ref"]) == ("unconditional", "ddim", 6,
                                                                                tiny_ddpm_dir)
-    assert row["guidance"] is None and row["prompt"] is None and row["source_image_id"] is None
+    assert row["guidance"] is None
+    assert row["prompt"] is None
+    assert row["source_image_id"] is None
     assert (row["width"], row["height"], row["encoding"]) == (SIZE, SIZE, "png")
     pixels = decode_image(row["image"])
-    assert pixels.shape == (SIZE, SIZE, 3) and pixels.std() > 5  # noise-like, not flat
+    assert pixels.shape == (SIZE, SIZE, 3)
+    assert pixels.std() > 5
     seeds = table.column("seed").to_pylist()
-    assert len(set(seeds)) == 4 and all(0 <= s < 2**63 for s in seeds)
+    assert len(set(seeds)) == 4
+    assert all(0 <= s < 2**63 for s in seeds)
     assert len(set(table.column("content_hash").to_pylist())) == 4
 
 
@@ -128,7 +136,8 @@ def test_every_scheduler_samples(tiny_ddpm_dir, scheduler):
     cfg = config([{"name": "u", "mode": "unconditional", "model": tiny_ddpm_dir, "count": 2, "steps": 4,
                    "scheduler": scheduler, "batch_invariant": False}])
     stage, result = run_stage(cfg, requests=requests_for(cfg, cfg.generators[0], n=2))
-    assert result.table.num_rows == 2 and stage.scheduler == scheduler
+    assert result.table.num_rows == 2
+    assert stage.scheduler == scheduler
     if scheduler == "pndm":  # its Runge-Kutta warm-up needs 4 steps: fewer is a clear error, not a numpy trace
         with pytest.raises(ConfigError, match="scheduler pndm: cannot run 3 steps"):
             stage.model.generate([1], 3)
@@ -185,7 +194,8 @@ def test_real_and_fake_pixels_encode_identically():
     # and as a JPEG-encoded dataset the real rows are JPEG at the configured quality, like the fakes
     jpeg = config([], output={"size": 48, "encoding": "jpeg", "quality": 80}).output
     row = encode_reals(reals, "lfw", jpeg).table.to_pylist()[0]
-    assert row["encoding"] == "jpeg" and row["image"][:2] == b"\xff\xd8"
+    assert row["encoding"] == "jpeg"
+    assert row["image"][:2] == b"\xff\xd8"
     assert row["image"] == encode_image(finish_image(face, 48, "rgb"), "jpeg", 80)
 
 
@@ -193,7 +203,8 @@ def test_gray_output_turns_colour_fakes_gray():
     cfg = config([{"name": "gan", "mode": "gan", "count": 2}], output={"size": SIZE, "color": "gray"})
     _, result = run_stage(cfg)
     pixels = decode_image(result.table.column("image")[0].as_py())
-    assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
+    assert (pixels[..., 0] == pixels[..., 1]).all()
+    assert (pixels[..., 1] == pixels[..., 2]).all()
 
 
 def test_corrupt_real_image_is_dropped_and_counted():
@@ -210,7 +221,8 @@ def test_corrupt_real_image_is_dropped_and_counted():
 def test_nan_outputs_are_dropped_never_written(nan_ddpm_dir):
     cfg = config([{"name": "broken", "mode": "unconditional", "model": nan_ddpm_dir, "count": 3, "steps": 3}])
     _, result = run_stage(cfg, requests=requests_for(cfg, cfg.generators[0], n=3))
-    assert result.table.num_rows == 0 and result.table.schema == IMAGE_SCHEMA
+    assert result.table.num_rows == 0
+    assert result.table.schema == IMAGE_SCHEMA
     assert [d["reason"] for d in result.drops] == ["nan"] * 3
     assert {d["id"] for d in result.drops} == {"broken-0000000", "broken-0000001", "broken-0000002"}
 
@@ -218,7 +230,8 @@ def test_nan_outputs_are_dropped_never_written(nan_ddpm_dir):
 def test_blank_outputs_are_dropped(blank_gan_file):
     cfg = config([{"name": "flat", "mode": "gan", "model": blank_gan_file, "count": 2}])
     _, result = run_stage(cfg, requests=requests_for(cfg, cfg.generators[0], n=2))
-    assert result.table.num_rows == 0 and [d["reason"] for d in result.drops] == ["blank", "blank"]
+    assert result.table.num_rows == 0
+    assert [d["reason"] for d in result.drops] == ["blank", "blank"]
 
 
 def test_corrupt_source_image_drops_that_request_only(tiny_ddpm_dir):
@@ -257,7 +270,9 @@ def test_bad_configs_are_one_line_errors(tmp_path, yaml_text, message):
     with pytest.raises(ConfigError) as info:
         load_config(GenerateConfig, path)
     text = str(info.value)
-    assert message in text and "\n" not in text and text.startswith(str(path)), text
+    assert message in text, text
+    assert "\n" not in text, text
+    assert text.startswith(str(path)), text
 
 
 def test_prompt_file_with_an_empty_line_is_an_error_naming_the_line(tmp_path):
@@ -278,8 +293,10 @@ def test_face_prompts_are_seeded_distinct_and_prefix_stable():
     from shared.diffusion.prompts import face_prompts
 
     ten = face_prompts(10, seed=3)
-    assert ten == face_prompts(10, seed=3) and len(set(ten)) == 10
-    assert face_prompts(4, seed=3) == ten[:4] and face_prompts(4, seed=4) != ten[:4]
+    assert ten == face_prompts(10, seed=3)
+    assert len(set(ten)) == 10
+    assert face_prompts(4, seed=3) == ten[:4]
+    assert face_prompts(4, seed=4) != ten[:4]
     assert all(" of a" in p or " of an" in p for p in ten)
 
 

@@ -35,7 +35,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.ray]
 def on_gpu(metrics: dict, *roles: str) -> None:
     for role in roles:
         devices = metrics["placement"][role]["devices"]
-        assert devices and all(d.startswith("cuda") for d in devices), (role, metrics["placement"])
+        assert devices, (role, metrics["placement"])
+        assert all(d.startswith("cuda") for d in devices), (role, metrics["placement"])
 
 
 @pytest.fixture(scope="module")

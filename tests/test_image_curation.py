@@ -42,7 +42,8 @@ def test_phash_is_stable_under_mild_edits_and_separates_faces():
                   np.asarray(Image.fromarray(p).resize((64, 64)))]
         assert max(hamming(h, phash(e)) for e in edited) <= 6
     different = [hamming(a, b) for i, a in enumerate(hashes) for b in hashes[i + 1:]]
-    assert min(different) > 6 and 20 < np.median(different) < 44
+    assert min(different) > 6
+    assert 20 < np.median(different) < 44
 
 
 @pytest.mark.parametrize("distance", [0, 3, 8])
@@ -64,15 +65,20 @@ def test_near_duplicates_agree_with_all_pairs(distance):
         assert twins[i] == (min(close) if close else None)
         if not close:
             kept.append(i)
-    assert any(t is not None for t in twins) and any(t is None for t in twins)
+    assert any(t is not None for t in twins)
+    assert any(t is None for t in twins)
 
 
 def test_subject_filter():
     cfg = validate_config(CurateImagesConfig, {"manifest": "m.jsonl", "subject": {
         "keywords": ["face", "portrait"], "regex": r"\bhead ?shot", "exclude": ["cartoon"]}}, "test")
     matches = subject_matcher(cfg.subject)
-    assert matches("A Portrait of a man") and matches("two faces") and matches("a HEADSHOT, studio")
-    assert not matches("surface of the moon") and not matches("cartoon portrait") and not matches("a red car")
+    assert matches("A Portrait of a man")
+    assert matches("two faces")
+    assert matches("a HEADSHOT, studio")
+    assert not matches("surface of the moon")
+    assert not matches("cartoon portrait")
+    assert not matches("a red car")
     everything = subject_matcher(validate_config(CurateImagesConfig, {"manifest": "m"}, "t").subject)
     assert everything("anything at all")
 
@@ -90,7 +96,8 @@ def test_subject_classifier_trained_on_example_prompts():
     cfg = validate_config(CurateImagesConfig, {"manifest": "m", "subject": {
         "classifier": {"positive": positive, "negative": negative}, "exclude": ["painting"]}}, "t")
     matches = subject_matcher(cfg.subject)
-    assert matches("a smiling man, close-up photo") and not matches("a car on a street")
+    assert matches("a smiling man, close-up photo")
+    assert not matches("a car on a street")
     assert not matches("an oil painting of a smiling woman")  # excluded word wins
     with pytest.raises(ConfigError, match="subject.classifier.negative"):
         validate_config(CurateImagesConfig, {"manifest": "m", "subject": {"classifier": {"positive": ["a"]}}}, "t")
@@ -133,7 +140,8 @@ def test_scan_select_encode_on_inline_bytes():
         encode_batch(manifest, cfg, keep, None)
     table = encode_batch(manifest.slice(0, 2), cfg, keep, None)
     check_image_table(table, "curated")
-    assert table.column("id").to_pylist() == ["collected-x1"] and table.column("seed").to_pylist() == [12]
+    assert table.column("id").to_pylist() == ["collected-x1"]
+    assert table.column("seed").to_pylist() == [12]
     with pytest.raises(DataError, match="id 'collected-x1' appears 2 times"):
         select(pa.concat_tables([scan, scan.slice(0, 1)]), 6)
     with pytest.raises(DataError, match="no 'caption' column"):

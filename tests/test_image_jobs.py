@@ -61,7 +61,8 @@ def test_generate_end_to_end_on_s3(ray_session, s3_root, tiny_ddpm_dir, tiny_sd_
     counts = {name: (m["written"], m["dropped"]) for name, m in metrics["sources"].items()}
     assert counts == {"lfw": (4, 0), "photos": (2, 1), "uncond": (4, 0), "i2i": (2, 1), "sd": (2, 0), "gan": (3, 0)}
     table = read_table(store.uri("generate"))  # the stage hands over its dataset
-    assert table.schema.equals(IMAGE_SCHEMA) and table.num_rows == 17
+    assert table.schema.equals(IMAGE_SCHEMA)
+    assert table.num_rows == 17
     rows = {r["id"]: r for r in table.to_pylist()}
     assert len(rows) == 17
     assert {r["label"] for r in rows.values() if r["source"] in ("lfw", "photos")} == {0}
@@ -77,7 +78,8 @@ def test_generate_end_to_end_on_s3(ray_session, s3_root, tiny_ddpm_dir, tiny_sd_
     drops = [json.loads(line) for line in stage.read_text("drops.jsonl").splitlines()]
     assert sorted((d["source"], d["reason"]) for d in drops) == [("i2i", "corrupt_source"),
                                                                  ("photos", "corrupt_source")]
-    assert stage.exists("report.html") and stage.exists("contact_sheet.png")
+    assert stage.exists("report.html")
+    assert stage.exists("contact_sheet.png")
     assert "uncond" in stage.read_text("report.html")
     assert run_job(cfg) == metrics  # done: skipped
 
@@ -104,10 +106,12 @@ def test_broken_generator_fails_the_job_or_is_counted(ray_session, tmp_path, nan
     metrics = run_job(validate_config(GenerateConfig, {**data, "max_drop_fraction": 1.0}, "test"))
     broken = metrics["sources"]["broken"]
     assert (broken["written"], broken["dropped"], broken["drop_reasons"]) == (0, 3, {"nan": 3})
-    assert metrics["images"] == 2 and metrics["dropped"] == 3
+    assert metrics["images"] == 2
+    assert metrics["dropped"] == 3
     assert not list((committed_path(tmp_path / "generate") / "images").glob("broken/*.parquet"))
     drops = (committed_path(tmp_path / "generate") / "drops.jsonl").read_text().splitlines()
-    assert len(drops) == 3 and all(json.loads(d)["reason"] == "nan" for d in drops)
+    assert len(drops) == 3
+    assert all(json.loads(d)["reason"] == "nan" for d in drops)
 
 
 def _jpeg(pixels: np.ndarray, quality: int) -> bytes:
@@ -155,7 +159,8 @@ def test_curate_images_end_to_end(ray_session, tmp_path):
     assert row["image"] == encode_image(finish_image(big[0], 32, "gray"))
     drops = [json.loads(line) for line in (committed_path(stage) / "drops.jsonl").read_text().splitlines()]
     assert {"id": "diffdb-a-copy", "reason": "near_duplicate", "duplicate_of": "diffdb-a"} in drops
-    assert (committed_path(stage) / "contact_sheet.png").is_file() and (committed_path(stage) / "report.html").is_file()
+    assert (committed_path(stage) / "contact_sheet.png").is_file()
+    assert (committed_path(stage) / "report.html").is_file()
 
 
 def test_deepfake_data_pipeline_is_valid_and_wires_the_ddpm_stage():
@@ -166,7 +171,8 @@ def test_deepfake_data_pipeline_is_valid_and_wires_the_ddpm_stage():
     assert {g.model for g in diffusion} == {str(Path(pipeline.output_root).resolve() / "train-ddpm")}
     assert {g.scheduler for g in diffusion if g.mode == "unconditional"} == {"ddim", "ddpm"}
     assert sorted(g.strength for g in diffusion if g.mode == "img2img") == [0.3, 0.6]
-    assert [g.mode for g in gen.generators].count("gan") == 1 and gen.reals[0].write
+    assert [g.mode for g in gen.generators].count("gan") == 1
+    assert gen.reals[0].write
 
 
 @pytest.mark.ray
@@ -192,14 +198,17 @@ stages:
     result = run_cli("pipeline", "--config", str(config), env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
-    assert "train-ddpm: epoch 1/3" in output and "train-ddpm: epoch 3/3" in output
+    assert "train-ddpm: epoch 1/3" in output
+    assert "train-ddpm: epoch 3/3" in output
     run = tmp_path / "run"
     assert json.loads((run / "ddpm" / "_SUCCESS").read_text())["outputs"] == {"model": "pipeline"}
     ddpm = committed_path(run / "ddpm")
-    assert (ddpm / "pipeline" / "model_index.json").is_file() and (ddpm / "preview.png").is_file()
+    assert (ddpm / "pipeline" / "model_index.json").is_file()
+    assert (ddpm / "preview.png").is_file()
     assert len(json.loads((ddpm / "history.json").read_text())) == 3
     table = read_table(str(run / "data"))
-    assert sorted(set(table.column("source").to_pylist())) == ["i", "lfw", "u"] and table.num_rows == 9
+    assert sorted(set(table.column("source").to_pylist())) == ["i", "lfw", "u"]
+    assert table.num_rows == 9
     assert {decode_image(b).shape for b in table.column("image").to_pylist()} == {(16, 16, 3)}
     again = run_cli("pipeline", "--config", str(config), env=env)
     assert again.returncode == 0
@@ -217,7 +226,8 @@ def test_generate_cli_bad_input_is_one_line(args, expected, tmp_path):
     result = run_cli("run", "generate", "--set", f"output_root={tmp_path}", *args)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert len(lines) == 1, result.stderr
+    assert expected in lines[0], result.stderr
 
 
 def test_parquet_shards_are_plain_parquet(tmp_path):
@@ -227,4 +237,5 @@ def test_parquet_shards_are_plain_parquet(tmp_path):
     table = encode_reals(read_real_table("lfw-faces", limit=2), "lfw", GenerateConfig().output).table
     pq.write_table(table, tmp_path / "x.parquet")
     back = pq.read_table(tmp_path / "x.parquet")
-    assert back.schema.equals(IMAGE_SCHEMA) and back.column("id").to_pylist() == ["lfw-000", "lfw-001"]
+    assert back.schema.equals(IMAGE_SCHEMA)
+    assert back.column("id").to_pylist() == ["lfw-000", "lfw-001"]

@@ -104,10 +104,12 @@ def test_a_local_run_listens_on_loopback_only_and_needs_the_token(tmp_path):
         time.sleep(1.0)  # let every agent finish binding
         sockets = _listening(psutil.Process(child.pid))
         names = {name for _, _, name, _ in sockets}
-        assert {"gcs_server", "raylet"} <= names and any("RayTrainWo" in n for n in names), names
+        assert {"gcs_server", "raylet"} <= names, names
+        assert any("RayTrainWo" in n for n in names), names
         exposed = [s for s in sockets if not _loopback(s[0])]
         assert exposed == [], f"listening beyond loopback: {exposed}"
-        assert info["node_ip"] == "127.0.0.1" and set(info["advertised"]) == {"127.0.0.1"}
+        assert info["node_ip"] == "127.0.0.1"
+        assert set(info["advertised"]) == {"127.0.0.1"}
         # token authentication stays on: the dashboard's API refuses a request without the token
         response = requests.get(f"http://{info['dashboard']}/api/jobs/", timeout=10)
         assert response.status_code == 401, response.text[:200]

@@ -30,12 +30,14 @@ def texts() -> list[str]:
 def test_texts_are_labelled_whole_and_long_ones_cut(tiny, texts):
     _, tokenizer = tiny
     examples, stats = encode_texts(tokenizer, [*texts, "", None, "   "], max_length=32)
-    assert stats.examples == len(texts) and stats.rows == len(texts) + 3
+    assert stats.examples == len(texts)
+    assert stats.rows == len(texts) + 3
     assert stats.skipped == {"empty text": 3}
     full = [tokenizer(t)["input_ids"] for t in texts]
     assert stats.truncated == sum(len(ids) > 32 for ids in full) > 0
     for example, ids in zip(examples, full):
-        assert example.input_ids == tuple(ids[:32]) and example.labels == example.input_ids
+        assert example.input_ids == tuple(ids[:32])
+        assert example.labels == example.input_ids
     assert stats.target_tokens == sum(len(e.input_ids) - 1 for e in examples)
 
 
@@ -46,7 +48,8 @@ def test_pairs_carry_loss_on_answer_tokens_only(tiny):
     examples, stats = encode_pairs(tokenizer, prompts, answers, max_length=64)
     assert stats.examples == 2
     assert stats.skipped == {"empty answer": 1, "prompt fills max_length": 1}
-    assert stats.truncated == 1 and len(examples[1].input_ids) == 64
+    assert stats.truncated == 1
+    assert len(examples[1].input_ids) == 64
     first = examples[0]
     from shared.generation import chat_prompt
 
@@ -63,7 +66,8 @@ def test_table_with_prompt_and_answer_uses_pairs_and_text_otherwise(tiny, texts)
     _, stats = encode_table(pairs, tokenizer, 32)
     assert stats.kind == "prompt_answer"
     _, stats = encode_table(pa.table({"body": texts[:2]}), tokenizer, 32, text_column="body")
-    assert stats.kind == "text" and stats.examples == 2
+    assert stats.kind == "text"
+    assert stats.examples == 2
 
 
 def test_load_examples_samples_with_a_seed_and_names_bad_input(tiny, texts, tmp_path):
@@ -73,7 +77,9 @@ def test_load_examples_samples_with_a_seed_and_names_bad_input(tiny, texts, tmp_
     assert (stats.source_rows, stats.rows) == (len(texts), 5)
     b, _ = load_examples(str(tmp_path / "d.parquet"), tokenizer, max_length=16, max_examples=5, seed=1)
     c, _ = load_examples(str(tmp_path / "d.parquet"), tokenizer, max_length=16, max_examples=5, seed=2)
-    assert a == b and a != c and len(a) == 5
+    assert a == b
+    assert a != c
+    assert len(a) == 5
     pq.write_table(pa.table({"body": texts}), tmp_path / "other.parquet")
     with pytest.raises(DataError, match=r"calibration .*other.parquet: no 'text' column .*columns: body"):
         load_examples(str(tmp_path / "other.parquet"), tokenizer, max_length=16, max_examples=5, what="calibration")
@@ -111,7 +117,10 @@ def test_loss_is_token_weighted_and_independent_of_batching(tiny, texts):
 
 def test_loss_sums_combine_and_token_nll_skips_ignored():
     total = LossSum(3.0, 2) + LossSum(1.0, 2)
-    assert total.mean == 1.0 and LossSum().tokens == 0 and math.isnan(LossSum().mean)
+    assert total.mean == 1.0
+    assert LossSum().tokens == 0
+    assert math.isnan(LossSum().mean)
     logits = torch.zeros(1, 3, 4)
     nll, tokens = token_nll(logits, torch.tensor([[IGNORE, 1, IGNORE]]))
-    assert tokens == 1 and float(nll) == pytest.approx(math.log(4))
+    assert tokens == 1
+    assert float(nll) == pytest.approx(math.log(4))

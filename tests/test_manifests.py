@@ -77,7 +77,8 @@ def test_overlays_have_the_expected_objects(built):
 def test_base_raycluster_autoscales_cpu_and_gpu_groups_from_zero(built):
     (cluster,) = by_kind(built["manifests/overlays/gpu"], "RayCluster")
     spec = cluster["spec"]
-    assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # the head runs drivers, not tasks
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
     assert all(g["minReplicas"] == 0 and g["maxReplicas"] >= 1 for g in groups.values())
@@ -114,7 +115,8 @@ def test_no_credentials_in_manifests(built):
 def test_rbac_is_least_privilege(built):
     (role,) = by_kind(built["manifests/overlays/dev"], "ClusterRole")
     rules = {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
-    assert all("*" not in verbs for verbs in rules.values()) and all(r != "*" for _, r in rules)
+    assert all("*" not in verbs for verbs in rules.values())
+    assert all(r != "*" for _, r in rules)
     assert rules[("", "secrets")] == {"get"}
     assert rules[("ray.io", "rayjobs")] == {"get", "list", "watch", "create"}  # deletion is the GC's job
     assert "delete" not in set().union(*rules.values())
@@ -126,7 +128,8 @@ def test_rayjob_templates_one_per_job(built):
     for job, manifest in jobs.items():
         spec = manifest["spec"]
         assert spec["entrypoint"] == f"scopeforge run {job} --config env:SCOPEFORGE_CONFIG"
-        assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+        assert spec["shutdownAfterJobFinishes"] is True
+        assert spec["ttlSecondsAfterFinished"] > 0
         assert spec["activeDeadlineSeconds"] > 0
         config = yaml.safe_load(yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]["SCOPEFORGE_CONFIG"])
         assert set(config) <= set(JOB_CONFIGS[job].model_fields)
@@ -136,7 +139,8 @@ def test_rayjob_templates_one_per_job(built):
 def test_strict_validation_catches_what_kuberay_would_refuse(built):
     (cluster,) = by_kind(built["manifests/overlays/dev"], "RayCluster")
     (job,) = built["manifests/jobs"][:1]
-    assert kuberay_errors(cluster) == [] and kuberay_errors(job) == []
+    assert kuberay_errors(cluster) == []
+    assert kuberay_errors(job) == []
 
     def broken(obj, edit):
         obj = copy.deepcopy(obj)
@@ -167,7 +171,8 @@ def test_grafana_dashboard_plots_the_scopeforge_metrics():
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
     for unit in ("documents", "tokens", "images"):
         assert f"rate(ray_scopeforge_{unit}_total" in exprs
-    assert "ray_scopeforge_train_loss" in exprs and "ray_scopeforge_progress" in exprs
+    assert "ray_scopeforge_train_loss" in exprs
+    assert "ray_scopeforge_progress" in exprs
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
 
 
@@ -177,9 +182,11 @@ def test_dockerfile_builds_on_the_pinned_ray_and_python():
                 if "==" in line and not line.startswith("#"))
     ray = pins["ray"]
     assert f"ARG RAY_IMAGE=rayproject/ray:{ray}-py311-gpu" in dockerfile  # official image, GPU variant
-    assert f"ray.__version__ == '{ray}'" in dockerfile and f"grep -qx 'ray=={ray}'" in dockerfile
+    assert f"ray.__version__ == '{ray}'" in dockerfile
+    assert f"grep -qx 'ray=={ray}'" in dockerfile
     final = dockerfile.rsplit("\nFROM ", 1)[1]  # the image itself, after the wheel-building stage
-    assert "pip wheel" in dockerfile and "COPY --from=wheel" in final
+    assert "pip wheel" in dockerfile
+    assert "COPY --from=wheel" in final
     assert '-c constraints.txt "$(ls /tmp/dist/scopeforge-*.whl)[demo,operator]"' in final  # the wheel, non-editable
     assert not re.search(r"^COPY\b.*\b(shared|ray_jobs|operators)\b", final, re.M)  # no source tree in the image
     assert not re.search(r"(AWS_SECRET|AWS_ACCESS|RAY_AUTH_TOKEN)\S*=", dockerfile)

@@ -16,7 +16,8 @@ def test_tiny_llama_round_trip_identical_logits(tiny_llama_dir, tmp_path):
     model, tok = load_causal_lm("tiny-llama")
     info = describe_architecture(model)
     assert info["architecture"] == "LlamaForCausalLM"
-    assert info["attention_heads"] == 4 and info["kv_heads"] == 2  # grouped-query attention
+    assert info["attention_heads"] == 4
+    assert info["kv_heads"] == 2
     save_model(model, tok, Storage(str(tmp_path)), "copy")
     again, tok2 = load_causal_lm(str(tmp_path / "copy"))
     ids = tok(["the shuttle launch", "def f(x): return x"], return_tensors="pt", padding=True)
@@ -39,9 +40,11 @@ def test_tiny_llama_is_deterministic(tiny_llama_dir, tmp_path, monkeypatch):
 def test_tiny_llama_chat_and_generate(tiny_llama_dir):
     model, tok = load_causal_lm("tiny-llama")
     prompt = chat_prompt(tok, "hello")
-    assert prompt.startswith("<|im_start|>user\nhello<|im_end|>") and prompt.endswith("<|im_start|>assistant\n")
+    assert prompt.startswith("<|im_start|>user\nhello<|im_end|>")
+    assert prompt.endswith("<|im_start|>assistant\n")
     out = generate_text(model, tok, [prompt, "a much longer prompt about space and orbits"], max_new_tokens=5)
-    assert len(out) == 2 and all(isinstance(o, str) for o in out)
+    assert len(out) == 2
+    assert all(isinstance(o, str) for o in out)
 
 
 def test_bad_references_are_clear_errors(tmp_path):
@@ -66,7 +69,8 @@ def test_s3_model_is_copied_once_and_refetched_when_changed(tiny_llama_dir, s3_r
     ref = f"{s3_root}/models/tiny"
     first = resolve_model(ref)
     stamp = os.stat(Path(first) / ".complete").st_mtime_ns
-    assert resolve_model(ref) == first and os.stat(Path(first) / ".complete").st_mtime_ns == stamp
+    assert resolve_model(ref) == first
+    assert os.stat(Path(first) / ".complete").st_mtime_ns == stamp
     model, _ = load_causal_lm(ref)
     assert describe_architecture(model)["layers"] == 6
     store.write_text('{"note": "changed"}', "models", "tiny", "extra.json")
@@ -78,7 +82,8 @@ def test_s3_model_is_copied_once_and_refetched_when_changed(tiny_llama_dir, s3_r
 @pytest.mark.slow
 def test_smollm2_alias_converts_gguf_to_safetensors():
     where = Path(resolve_model("smollm2-135m"))
-    assert (where / "model.safetensors").is_file() and not list(where.glob("*.gguf"))
+    assert (where / "model.safetensors").is_file()
+    assert not list(where.glob("*.gguf"))
     model, tok = load_causal_lm("smollm2-135m")
     info = describe_architecture(model)
     assert (info["parameters"], info["layers"], info["hidden_size"]) == (134_515_008, 30, 576)

@@ -104,8 +104,10 @@ def test_two_stages_through_a_retry_and_operator_restarts(api, ns):
         assert (config["model"], config["output_root"], config["stage"]) == ("tiny-llama", "s3://bucket/runs/demo",
                                                                             "first")
         status = p.wait_status("demo", "first running", lambda s: s.get("currentStage") == "first")
-        assert status["phase"] == "Running" and stage(status, "first")["state"] == "Running"
-        assert stage(status, "second")["state"] == "Pending" and status["progress"] == "0/2"
+        assert status["phase"] == "Running"
+        assert stage(status, "first")["state"] == "Running"
+        assert stage(status, "second")["state"] == "Pending"
+        assert status["progress"] == "0/2"
         p.set_rayjob("demo-first-0", RUNNING)
         p.wait_status("demo", "RUNNING mirrored", lambda s: stage(s, "first").get("jobStatus") == "RUNNING")
 
@@ -120,13 +122,15 @@ def test_two_stages_through_a_retry_and_operator_restarts(api, ns):
             "resources"]["limits"] == {"cpu": "2", "memory": "4Gi"}
         status = p.wait_status("demo", "second running", lambda s: s.get("currentStage") == "second")
         assert subset(stage(status, "first"), {"state": "Succeeded", "outputURI": "s3://bucket/runs/demo/first"})
-        assert status["outputs"] == {"first": "s3://bucket/runs/demo/first"} and status["progress"] == "1/2"
+        assert status["outputs"] == {"first": "s3://bucket/runs/demo/first"}
+        assert status["progress"] == "1/2"
 
         p.set_rayjob("demo-second-0", {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED",
                                        "reason": "AppFailed", "message": "boom in the driver"})
         p.wait_rayjobs("demo-second-1")  # retried as a new RayJob, attempt 2 of 2
         status = p.wait_status("demo", "retrying", lambda s: stage(s, "second")["state"] == "Retrying")
-        assert stage(status, "second")["attempts"] == 2 and "boom in the driver" in stage(status, "second")["message"]
+        assert stage(status, "second")["attempts"] == 2
+        assert "boom in the driver" in stage(status, "second")["message"]
 
     with OperatorThread():  # a restart while the retry runs: nothing new, nothing lost
         api.wait_for("a few reconciliations", lambda: p.status("demo").get("observedGeneration") and True)
@@ -136,7 +140,8 @@ def test_two_stages_through_a_retry_and_operator_restarts(api, ns):
         p.set_rayjob("demo-second-1", SUCCEEDED)
         status = p.wait_status("demo", "succeeded", lambda s: s.get("phase") == "Succeeded")
         assert status["outputs"] == {"first": "s3://bucket/runs/demo/first", "second": "s3://bucket/runs/demo/second"}
-        assert status["progress"] == "2/2" and "currentStage" not in status
+        assert status["progress"] == "2/2"
+        assert "currentStage" not in status
         done = next(c for c in status["conditions"] if c["type"] == "Succeeded")
         assert (done["status"], done["reason"]) == ("True", "AllStagesSucceeded")
         time.sleep(0.6)
@@ -191,7 +196,8 @@ def test_a_stage_failing_past_its_retries_fails_the_pipeline_with_the_reason(api
         assert (done["status"], done["reason"]) == ("False", "StageFailed")
         assert done["message"] == ("stage 'only' (inspect-model) failed after 1 attempt: DeadlineExceeded: "
                                    "activeDeadlineSeconds reached")
-        assert status["currentStage"] == "only" and stage(status, "never")["state"] == "Pending"
+        assert status["currentStage"] == "only"
+        assert stage(status, "never")["state"] == "Pending"
         time.sleep(0.6)
         assert set(p.rayjobs()) == {"fails-only-0"}  # no retry left, and the next stage never starts
 
@@ -214,11 +220,13 @@ def test_a_failed_attempt_whose_job_may_still_run_is_stopped_before_its_retry(ap
         assert set(p.rayjobs()) == {"stop-only-0"}  # no retry while the old Ray job may still run
     with OperatorThread():  # a restart while it stops: the status says which RayJob it waits for
         time.sleep(0.6)
-        assert set(p.rayjobs()) == {"stop-only-0"} and stage(p.status("stop"), "only")["state"] == "Stopping"
+        assert set(p.rayjobs()) == {"stop-only-0"}
+        assert stage(p.status("stop"), "only")["state"] == "Stopping"
         api.patch(path, {"metadata": {"finalizers": []}})  # KubeRay stopped the Ray job and let the RayJob go
         p.wait_rayjobs("stop-only-1")
         status = p.wait_status("stop", "retrying", lambda s: stage(s, "only")["state"] == "Retrying")
-        assert stage(status, "only")["attempts"] == 2 and "stopping" not in stage(status, "only")
+        assert stage(status, "only")["attempts"] == 2
+        assert "stopping" not in stage(status, "only")
         p.set_rayjob("stop-only-1", SUCCEEDED)
         p.wait_status("stop", "succeeded", lambda s: s.get("phase") == "Succeeded")
     assert set(p.rayjobs()) == {"stop-only-1"}
@@ -239,7 +247,8 @@ def test_invalid_specs_get_a_condition_not_a_crash(api, ns, stages, message):
         status = p.wait_status("bad", "invalid", lambda s: s.get("phase") == "Failed")
         valid = next(c for c in status["conditions"] if c["type"] == "Valid")
         assert (valid["status"], valid["reason"]) == ("False", "InvalidSpec")
-        assert message in valid["message"] and "\n" not in valid["message"]
+        assert message in valid["message"]
+        assert "\n" not in valid["message"]
         assert p.rayjobs() == {}
         # The same operator still serves a good Pipeline afterwards.
         p.create("good", [{"name": "a", "inspect-model": {}}])
@@ -254,7 +263,8 @@ def test_a_missing_secret_waits_with_a_condition_then_starts(api, ns):
         status = p.wait_status("nosecret", "waiting", lambda s: s.get("conditions"))
         valid = next(c for c in status["conditions"] if c["type"] == "Valid")
         assert (valid["status"], valid["reason"]) == ("False", "SecretMissing")
-        assert f"Secret {ns}/other-storage" in valid["message"] and status["phase"] == "Pending"
+        assert f"Secret {ns}/other-storage" in valid["message"]
+        assert status["phase"] == "Pending"
         assert p.rayjobs() == {}
         other = secret(ns)
         other["metadata"]["name"] = "other-storage"

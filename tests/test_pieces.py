@@ -58,7 +58,8 @@ def test_json_lines_pieces_hold_about_max_rows(corpus, max_rows):
     rows, _, jsonl = corpus
     pieces = plan_pieces(resolve_dataset(str(jsonl)), None, 1 << 30, max_rows)
     sizes = [read_piece(p).num_rows for p in pieces]
-    assert sum(sizes) == len(rows) and len(pieces) >= len(rows) / max_rows
+    assert sum(sizes) == len(rows)
+    assert len(pieces) >= len(rows) / max_rows
     assert max(sizes) <= 2 * max_rows  # lines differ in length up to ~2x in this corpus
 
 
@@ -66,7 +67,8 @@ def test_a_json_array_file_is_one_piece_and_a_damaged_parquet_file_is_named(tmp_
     (tmp_path / "arr").mkdir()
     (tmp_path / "arr" / "x.json").write_text(json.dumps(_rows(20)))
     pieces = plan_pieces(resolve_dataset(str(tmp_path / "arr")), None, 10, 5, 4)
-    assert len(pieces) == 1 and read_piece(pieces[0]).num_rows == 20
+    assert len(pieces) == 1
+    assert read_piece(pieces[0]).num_rows == 20
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(DataError, match=r"x.parquet: cannot parse as parquet"):
@@ -84,17 +86,21 @@ def test_the_survey_does_not_depend_on_the_cut(corpus):
                                      text_size=5))
         results.append(found)
     first = results[0]
-    assert first.rows == 500 and len(first.ids) == 40 and len(first.texts) == 5
+    assert first.rows == 500
+    assert len(first.ids) == 40
+    assert len(first.texts) == 5
     texts = {r["id"]: r["text"] for r in rows}
     assert first.texts == [texts[i] for i in first.ids[:5]]
     for other in results[1:]:
-        assert other.ids == first.ids and other.texts == first.texts
+        assert other.ids == first.ids
+        assert other.texts == first.texts
         assert (other.counts == first.counts).all()
     other_seed = Survey(40, 0).add(survey(document_columns(read_all(plan_pieces(
         resolve_dataset(str(parquet)), None, 1 << 30, 500)), "text", "id", "label"), "text", 64, 4, 40, 0.5))
     assert other_seed.ids != first.ids
     heldout = first.heldout(0.1, seed=3)
-    assert set(heldout) == set(first.ids) and 1 <= sum(heldout.values()) < 40
+    assert set(heldout) == set(first.ids)
+    assert 1 <= sum(heldout.values()) < 40
     assert first.heldout(0.1, seed=3) == heldout
 
 
@@ -108,8 +114,11 @@ def test_a_survey_crosses_processes_as_arrow_columns_and_comes_back_whole(corpus
     back = [Survey.from_row(r, 40, 5) for r in table.to_pylist()]
     assert (back[0].rows, back[0].keys, back[0].ids, back[0].pieces, back[0].texts) == (
         original.rows, original.keys, original.ids, original.pieces, original.texts)
-    assert (back[0].counts == original.counts).all() and back[0].counts.dtype == np.int64
-    assert back[1].rows == 0 and back[1].ids == [] and (back[1].counts == 0).all()
+    assert (back[0].counts == original.counts).all()
+    assert back[0].counts.dtype == np.int64
+    assert back[1].rows == 0
+    assert back[1].ids == []
+    assert (back[1].counts == 0).all()
     assert all(not pa.types.is_binary(f.type) for f in table.schema)  # no pickled objects
 
 

@@ -40,7 +40,8 @@ def test_crd_is_structural_and_a_valid_crd():
     assert core_errors(CRD) == []
     assert (ROOT / "manifests/crds/pipeline.yaml").read_text() == crd.render_crd(), "run `make manifests`"
     version = CRD["spec"]["versions"][0]
-    assert version["subresources"] == {"status": {}} and CRD["spec"]["scope"] == "Namespaced"
+    assert version["subresources"] == {"status": {}}
+    assert CRD["spec"]["scope"] == "Namespaced"
     assert [c["name"] for c in version["additionalPrinterColumns"]][:3] == ["Phase", "Stage", "Progress"]
 
 
@@ -53,7 +54,8 @@ def test_every_job_is_a_stage_key_with_its_config_schema():
     (rule,) = stage["x-kubernetes-validations"]
     named = re.findall(r"has\(self\.([A-Za-z0-9_]+)\)", rule["rule"])
     unescaped = [n.replace("__dash__", "-").replace("__dot__", ".").replace("__slash__", "/") for n in named]
-    assert sorted(unescaped) == sorted(JOB_CONFIGS) and rule["rule"].endswith("== 1")
+    assert sorted(unescaped) == sorted(JOB_CONFIGS)
+    assert rule["rule"].endswith("== 1")
 
 
 def test_rendered_pipeline_validates_and_bad_stage_configs_are_rejected():
@@ -83,7 +85,8 @@ def test_structural_conversion_of_optional_and_union_fields():
                                                                       "exclusiveMinimum": True}
     assert structural({"const": "a"}) == {"type": "string", "enum": ["a"]}
     mixed = structural({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]})
-    assert mixed == {"x-kubernetes-preserve-unknown-fields": True} and structural_problems(mixed) == []
+    assert mixed == {"x-kubernetes-preserve-unknown-fields": True}
+    assert structural_problems(mixed) == []
     assert structural_problems({"type": "object", "additionalProperties": False}) != []
     wrapped = structural({"allOf": [{"type": "object", "properties": {"k": {"type": "integer"}}}], "description": "d"})
     assert wrapped == {"description": "d", "type": "object", "properties": {"k": {"type": "integer"}}}
@@ -95,7 +98,8 @@ def test_parse_pipeline_maps_onto_the_shared_pipeline_config():
     assert (first.spec.job, first.config.model, first.uri) == ("inspect-model", "tiny-llama", "s3://bucket/runs/demo/first")
     assert second.config.model == "s3://bucket/runs/demo/first"  # ${first} became the first stage's URI
     assert (second.spec.retries, second.options.resources.cpu) == (1, "2")
-    assert second.config.output_root == "s3://bucket/runs/demo" and second.config.stage == "second"
+    assert second.config.output_root == "s3://bucket/runs/demo"
+    assert second.config.stage == "second"
 
 
 @pytest.mark.parametrize(("edit", "message"), [
@@ -113,7 +117,9 @@ def test_invalid_pipelines_give_one_line_errors(edit, message):
     with pytest.raises(ConfigError) as err:
         parse_pipeline(spec, "Pipeline ns/demo")
     text = str(err.value)
-    assert message in text and "\n" not in text and text.startswith("Pipeline ns/demo"), text
+    assert message in text, text
+    assert "\n" not in text, text
+    assert text.startswith("Pipeline ns/demo"), text
 
 
 def test_local_pipeline_config_renders_as_a_valid_pipeline_resource():
@@ -124,7 +130,8 @@ def test_local_pipeline_config_renders_as_a_valid_pipeline_resource():
     assert schema_errors(VALIDATOR, body) == []
     assert body["spec"]["stages"] == [{"name": "a", "retries": 2, "inspect-model": {"model": "tiny-llama"}}]
     again = parse_pipeline(body["spec"])
-    assert again.config.stages[0].config == {"model": "tiny-llama"} and again.config.storage.endpoint_url
+    assert again.config.stages[0].config == {"model": "tiny-llama"}
+    assert again.config.storage.endpoint_url
 
 
 def test_rayjob_names_are_short_dns_labels_and_deterministic():
@@ -194,13 +201,15 @@ def test_render_prints_valid_manifests(tmp_path):
     rayjob = run_cli("render", "inspect-model", "--config", str(job), "--namespace", "ml", "--image", "reg/sf:1")
     assert rayjob.returncode == 0, rayjob.stderr
     manifest = yaml.safe_load(rayjob.stdout)
-    assert kuberay_errors(manifest) == [] and manifest["metadata"] == manifest["metadata"] | {"name": "job",
+    assert kuberay_errors(manifest) == []
+    assert manifest["metadata"] == manifest["metadata"] | {"name": "job",
                                                                                                "namespace": "ml"}
     assert yaml.safe_load(yaml.safe_load(manifest["spec"]["runtimeEnvYAML"])["env_vars"]["SCOPEFORGE_CONFIG"])[
         "prompt"] == "pay $3"
     shared_cluster = yaml.safe_load(run_cli("render", "inspect-model", "--config", str(job), "--cluster",
                                             "scopeforge").stdout)
-    assert kuberay_errors(shared_cluster) == [] and shared_cluster["spec"]["clusterSelector"] == {
+    assert kuberay_errors(shared_cluster) == []
+    assert shared_cluster["spec"]["clusterSelector"] == {
         "ray.io/cluster": "scopeforge"}
 
     local = tmp_path / "my-pipeline.yaml"
@@ -209,7 +218,8 @@ def test_render_prints_valid_manifests(tmp_path):
     pipeline = run_cli("render", "pipeline", "--config", str(local))
     assert pipeline.returncode == 0, pipeline.stderr
     body = yaml.safe_load(pipeline.stdout)
-    assert schema_errors(VALIDATOR, body) == [] and body["metadata"]["name"] == "my-pipeline"
+    assert schema_errors(VALIDATOR, body) == []
+    assert body["metadata"]["name"] == "my-pipeline"
     assert [s.name for s in parse_pipeline(body["spec"]).stages] == ["a", "b"]
 
     for args, expected in [
@@ -220,7 +230,9 @@ def test_render_prints_valid_manifests(tmp_path):
     ]:
         result = run_cli(*args)
         lines = [line for line in result.stderr.splitlines() if line.strip()]
-        assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], (args, result.stderr)
+        assert result.returncode == 2, (args, result.stderr)
+        assert len(lines) == 1, (args, result.stderr)
+        assert expected in lines[0], (args, result.stderr)
 
 
 @pytest.mark.parametrize(("status", "outcome"), [
@@ -250,6 +262,8 @@ def test_config_from_an_environment_variable():
     assert result.stderr.strip() == ("scopeforge: error: env:SCOPEFORGE_NO_SUCH_VAR: environment variable "
                                      "SCOPEFORGE_NO_SUCH_VAR is not set")
     bad = run_cli("run", "inspect-model", "--config", "env:SF_CONFIG", env={"SF_CONFIG": "model: [unclosed"})
-    assert bad.returncode == 2 and "env:SF_CONFIG: YAML error" in bad.stderr
+    assert bad.returncode == 2
+    assert "env:SF_CONFIG: YAML error" in bad.stderr
     typo = run_cli("run", "inspect-model", "--config", "env:SF_CONFIG", env={"SF_CONFIG": "modle: tiny-llama"})
-    assert typo.returncode == 2 and "env:SF_CONFIG: unknown key 'modle'" in typo.stderr
+    assert typo.returncode == 2
+    assert "env:SF_CONFIG: unknown key 'modle'" in typo.stderr

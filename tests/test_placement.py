@@ -26,7 +26,9 @@ def test_the_device_follows_the_request():
         choose_device("evaluate", "evaluation actor", 0.5, visible_gpus=0, assigned_gpu_ids=["0"])
     message = str(error.value)
     assert message.startswith("stage evaluate: its evaluation actor requested 0.5 GPU(s) but sees no CUDA device")
-    assert "Ray assigned GPU ids 0" in message and "will not compute on the CPU" in message and "\n" not in message
+    assert "Ray assigned GPU ids 0" in message
+    assert "will not compute on the CPU" in message
+    assert "\n" not in message
 
 
 def test_threads_follow_the_reserved_cpus_not_the_node():
@@ -52,7 +54,8 @@ def test_container_cpu_quota_from_cgroup_files(tmp_path):
 def _one_line(result, expected):
     assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-3000:])
     lines = [line for line in result.stderr.splitlines() if line.startswith("scopeforge: error: ")]
-    assert len(lines) == 1 and expected in lines[0], result.stderr[-3000:]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert expected in lines[0], result.stderr[-3000:]
 
 
 @pytest.mark.ray

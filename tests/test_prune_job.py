@@ -81,16 +81,21 @@ def test_prune_job_on_s3_writes_a_model_that_reloads(ray_session, s3_root, tiny_
     assert marker(f"{s3_root}/run/prune")["outputs"] == {"model": "model"}
     assert stage.read_json("metrics.json") == json.loads(json.dumps(metrics))
     assert "ray_train" not in stage.list()
-    assert metrics["target_fraction"] == 0.25 and abs(metrics["achieved_fraction"] - 0.25) < 0.02
-    assert metrics["importance_method"] == "param_first" and metrics["calibration_source"] == cfg.calibration
+    assert metrics["target_fraction"] == 0.25
+    assert abs(metrics["achieved_fraction"] - 0.25) < 0.02
+    assert metrics["importance_method"] == "param_first"
+    assert metrics["calibration_source"] == cfg.calibration
     assert metrics["calibration"]["examples"] == len(calibration_texts)
     assert [row["layer"] for row in metrics["per_layer"]] == [1, 2, 3]
     for row in metrics["per_layer"]:
-        assert row["heads_after"] == 2 * row["kv_groups_after"] and row["channels_after"] % 8 == 0
+        assert row["heads_after"] == 2 * row["kv_groups_after"]
+        assert row["channels_after"] % 8 == 0
         assert row["channels_after"] < row["channels_before"]
-    assert metrics["output"]["format"] == "per_layer" and metrics["output"]["reload_max_logit_difference"] == 0.0
+    assert metrics["output"]["format"] == "per_layer"
+    assert metrics["output"]["reload_max_logit_difference"] == 0.0
     report = stage.read_text("report.html")
-    assert "Width of each decoder layer" in report and "data:image/png;base64," in report
+    assert "Width of each decoder layer" in report
+    assert "data:image/png;base64," in report
 
     # the stage hands over its model: it loads from the stage URI, with the reported size and losses
     model, tokenizer = load_causal_lm(f"{s3_root}/run/prune")
@@ -104,7 +109,8 @@ def test_prune_job_on_s3_writes_a_model_that_reloads(ray_session, s3_root, tiny_
                         ("domain", cfg.eval_data, cfg.eval_max_examples)):
         loss = evaluate_loss(model, examples_of(cfg, uri, n), batch_size=4, pad_id=tokenizer.pad_token_id)
         assert loss.mean == pytest.approx(metrics[f"{key}_loss_after"], rel=1e-5)
-    assert metrics["domain_tokens"] == loss.tokens and metrics["domain_perplexity_before"] > 1
+    assert metrics["domain_tokens"] == loss.tokens
+    assert metrics["domain_perplexity_before"] > 1
     out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 7)
 
@@ -152,7 +158,8 @@ def test_two_workers_sum_their_shards_and_a_rerun_resumes_their_pass(ray_session
     assert metrics["output"]["format"] == "standard"
     folder = committed_path(tmp_path / "run" / "prune") / "model"
     config = json.loads((folder / "config.json").read_text())
-    assert config["model_type"] == "llama" and "layer_widths" not in config
+    assert config["model_type"] == "llama"
+    assert "layer_widths" not in config
     assert isinstance(LlamaForCausalLM.from_pretrained(folder), LlamaForCausalLM)
 
     # the commit is lost (a crash after the pass, say during the upload): the rerun resumes where both workers
@@ -160,7 +167,8 @@ def test_two_workers_sum_their_shards_and_a_rerun_resumes_their_pass(ray_session
     (tmp_path / "run" / "prune" / "_SUCCESS").unlink()
     checkpoints = sorted(p for p in (tmp_path / "run" / "prune" / "checkpoints").glob("*/prune/checkpoint_*")
                          if p.is_dir())
-    assert checkpoints and {p.name for p in checkpoints[-1].iterdir()} >= {"rank-0", "rank-1"}
+    assert checkpoints
+    assert {p.name for p in checkpoints[-1].iterdir()} >= {"rank-0", "rank-1"}
     again = run_job(cfg)
     steps = -(-len(examples) // 2 // 4)  # micro-batches of 4 on each worker's half
     assert again["importance_resumed_after"] == steps
@@ -236,7 +244,9 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, calibration_texts):
                    f"calibration={tmp_path}/good.parquet", "--set", f"output_root={tmp_path}/run", timeout=300)
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert lines[-1].startswith("scopeforge: error: model ") and "cannot be pruned" in lines[-1]
+    assert lines[-1].startswith("scopeforge: error: model ")
+    assert "cannot be pruned" in lines[-1]
     assert not any("Traceback" in line for line in lines)
     done = run_cli("run", "prune", "--set", "calibration=x.parquet", "--set", "fraction=0.95", timeout=300)
-    assert done.returncode == 2 and "fraction" in done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2
+    assert "fraction" in done.stderr.strip().splitlines()[-1]

@@ -122,7 +122,9 @@ def test_groups_of_a_gqa_layer(tiny):
     assert layer.group_params == 2 * (2 * 16 * hidden) + 2 * (16 * hidden)  # q rows + o columns, k and v rows
     assert layer.channel_params == 3 * hidden
     shapes = {tuple(p.shape): (axis, per) for _, p, axis, per in layer.members()}
-    assert shapes[(64, 64)] in ((0, 32), (1, 32)) and shapes[(32, 64)] == (0, 16) and shapes[(64, 192)] == (1, 1)
+    assert shapes[(64, 64)] in ((0, 32), (1, 32))
+    assert shapes[(32, 64)] == (0, 16)
+    assert shapes[(64, 192)] == (1, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -158,7 +160,8 @@ def test_solver_lands_on_the_fraction_for_smollm2_shapes():
 def test_solver_rounds_channels_to_the_multiple():
     shapes = [LayerShape(i, 4, 1000, 100, 10) for i in range(3)]  # 100 channels: not a multiple of 16
     plan = solve(shapes, 100_000, 0.0015, channel_multiple=16, prune_attention=False)
-    assert [k.channels for k in plan.keep] == [96, 96, 96] and all(k.kv_groups == 4 for k in plan.keep)
+    assert [k.channels for k in plan.keep] == [96, 96, 96]
+    assert all(k.kv_groups == 4 for k in plan.keep)
     assert plan.params_after == 100_000 - 3 * 4 * 10
     plan = solve(shapes, 100_000, 0.02, channel_multiple=16, prune_attention=False)
     assert [k.channels for k in plan.keep] == [32, 32, 32]  # 2,000 parameters = 66.7 channels a layer: keep 33.3 -> 32
@@ -167,7 +170,8 @@ def test_solver_rounds_channels_to_the_multiple():
 def test_plan_from_config_counts_match_the_real_pruned_model(tiny, tiny_llama_dir):
     model, _ = tiny
     target = plan_from_config(tiny_llama_dir, "tiny-llama", layers=None, fraction=0.3)
-    assert target.layers == [1, 2, 3] and target.family == "llama"
+    assert target.layers == [1, 2, 3]
+    assert target.family == "llama"
     assert target.plan.params_before == sum(p.numel() for p in model.parameters())
     pruned = prune_model(model, select(static_scores(prunable_layers(model, target.layers), "magnitude"),
                                        target.plan))
@@ -199,7 +203,8 @@ def test_pruned_model_equals_the_original_with_those_groups_zeroed(family):
         assert (attn.q_proj.out_features, attn.k_proj.out_features, attn.o_proj.in_features) == expected
         assert (mlp.gate_proj.out_features, mlp.down_proj.in_features) == (40, 40)
         if family == "qwen2":
-            assert attn.q_proj.bias.shape == (32,) and attn.k_proj.bias.shape == (16,)
+            assert attn.q_proj.bias.shape == (32,)
+            assert attn.k_proj.bias.shape == (16,)
     assert pruned.model.layers[0].mlp.up_proj.out_features == 64  # outside the range: untouched
     ids = torch.randint(0, 96, (3, 9), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(logits(pruned, ids), logits(zeroed_copy(model, keep), ids), rtol=1e-5, atol=1e-5)
@@ -212,7 +217,8 @@ def test_per_layer_model_round_trip_with_and_without_scopeforge(tmp_path):
     pruned = prune_model(model, random_keep(model, [1, 2], kv_groups=1, channels=24))
     pruned.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["model_type"] == "scopeforge_pruned_qwen2" and (tmp_path / "modeling_scopeforge_pruned.py").exists()
+    assert config["model_type"] == "scopeforge_pruned_qwen2"
+    assert (tmp_path / "modeling_scopeforge_pruned.py").exists()
     assert [w["num_key_value_heads"] for w in config["layer_widths"]] == [3, 1, 1, 3]
     ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(2))
     expected = logits(pruned, ids)
@@ -236,7 +242,9 @@ def test_per_layer_model_round_trip_with_and_without_scopeforge(tmp_path):
                                              "HF_HOME": str(tmp_path / "hf")})
     assert done.returncode == 0, done.stderr[-2000:]
     name, difference, length = done.stdout.split()
-    assert name == "ScopeforgePrunedQwen2ForCausalLM" and float(difference) == 0.0 and int(length) == 11
+    assert name == "ScopeforgePrunedQwen2ForCausalLM"
+    assert float(difference) == 0.0
+    assert int(length) == 11
 
 
 def test_a_pruned_model_can_be_pruned_again(tmp_path):
@@ -259,7 +267,8 @@ def test_pruning_every_layer_alike_writes_a_standard_config(tmp_path):
     pruned = prune_model(model, random_keep(model, [0, 1, 2, 3], kv_groups=2, channels=32))
     pruned.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["model_type"] == "mistral" and "auto_map" not in config
+    assert config["model_type"] == "mistral"
+    assert "auto_map" not in config
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (4, 2, 32)
     ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(3))
     reloaded = MistralForCausalLM.from_pretrained(tmp_path).eval()
@@ -344,7 +353,8 @@ def test_a_channel_that_carries_the_output_ranks_first(method, calibration, tiny
 def test_random_scores_follow_the_seed(tiny):
     layers = prunable_layers(tiny[0], [1, 2])
     a, b, c = static_scores(layers, "random", 0), static_scores(layers, "random", 0), static_scores(layers, "random", 1)
-    assert torch.equal(a[1]["mlp"], b[1]["mlp"]) and not torch.equal(a[1]["mlp"], c[1]["mlp"])
+    assert torch.equal(a[1]["mlp"], b[1]["mlp"])
+    assert not torch.equal(a[1]["mlp"], c[1]["mlp"])
 
 
 def test_an_importance_pass_resumed_from_its_progress_ends_with_the_same_sums(tiny, calibration, tiny_llama_dir):
@@ -367,9 +377,11 @@ def test_an_importance_pass_resumed_from_its_progress_ends_with_the_same_sums(ti
     pad = tokenizer.pad_token_id
     whole, loss = run(model)
     state = run(load_causal_lm("tiny-llama")[0], stop=2)
-    assert state["step"] == 2 and 0 < state["tokens"] < loss.tokens
+    assert state["step"] == 2
+    assert 0 < state["tokens"] < loss.tokens
     resumed, resumed_loss = run(load_causal_lm("tiny-llama")[0], resume=state)
-    assert resumed_loss.tokens == loss.tokens and resumed_loss.nll == pytest.approx(loss.nll, rel=1e-6)
+    assert resumed_loss.tokens == loss.tokens
+    assert resumed_loss.nll == pytest.approx(loss.nll, rel=1e-6)
     for index in (1, 4):
         for kind in ("attention", "mlp"):
             torch.testing.assert_close(resumed[index][kind], whole[index][kind], rtol=1e-5, atol=1e-12)

@@ -112,7 +112,8 @@ def test_a_killed_curate_rerun_scores_only_the_missing_pieces_and_matches_an_uni
     assert resumed.num_rows == 20
     assert resumed.equals(uninterrupted)  # the same rows, scores and order
     again = stage_metrics(str(tmp_path / "uninterrupted" / "curate"))
-    assert again["retrieval"] == metrics["retrieval"] and again["sae"]["fvu"] == metrics["sae"]["fvu"]
+    assert again["retrieval"] == metrics["retrieval"]
+    assert again["sae"]["fvu"] == metrics["sae"]["fvu"]
 
 
 def _noise_png(rng: np.random.Generator) -> bytes:
@@ -152,7 +153,8 @@ def test_a_killed_curate_images_rerun_on_s3_writes_every_image_once(ray_session,
     metrics = stage_metrics(run.uri("curate-images"))
     images = read_table(run.uri("curate-images"))
     ids = images.column("id").to_pylist()
-    assert metrics["rows"] == n and metrics["kept"] + metrics["dropped"] == n
+    assert metrics["rows"] == n
+    assert metrics["kept"] + metrics["dropped"] == n
     assert len(ids) == len(set(ids)) == metrics["kept"] > n // 2
 
 

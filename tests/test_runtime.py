@@ -20,7 +20,8 @@ def test_inspect_model_writes_stage_to_s3_and_skips_rerun(ray_session, s3_root, 
     store = Storage(s3_root)
     attempt = committed(store.uri("inspect-model"))
     assert attempt.read_json("metrics.json")["parameters"] == metrics["parameters"]
-    assert store.exists("inspect-model", "_SUCCESS") and attempt.exists("architecture.txt")
+    assert store.exists("inspect-model", "_SUCCESS")
+    assert attempt.exists("architecture.txt")
     marker = store.read_json("inspect-model", "_SUCCESS")
     assert run_job(cfg) == metrics  # skipped: same config, same marker
     assert store.read_json("inspect-model", "_SUCCESS") == marker

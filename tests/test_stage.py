@@ -41,7 +41,8 @@ def test_an_attempt_writes_in_its_own_folder_and_the_marker_lists_its_files(kind
     stage.store.write_text('{"x": 1}\n{"x": 2}\n', "seeds.jsonl")
     stage.outputs.update(dataset="subset", seeds="seeds.jsonl")
     marker = stage.commit({"loss": 0.5})
-    assert stage.status() == "done" and marker["attempt"] == attempt
+    assert stage.status() == "done"
+    assert marker["attempt"] == attempt
     files = {f["path"]: f["rows"] for f in marker["files"]}
     assert files == {"subset/part-0.parquet": 3, "seeds.jsonl": 2, "config.yaml": None, "metrics.json": None}
     assert marker["outputs"] == {"dataset": "subset", "seeds": "seeds.jsonl"}
@@ -116,7 +117,8 @@ def test_racing_commits_of_one_lease_holder_create_one_marker(kind, tmp_path, re
     for t in threads:
         t.join()
     winners = [r for r in results if isinstance(r, str)]
-    assert len(winners) == 1 and all(isinstance(r, LeaseLost) for r in results if r not in winners)
+    assert len(winners) == 1
+    assert all(isinstance(r, LeaseLost) for r in results if r not in winners)
     assert stage_metrics(stages[0].uri) == {"who": winners[0]}
 
 
@@ -163,7 +165,8 @@ def test_registered_shards_are_the_only_files_of_their_folder(tmp_path):
     stage.outputs["dataset"] = "scores"
     stage.commit({})
     source = resolve_dataset(stage.uri)
-    assert [f.rsplit("/", 1)[-1] for f in source.files] == ["part-00000-aaaa.parquet"] and source.rows == (2,)
+    assert [f.rsplit("/", 1)[-1] for f in source.files] == ["part-00000-aaaa.parquet"]
+    assert source.rows == (2,)
     assert read_table(stage.uri).num_rows == 2
 
 
@@ -186,7 +189,8 @@ def test_locate_paths_inside_and_outside_stages(tmp_path):
     stage.checkpoints.write_text("s", "run", "checkpoint_0", "state.pt")
     stage.commit({})
     inside = locate(f"{stage.uri}/heldout")
-    assert inside.uri == stage.store.uri("heldout") and inside.files == (stage.store.uri("heldout", "part.jsonl"),)
+    assert inside.uri == stage.store.uri("heldout")
+    assert inside.files == (stage.store.uri("heldout", "part.jsonl"),)
     assert locate(f"{stage.uri}/checkpoints/{stage.config_hash[:16]}/run").uri == stage.checkpoints.uri("run")
     assert locate(str(tmp_path / "elsewhere")).stage is None
     assert locate("org/model-name").uri == "org/model-name"  # a hub id stays a hub id

@@ -66,7 +66,8 @@ def test_s3_wrong_credentials_and_missing_bucket_are_one_line_errors(s3_server, 
     with pytest.raises(StorageError) as err:
         Storage(s3_root, bad).check_writable()
     message = str(err.value)
-    assert message.startswith(f"{s3_root}: cannot write there") and "\n" not in message
+    assert message.startswith(f"{s3_root}: cannot write there")
+    assert "\n" not in message
     assert "not-the-secret-42" not in message
     assert "denied" in message or "Signature" in message
     with pytest.raises(StorageError, match="no-such-bucket-xyz"):
@@ -97,7 +98,8 @@ def test_files_another_process_writes_on_s3_are_seen_after_a_listing(s3_server, 
 
     store = Storage(s3_root)
     store.write_text("a", "run", "first.txt")
-    assert store.list("run") == ["first.txt"] and not store.exists("run", "_SUCCESS")
+    assert store.list("run") == ["first.txt"]
+    assert not store.exists("run", "_SUCCESS")
     bucket, _, prefix = s3_root.removeprefix("s3://").partition("/")
     other = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1",
                          aws_access_key_id=s3_server.access_key_id,

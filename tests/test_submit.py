@@ -28,7 +28,9 @@ def head():
 def one_line_error(result, expected):
     assert result.returncode == 2, (result.stdout, result.stderr[-2000:])
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("scopeforge: error: ") and expected in lines[0], result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("scopeforge: error: "), result.stderr
+    assert expected in lines[0], result.stderr
     return lines[0]
 
 
@@ -67,9 +69,11 @@ def test_submit_a_real_job_then_status_logs_and_metrics(head, tmp_path, tiny_lla
         time.sleep(2)
     logs = run_cli("logs", job_id, "--address", head.address, env=env, timeout=60)
     assert status == "SUCCEEDED", logs.stdout[-3000:]
-    assert "LlamaForCausalLM with" in logs.stdout and "What costs $5?" in logs.stdout
+    assert "LlamaForCausalLM with" in logs.stdout
+    assert "What costs $5?" in logs.stdout
     followed = run_cli("logs", job_id, "--follow", "--address", head.address, env=env, timeout=60)
-    assert followed.returncode == 0 and "LlamaForCausalLM with" in followed.stdout
+    assert followed.returncode == 0
+    assert "LlamaForCausalLM with" in followed.stdout
     # The job ran `scopeforge run inspect-model --config env:SCOPEFORGE_CONFIG` on the cluster: its stage is there.
     assert (tmp_path / "run" / "remote" / "_SUCCESS").is_file()
 

@@ -69,22 +69,27 @@ def test_train_and_evaluate_on_s3_with_two_workers(ray_session, s3_root):
     assert len(metrics["history"]) == 2
     assert metrics["best_val_auc"] == max(h["val_auc"] for h in metrics["history"])
     # the undecodable training image is counted and reported, never replaced
-    assert metrics["dropped"]["count"] == 1 and metrics["dropped"]["rows"][0]["id"] == corrupt["train"]
+    assert metrics["dropped"]["count"] == 1
+    assert metrics["dropped"]["rows"][0]["id"] == corrupt["train"]
     assert "cannot decode" in metrics["dropped"]["rows"][0]["reason"]
     per_sample = pq.read_table(io.BytesIO(stage.read_bytes("difficulty", "per_sample.parquet"))).to_pylist()
     row = next(r for r in per_sample if r["id"] == corrupt["train"])
-    assert not row["tracked"] and row["difficulty"] == 0.0  # its index never reached a worker
+    assert not row["tracked"]
+    assert row["difficulty"] == 0.0
     train_rows = [r for r in per_sample if r["split"] == "train"]
     assert sum(r["tracked"] for r in train_rows) >= len(train_rows) - 2  # all others (equal shards may drop 1)
     assert not any(r["tracked"] for r in per_sample if r["split"] == "val")
     # difficulty history per group, the same state on both workers (the loop checks the checksums every epoch)
     history = stage.read_json("difficulty", "history.json")
-    assert [h["epoch"] for h in history] == [0, 1] and [h["boosting"] for h in history] == [False, True]
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert [h["boosting"] for h in history] == [False, True]
     assert {g["group"] for g in history[-1]["groups"]} == {"lfw/real", "standin-pca/fake", "standin-blur/fake",
                                                            "standin-noise/fake"}
     assert metrics["state_checksum"] == metrics["history"][-1]["state_checksum"]
     report = stage.read_text("report.html")
-    assert "Mean tracked difficulty m" in report and "data:image/png;base64" in report and corrupt["train"] in report
+    assert "Mean tracked difficulty m" in report
+    assert "data:image/png;base64" in report
+    assert corrupt["train"] in report
     runs = stage_root.child("checkpoints", stage_root.list("checkpoints")[0], "run")
     assert any(name.startswith("checkpoint_") for name in runs.list()), (stage_root.list("checkpoints"), runs.list(),
                                                                         stage_root.find("checkpoints"))
@@ -111,21 +116,28 @@ def test_train_and_evaluate_on_s3_with_two_workers(ray_session, s3_root):
         "robustness": {"jpeg_quality": [50], "blur_sigma": [1.5]}}, "test")
     result = run_job(ev)
     columns = ["standin-blur", "standin-noise", "standin-pca", "lfw"]
-    assert sorted(result["columns"]) == sorted(columns) and result["conditions"] == ["clean", "jpeg50", "blur1.5"]
+    assert sorted(result["columns"]) == sorted(columns)
+    assert result["conditions"] == ["clean", "jpeg50", "blur1.5"]
     for col in columns:
         cell = result["matrix"]["boost"][col]
         for cond in result["conditions"]:
-            assert 0.0 <= cell[cond]["auc"] <= 1.0 and cell[cond]["n_real"] > 0 and cell[cond]["n_fake"] > 0
-    assert result["dropped"]["count"] == 1 and result["dropped"]["rows"][0]["id"] == corrupt["test"]
+            assert 0.0 <= cell[cond]["auc"] <= 1.0
+            assert cell[cond]["n_real"] > 0
+            assert cell[cond]["n_fake"] > 0
+    assert result["dropped"]["count"] == 1
+    assert result["dropped"]["rows"][0]["id"] == corrupt["test"]
     assert set(result["seen_in_training"]["boost"]) == set(columns)  # every column came from the training data
     assert result["split"] == SPLIT  # taken from the detector
     out = committed(Storage(s3_root).uri("evaluate"))
     md = out.read_text("results.md")
-    assert "## AUC (clean)" in md and "| boost |" in md and "## AUC under jpeg50" in md
+    assert "## AUC (clean)" in md
+    assert "| boost |" in md
+    assert "## AUC under jpeg50" in md
     assert out.read_bytes("roc", "boost.png").startswith(b"\x89PNG")
     assert "boost: mean difficulty (EMA of the loss)" in out.read_text("report.html")
     scores = pq.read_table(io.BytesIO(out.read_bytes("scores.parquet")))
-    assert scores.num_rows == result["test_images"] and "boost|clean" in scores.column_names
+    assert scores.num_rows == result["test_images"]
+    assert "boost|clean" in scores.column_names
     assert corrupt["test"] not in scores.column("id").to_pylist()
 
 

@@ -87,7 +87,8 @@ def test_the_installed_wheel_runs_a_job_from_outside_the_checkout(installed, tmp
                      "import shared, ray_jobs, operators, shared.curation.sae, shared.distill.teacher; "
                      "print(shared.__file__)")
     assert where.returncode == 0, where.stderr[-2000:]
-    assert Path(where.stdout.strip()).is_relative_to(installed.parent) and ROOT not in Path(where.stdout).parents
+    assert Path(where.stdout.strip()).is_relative_to(installed.parent)
+    assert ROOT not in Path(where.stdout).parents
 
     jobs = _outside(installed, tmp_path, str(installed / "scopeforge"), "jobs")
     assert jobs.returncode == 0, jobs.stderr[-2000:]
@@ -108,7 +109,8 @@ def test_the_installed_wheel_runs_a_job_from_outside_the_checkout(installed, tmp
                    "--set", "baselines=[random]")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     marker = json.loads((tmp_path / "elsewhere" / "out" / "curate" / "_SUCCESS").read_text())
-    assert marker["job"] == "curate" and marker["outputs"]["dataset"] == "subset"
+    assert marker["job"] == "curate"
+    assert marker["outputs"]["dataset"] == "subset"
 
 
 def _write_corpus(folder: Path) -> None:
