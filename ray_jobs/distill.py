@@ -28,20 +28,13 @@ from shared.data import read_table, write_parquet
 from shared.distill.examples import Example, build_examples
 from shared.distill.finetune import encode_for_training
 from shared.distill.report import write_report
-from shared.distill.rewriter import TeacherRewriter
+from shared.distill.rewriter import TeacherRewriter, student_tokenizer
 from shared.distill.teacher import distilled_table, judge, tally
-from shared.errors import ConfigError, DataError
+from shared.errors import DataError
 from shared.lm_data import LMExample
-from shared.models import load_tokenizer
 from shared.stage import Stage
 
 DISTILLED = "distilled"
-
-
-def _teacher(cfg: DistillConfig) -> str:
-    if cfg.teacher is None:
-        raise ConfigError("distill: mode=distilled needs a teacher")
-    return cfg.teacher
 
 
 class TeacherActor:
@@ -49,7 +42,7 @@ class TeacherActor:
 
     def __init__(self, cfg: DistillConfig, stage_name: str):
         device = claim(stage_name, "teacher actor", cfg.runtime.gpus_per_actor, cfg.runtime.threads).device
-        self.step = TeacherRewriter(_teacher(cfg), cfg.generation, cfg.seed, cfg.dtype, device, cfg.storage)
+        self.step = TeacherRewriter(cfg.teacher_model, cfg.generation, cfg.seed, cfg.dtype, device, cfg.storage)
         self.step.setup()
         self.throughput = Throughput("distill", stage_name, ("documents", "tokens"))
 
@@ -69,17 +62,6 @@ def teacher_outputs(cfg: DistillConfig, examples: list[Example], stage: Stage) -
                                batch_size=cfg.generation.batch_size, num_cpus=cfg.runtime.cpus_per_actor,
                                num_gpus=cfg.runtime.gpus_per_actor or None)
     return {str(r["id"]): (str(r["teacher_output"]), bool(r["finished"])) for r in generated.iter_rows()}
-
-
-def check_tokenizers(cfg: DistillConfig) -> Any:
-    """The student's tokenizer; with a teacher, both must share one vocabulary (the student learns its token ids)."""
-    student = load_tokenizer(cfg.student, cfg.storage)
-    if cfg.mode == "distilled":
-        teacher = load_tokenizer(_teacher(cfg), cfg.storage)
-        if teacher.get_vocab() != student.get_vocab():
-            raise DataError(f"teacher {cfg.teacher} and student {cfg.student} have different tokenizers "
-                            f"({len(teacher)} vs {len(student)} tokens); distillation needs the same vocabulary")
-    return student
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -171,7 +153,7 @@ def fine_tune(cfg: DistillConfig, stage: Stage, examples: list[LMExample]) -> li
 
 def run(cfg: DistillConfig, stage: Stage) -> dict[str, Any]:
     t0 = time.time()
-    tokenizer = check_tokenizers(cfg)
+    tokenizer = student_tokenizer(cfg.student, cfg.teacher_model if cfg.mode == "distilled" else None, cfg.storage)
     rows = read_table(cfg.data, cfg.storage).to_pylist()
     if not rows:
         raise DataError(f"data {cfg.data}: the curated set is empty")

@@ -106,6 +106,13 @@ class DistillConfig(JobConfig):
         teacher = self.runtime.gpus_per_actor if self.mode == "distilled" else 0.0
         return max(teacher, 1.0 if self.runtime.use_gpu else 0.0)
 
+    @property
+    def teacher_model(self) -> str:
+        """The teacher of mode=distilled (the validator below makes sure there is one)."""
+        if not self.teacher:
+            raise ValueError("mode=distilled needs a teacher")
+        return self.teacher
+
     @model_validator(mode="after")
     def _teacher_needed(self) -> DistillConfig:
         if self.mode == "distilled" and not self.teacher:

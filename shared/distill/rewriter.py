@@ -12,6 +12,7 @@ import numpy as np
 from shared.config import StorageConfig
 from shared.distill.examples import Example
 from shared.distill.teacher import teacher_request
+from shared.errors import DataError
 
 Batch = dict[str, np.ndarray]
 
@@ -52,3 +53,18 @@ class TeacherRewriter:
                              seed=self.seed + sum(ord(c) for c in examples[0].id))
         columns = {**batch, "teacher_output": np.array(out.texts, dtype=object), "finished": np.array(out.finished)}
         return columns, out.new_tokens
+
+
+def student_tokenizer(student: str, teacher: str | None, storage: StorageConfig | None = None) -> Any:
+    """The student's tokenizer; with a teacher, both must share one vocabulary (the student learns the teacher's
+    token ids), else a DataError naming both."""
+    from shared.models import load_tokenizer
+
+    tokenizer = load_tokenizer(student, storage)
+    if teacher is not None:
+        theirs = load_tokenizer(teacher, storage)
+        if theirs.get_vocab() != tokenizer.get_vocab():
+            raise DataError(f"teacher {teacher} and student {student} have different tokenizers "
+                            f"({len(theirs)} vs {len(tokenizer)} tokens); distillation needs the same vocabulary")
+    return tokenizer
+
