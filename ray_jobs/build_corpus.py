@@ -20,19 +20,21 @@ from shared.stage import Stage
 
 
 @ray.remote(num_cpus=1)
-def _build(cfg: BuildCorpusConfig) -> dict[str, list[dict[str, str]]]:
+def _build(cfg: BuildCorpusConfig) -> dict[str, Any]:
     rng = random.Random(cfg.seed)
     docs: dict[str, list] = collections.defaultdict(list)
+    removed: collections.Counter[str] = collections.Counter()
     for name in cfg.sources:
-        for doc in SOURCES[name](random.Random(f"{cfg.seed}:{name}"), cfg.max_chunks.get(name)):
+        for doc in SOURCES[name](random.Random(f"{cfg.seed}:{name}"), cfg.max_chunks.get(name), removed):
             docs[doc.label].append(doc)
     split = split_corpus(docs, cfg.target_label, chunk_words=cfg.chunk_words, min_words=cfg.min_chunk_words,
                          caps=cfg.max_chunks, per_doc=cfg.max_chunks_per_doc, n_seeds=cfg.n_seeds,
                          heldout_target_docs=cfg.heldout_target_docs,
-                         heldout_general_share=cfg.heldout_general_share, rng=rng)
+                         heldout_general_share=cfg.heldout_general_share, rng=rng, dedup_span=cfg.dedup_span)
     rows = lambda chunks: [vars(c) for c in chunks]  # noqa: E731
+    hygiene = {**dict(sorted(removed.items())), "near_duplicate_chunks": split.near_duplicates}
     return {"pool": rows(split.pool), "seeds": rows(split.seeds), "heldout": rows(split.heldout),
-            "heldout_general": rows(split.heldout_general)}
+            "heldout_general": rows(split.heldout_general), "hygiene": hygiene}
 
 
 def _table(rows: list[dict[str, str]]) -> pa.Table:
@@ -41,6 +43,7 @@ def _table(rows: list[dict[str, str]]) -> pa.Table:
 
 def run(cfg: BuildCorpusConfig, stage: Stage) -> dict[str, Any]:
     parts = ray.get(_build.remote(cfg))
+    hygiene = parts.pop("hygiene")
     pool = parts["pool"]
     shards = 8
     for i in range(shards):  # several files, so readers get parallel blocks
@@ -54,5 +57,6 @@ def run(cfg: BuildCorpusConfig, stage: Stage) -> dict[str, Any]:
     print(f"pool: {len(pool)} chunks ({', '.join(f'{k} {v}' for k, v in sorted(counts['pool'].items()))}); "
           f"{len(parts['seeds'])} seeds, {len(parts['heldout'])} held-out {cfg.target_label} chunks, "
           f"{len(parts['heldout_general'])} held-out general chunks")
+    print(f"hygiene: {hygiene}")
     return {"counts": counts, "pool_size": len(pool), "mean_words": sum(words) / max(1, len(words)),
-            "target_label": cfg.target_label}
+            "target_label": cfg.target_label, "hygiene": hygiene}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -16,8 +17,9 @@ from shared.curation.activations import (
     token_mask,
     truncate_to_layer,
 )
-from shared.curation.corpus import Document, chunk_text, split_corpus, strip_news_headers
+from shared.curation.corpus import Document, chunk_text, split_corpus
 from shared.curation.features import length_batches, pad_batch
+from shared.curation.hygiene import NearDuplicates, shingles, strip_news_headers, strip_replies
 from shared.curation.ngram import gumbel_keys, hashed_ngrams, log_distribution, log_importance, stable_uniform
 from shared.curation.retrieval import mean_pool, purity_and_recall, select
 from shared.curation.sae import SAEShape, TopKSAE, TrainSettings, idf_codes, idf_weights, pooled_codes, train_sae
@@ -332,10 +334,58 @@ def test_dsir_importance_prefers_target_like_text_and_keys_are_stable():
 # --- corpus -----------------------------------------------------------------------------------------------------------
 
 
-def test_newsgroup_headers_are_stripped():
+def test_newsgroup_headers_are_stripped_for_any_rfc_5322_field_name():
     post = "From: a@b.c\nNewsgroups: sci.space\nSubject: Re: orbit\n\nThe launch slipped a week.\n"
     assert strip_news_headers(post) == "The launch slipped a week."
+    dotted = ("Article-I.D.: zoo.1993Apr1.12345\nXref: cantaloupe.srv.cs.cmu.edu sci.space:61234\n"
+              "Path: cantaloupe!sci.space\n  folded continuation\nX-Newsreader: TIN [1.1 PL8]\n\nBody text.")
+    assert strip_news_headers(dotted) == "Body text."
     assert strip_news_headers("No header here\n\nbody") == "No header here\n\nbody"
+
+
+def test_quoted_replies_attributions_and_signatures_are_stripped_and_counted():
+    body = ("In article <1993Apr5.1234@nasa.gov> jdoe@nasa.gov (John Doe) writes:\n"
+            "> The shuttle will fly in May.\n>> Earlier quote.\n"
+            "  | indented quote\n"
+            "I doubt it: the booster is late.\nSmith wrote:\n"
+            "The writes: of a log are not an attribution when text follows\n"
+            "--\nJane Roe, JPL\nphone 555-0100\n")
+    counts = Counter()
+    assert strip_replies(body, counts) == ("I doubt it: the booster is late.\n"
+                                           "The writes: of a log are not an attribution when text follows")
+    assert counts == {"quoted_lines": 3, "attribution_lines": 2, "signature_lines": 3}
+    assert strip_replies("no quotes at all\nsecond line") == "no quotes at all\nsecond line"
+
+
+def test_a_chunk_sharing_a_ten_word_span_with_an_earlier_one_is_dropped():
+    base = "the quick brown fox jumps over the lazy dog near the old river bank today"
+    dedup = NearDuplicates(span=10)
+    assert dedup.keep(base)
+    assert not dedup.keep("Someone said: " + " ".join(base.split()[2:12]).upper() + "!")  # case, punctuation
+    assert dedup.keep("a different text that shares only nine words: " + " ".join(base.split()[:9]))
+    assert dedup.dropped == 1
+    assert len(shingles("too short", 10)) == 1
+
+
+def test_split_corpus_drops_pool_chunks_that_repeat_a_seed_and_counts_them():
+    seed_text = " ".join(f"seedword{i}" for i in range(40))
+    docs = {"space": [Document("space/0", "space", seed_text)]
+            + [Document(f"space/{i}", "space", " ".join(f"w{i}x{j}" for j in range(40))) for i in range(1, 6)]
+            + [Document("space/quote", "space", "quoting: " + seed_text)],
+            "other": [Document(f"other/{i}", "other", " ".join(f"o{i}y{j}" for j in range(40))) for i in range(6)]}
+    for span, dropped in ((10, 1), (None, 0)):
+        found = []
+        for seed in range(60):  # the seed document is drawn at random: take the draws where space/0 is the seed
+            split = split_corpus(docs, "space", chunk_words=60, min_words=10, caps={}, per_doc={}, n_seeds=1,
+                                 heldout_target_docs=1, heldout_general_share=0.0, rng=random.Random(seed),
+                                 dedup_span=span)
+            if split.seeds[0].doc_id == "space/0" and all(c.doc_id != "space/quote" for c in split.heldout):
+                found.append(split)
+        assert found
+        for split in found:
+            in_pool = any(c.doc_id == "space/quote" for c in split.pool)
+            assert in_pool is (dropped == 0)
+            assert sum(split.near_duplicates.values()) == dropped
 
 
 def test_chunking_follows_lines_and_drops_short_tails():
@@ -346,7 +396,8 @@ def test_chunking_follows_lines_and_drops_short_tails():
 
 
 def test_split_keeps_seed_and_heldout_documents_out_of_the_pool():
-    long = lambda i: "\n".join(f"sentence {i}.{j} " + "word " * 20 for j in range(6))  # noqa: E731
+    long = lambda i: "\n".join(f"sentence {i}.{j} " + " ".join(f"w{i}x{j}x{k}" for k in range(20))  # noqa: E731
+                                for j in range(6))
     docs = {"target": [Document(f"t/{i}", "target", long(i)) for i in range(12)],
             "other": [Document(f"o/{i}", "other", long(i)) for i in range(10)]}
     split = split_corpus(docs, "target", chunk_words=40, min_words=10, caps={}, per_doc={}, n_seeds=3,

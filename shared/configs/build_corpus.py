@@ -30,6 +30,9 @@ class BuildCorpusConfig(JobConfig):
     """Shorter chunks (document tails) are dropped."""
     n_seeds: int = Field(10, ge=1, le=1000)
     """Seed examples: the first chunk of this many target documents, whose other chunks are kept out of the pool."""
+    dedup_span: int | None = Field(10, ge=3, le=1000)
+    """A chunk that shares a run of this many words with a chunk kept before it (seeds first, then held-out text, then
+    the pool) is dropped and counted; null keeps near-duplicates."""
     heldout_target_docs: int = Field(20, ge=0)
     """Target documents held out (all chunks) for domain evaluation."""
     heldout_general_share: float = Field(0.1, ge=0.0, lt=1.0)

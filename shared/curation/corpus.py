@@ -3,15 +3,17 @@
 Sources (label: where):
 - ``wikipedia``: the Wikipedia dump excerpt in gensim's test data;
 - ``news``: the Lee news corpus in gensim's test data;
-- ``sci.space`` / ``alt.atheism``: gensim's mini 20-newsgroups sample, with the headers stripped (they give the
-  label away);
+- ``sci.space`` / ``alt.atheism``: gensim's mini 20-newsgroups sample, without headers (they give the label away),
+  quoted replies and signatures (they repeat other posts);
 - ``reviews``: movie reviews in gensim's test data;
 - ``code``: the Python standard library's source;
 - ``math``: SymPy's docstrings;
 - ``man``: man pages under /usr/share/man (at most one chunk per program, so one program cannot swamp the sample).
 
 Documents are chunked by lines to about ``chunk_words`` words. Seeds and held-out target documents are whole
-documents whose chunks are all kept out of the pool (chunks of a seed's document in the pool would inflate purity).
+documents whose chunks are all kept out of the pool (chunks of a seed's document in the pool would inflate purity),
+and a chunk that shares a span of ``dedup_span`` words with a chunk kept before it (seeds first, then held-out text,
+then the pool) is dropped.
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ import random
 import re
 import sysconfig
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared.curation.hygiene import NearDuplicates, strip_news_headers, strip_replies
 from shared.errors import DataError
 
 
@@ -77,21 +81,13 @@ class _BunchAsDict(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def strip_news_headers(post: str) -> str:
-    """Drop the header block (up to the first blank line): Newsgroups:, Path:, Subject: and such name the group."""
-    head, sep, body = post.partition("\n\n")
-    if sep and all(re.match(r"^[A-Za-z-]+:\s?", line) or line.startswith((" ", "\t")) for line in head.splitlines()
-                   if line.strip()):
-        return body.strip()
-    return post.strip()
-
-
-def newsgroups(rng: random.Random, limit: int | None) -> Iterator[Document]:
+def newsgroups(rng: random.Random, limit: int | None, counts: Counter[str] | None = None) -> Iterator[Document]:
+    """Posts without their headers, quoted replies, attributions and signatures (``shared.curation.hygiene``)."""
     raw = zlib.decompress((gensim_data() / "mini_newsgroup").read_bytes())
     bunch = _BunchAsDict(io.BytesIO(raw), encoding="latin1").load()
     for i, (post, target) in enumerate(zip(bunch["data"], bunch["target"])):
         label = bunch["target_names"][target]
-        yield Document(f"{label}/{i}", label, strip_news_headers(post))
+        yield Document(f"{label}/{i}", label, strip_replies(strip_news_headers(post), counts))
 
 
 _WIKI_DROP = [
@@ -130,7 +126,7 @@ def clean_wikitext(text: str) -> str:
     return "\n".join(line for line in lines if line and not line.startswith(("*", "|", "!", "{", "}")))
 
 
-def wikipedia(rng: random.Random, limit: int | None) -> Iterator[Document]:
+def wikipedia(rng: random.Random, limit: int | None, counts: Counter[str] | None = None) -> Iterator[Document]:
     import xml.etree.ElementTree as ET
 
     path = next(gensim_data().glob("enwiki-latest-pages-articles1.xml*.bz2"), None)
@@ -146,13 +142,13 @@ def wikipedia(rng: random.Random, limit: int | None) -> Iterator[Document]:
             yield Document(f"wikipedia/{title}", "wikipedia", clean_wikitext(text))
 
 
-def news(rng: random.Random, limit: int | None) -> Iterator[Document]:
+def news(rng: random.Random, limit: int | None, counts: Counter[str] | None = None) -> Iterator[Document]:
     for i, line in enumerate((gensim_data() / "lee_background.cor").read_text(encoding="utf-8").splitlines()):
         if line.strip():
             yield Document(f"news/{i}", "news", line.strip())
 
 
-def reviews(rng: random.Random, limit: int | None) -> Iterator[Document]:
+def reviews(rng: random.Random, limit: int | None, counts: Counter[str] | None = None) -> Iterator[Document]:
     data = gensim_data()
     for i, line in enumerate((data / "alldata-id-10.txt").read_text(encoding="utf-8").splitlines()):
         text = re.sub(r"^_\*\d+\s*", "", line).strip()
@@ -166,7 +162,7 @@ def reviews(rng: random.Random, limit: int | None) -> Iterator[Document]:
         yield Document(f"reviews/polarity-{i // 8}", "reviews", "\n".join(sentences[i: i + 8]))
 
 
-def python_source(rng: random.Random, limit: int | None) -> Iterator[Document]:
+def python_source(rng: random.Random, limit: int | None, counts: Counter[str] | None = None) -> Iterator[Document]:
     root = Path(sysconfig.get_paths()["stdlib"])
     for path in sorted(root.glob("*.py")) + sorted(root.glob("*/*.py")):
         rel = path.relative_to(root).as_posix()
@@ -178,7 +174,7 @@ def python_source(rng: random.Random, limit: int | None) -> Iterator[Document]:
             continue
 
 
-def sympy_docstrings(rng: random.Random, limit: int | None) -> Iterator[Document]:
+def sympy_docstrings(rng: random.Random, limit: int | None, counts: Counter[str] | None = None) -> Iterator[Document]:
     root = package_dir("sympy")
     paths = sorted(root.rglob("*.py"))
     rng.shuffle(paths)
@@ -234,7 +230,8 @@ def roff_to_text(source: str) -> str:
     return "\n".join(lines)
 
 
-def man_pages(rng: random.Random, limit: int | None, sections: tuple[str, ...] = ("1", "8")) -> Iterator[Document]:
+def man_pages(rng: random.Random, limit: int | None, counts: Counter[str] | None = None,
+              sections: tuple[str, ...] = ("1", "8")) -> Iterator[Document]:
     """Man pages of randomly sampled programs (reading all 18k pages of a Debian image takes too long)."""
     root = Path("/usr/share/man")
     paths = sorted(p for s in sections for p in (root / f"man{s}").glob("*.gz")) if root.is_dir() else []
@@ -250,8 +247,10 @@ def man_pages(rng: random.Random, limit: int | None, sections: tuple[str, ...] =
         yield Document(f"man/{program}", "man", text)
 
 
-# Each source takes (rng, limit): sources too large to read whole sample their files first; the others ignore both.
-SOURCES: dict[str, Callable[[random.Random, int | None], Iterator[Document]]] = {
+# Each source takes (rng, limit, counts): sources too large to read whole sample their files first; the others ignore
+# both. ``counts`` (a Counter) receives what a source's hygiene removed.
+Source = Callable[[random.Random, int | None, "Counter[str] | None"], Iterator[Document]]
+SOURCES: dict[str, Source] = {
     "newsgroups": newsgroups,
     "wikipedia": wikipedia,
     "news": news,
@@ -304,13 +303,26 @@ class CorpusSplit:
     seeds: list[Chunk]
     heldout: list[Chunk]
     heldout_general: list[Chunk]
+    near_duplicates: dict[str, int] = field(default_factory=dict)
+    """Chunks dropped because they share a span of words with a chunk kept before them, per part."""
+
+    def drop_near_duplicates(self, span: int) -> None:
+        """Seeds, then held-out target text, held-out general text and the pool: each chunk is kept only if it
+        shares no ``span``-word run with a chunk kept before it."""
+        kept = NearDuplicates(span)
+        for part in ("seeds", "heldout", "heldout_general", "pool"):
+            chunks = getattr(self, part)
+            survivors = [c for c in chunks if kept.keep(c.text)]
+            self.near_duplicates[part] = len(chunks) - len(survivors)
+            setattr(self, part, survivors)
 
 
 def split_corpus(docs_by_label: dict[str, list[Document]], target: str, *, chunk_words: int, min_words: int,
                  caps: dict[str, int], per_doc: Mapping[str, int | None], n_seeds: int, heldout_target_docs: int,
-                 heldout_general_share: float, rng: random.Random) -> CorpusSplit:
+                 heldout_general_share: float, rng: random.Random, dedup_span: int | None = 10) -> CorpusSplit:
     """Seeds and held-out target documents are whole documents kept out of the pool; a share of every other label's
-    documents is held out as general evaluation text."""
+    documents is held out as general evaluation text; near-duplicate chunks are dropped (``dedup_span``; None:
+    kept)."""
     if target not in docs_by_label or not docs_by_label[target]:
         raise DataError(f"target label {target!r} has no documents (labels: {', '.join(sorted(docs_by_label))})")
     split = CorpusSplit([], [], [], [])
@@ -338,5 +350,7 @@ def split_corpus(docs_by_label: dict[str, list[Document]], target: str, *, chunk
             held = held[: max(1, int(cap * heldout_general_share))]
         split.heldout_general.extend(held)
         split.pool.extend(pool)
+    if dedup_span is not None:
+        split.drop_near_duplicates(dedup_span)
     rng.shuffle(split.pool)
     return split
