@@ -6,6 +6,8 @@ in parallel, drop (and list) the images that cannot be decoded.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -68,9 +70,28 @@ def decode_mixture(plan: MixturePlan, storage: StorageConfig | None, blocks: int
     """(the decodable planned rows, over a materialised decode; the dropped rows with their reasons).
 
     With ``shuffle_seed`` the rows are shuffled once before they are cut into blocks, so every block (hence every
-    Train worker's shard) is a mixture of all sources rather than a run of one source.
+    Train worker's shard) is a mixture of all sources rather than a run of one source. Rows keep the plan's order
+    through every step (``preserve_order``, which datasets derived from these keep), so the blocks, their rows and
+    the shuffle are the same in every run of a config, whatever order Ray's tasks finish in.
     """
     quiet_progress()
+    with ordered():
+        return _decode_mixture(plan, storage, blocks, shuffle_seed)
+
+
+@contextlib.contextmanager
+def ordered() -> Iterator[None]:
+    """Datasets created inside keep their rows in input order (Ray Data's ``preserve_order``)."""
+    options = ray.data.DataContext.get_current().execution_options
+    previous, options.preserve_order = options.preserve_order, True
+    try:
+        yield
+    finally:
+        options.preserve_order = previous
+
+
+def _decode_mixture(plan: MixturePlan, storage: StorageConfig | None, blocks: int, shuffle_seed: int | None
+                    ) -> tuple[ray.data.Dataset, list[dict[str, Any]]]:
     parts = []
     for name, uri in plan.datasets.items():
         ref = ray.put(plan.lookup(name))

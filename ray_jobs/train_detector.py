@@ -25,6 +25,7 @@ import pyarrow as pa
 import ray
 import ray.train
 import torch.distributed as dist
+from ray.data import ExecutionOptions, RandomSeedConfig
 from ray.train import CheckpointConfig, DataConfig, LoggingConfig
 
 from ray_jobs.detector_data import decode_mixture, split_of
@@ -169,8 +170,10 @@ def run(cfg: DetectorConfig, stage: Stage) -> dict[str, Any]:
         checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_auc",
                                            checkpoint_score_order="max"),
         logging_config=LoggingConfig(log_level="WARNING"),
-        datasets={"train": train_ds.randomize_block_order(), "val": val_ds},  # block order redrawn every epoch
-        dataset_config=DataConfig(datasets_to_split=["train"]))
+        # the block order is redrawn every epoch, from the seed: the same draws in every run of this config
+        datasets={"train": train_ds.randomize_block_order(seed=RandomSeedConfig(cfg.seed, reseed_after_execution=True)),
+                  "val": val_ds},
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ExecutionOptions(preserve_order=True)))
 
     # 3. outputs: the best model, the difficulty state and history, a report
     best = _checkpoint_state(result.get_best_checkpoint("val_auc", "max"), fingerprint)

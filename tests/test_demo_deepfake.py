@@ -86,7 +86,7 @@ def test_demo_on_a_tiny_config_learns_what_it_saw_and_reports_heldout_aucs(ray_s
     for variant in VARIANTS:
         assert "standin-blur" in evaluation["seen_in_training"][variant]
         assert "standin-noise" not in evaluation["seen_in_training"][variant]
-        assert evaluation["auc"][variant]["standin-blur"] > 0.65, (variant, evaluation["auc"][variant])
+        assert evaluation["auc"][variant]["standin-blur"] > 0.6, (variant, evaluation["auc"][variant])
         assert evaluation["auc"][variant]["standin-noise"] == pytest.approx(metrics["heldout_auc"][variant])
     assert metrics["standin_data"] is True
     assert metrics["heldout_generator"] == "standin-noise"
