@@ -83,7 +83,7 @@ def test_prune_job_on_s3_writes_a_model_that_reloads(ray_session, s3_root, tiny_
     assert "ray_train" not in stage.list()
     assert metrics["target_fraction"] == 0.25
     assert abs(metrics["achieved_fraction"] - 0.25) < 0.02
-    assert metrics["importance_method"] == "param_first"
+    assert metrics["importance_method"] == "vectorize"
     assert metrics["calibration_source"] == cfg.calibration
     assert metrics["calibration"]["examples"] == len(calibration_texts)
     assert [row["layer"] for row in metrics["per_layer"]] == [1, 2, 3]

@@ -385,3 +385,38 @@ def test_an_importance_pass_resumed_from_its_progress_ends_with_the_same_sums(ti
     for index in (1, 4):
         for kind in ("attention", "mlp"):
             torch.testing.assert_close(resumed[index][kind], whole[index][kind], rtol=1e-5, atol=1e-12)
+
+
+def test_the_default_importance_prunes_the_same_model_for_any_micro_batch_and_worker_count(tiny, calibration,
+                                                                                          tiny_llama_dir):
+    """The default (vectorize) sums signed W*g per vector over the whole calibration set before |.|: micro-batch 2 or
+    8, one worker or two (each summing its shard, then added as the all_reduce does) keep the same groups."""
+    from shared.configs.prune import PruneConfig
+    from shared.lm_data import shard
+    from shared.pruning.step import ImportancePass
+
+    method = PruneConfig.model_fields["importance"].default
+    assert method == "vectorize"
+    model, tokenizer = tiny
+    pad = tokenizer.pad_token_id
+    target = plan_from_config(tiny_llama_dir, "tiny-llama", layers=[1, 5], fraction=0.2)
+    scale = 1.0 / sum(e.target_tokens for e in calibration)
+
+    def keep(micro_batch, workers):
+        flat = None
+        for rank in range(workers):
+            layers = prunable_layers(model, target.layers)
+            with ImportancePass(model, layers, method, micro_batch=micro_batch, pad_id=pad, scale=scale) as part:
+                for _ in part.run(shard(calibration, rank, workers)):
+                    pass
+                flat = part.flat().clone() if flat is None else flat + part.flat()
+                part.load_flat(flat)
+                scores = part.scores()
+        return select(scores, target.plan)
+
+    reference = keep(micro_batch=8, workers=1)
+    for micro_batch, workers in ((2, 1), (3, 2)):
+        other = keep(micro_batch, workers)
+        for index in target.layers:
+            for kind in ("attention", "mlp"):
+                assert torch.equal(other[index][kind], reference[index][kind]), (micro_batch, workers, index, kind)

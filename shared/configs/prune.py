@@ -49,9 +49,11 @@ class PruneConfig(JobConfig):
     fraction: float = Field(0.35, gt=0.0, le=0.9)
     """Fraction of all the model's parameters to remove (embeddings included in the total), in (0, 0.9]. The achieved
     fraction is reported; it differs by the rounding of channel counts."""
-    importance: Literal["param_first", "vectorize", "param_second", "magnitude", "random"] = "param_first"
-    """How groups are ranked: first-order Taylor per weight |W*dL/dW| (param_first), per vector |sum W*dL/dW|
-    (vectorize), diagonal-Fisher second order (param_second), L2 magnitude, or random (a floor)."""
+    importance: Literal["param_first", "vectorize", "param_second", "magnitude", "random"] = "vectorize"
+    """How groups are ranked: first-order Taylor per vector |sum W*dL/dW| with the signed sums taken over the whole
+    calibration set (vectorize: the same pruned model for every micro_batch_size and num_workers), per weight
+    |W*dL/dW| summed over micro-batches (param_first), diagonal-Fisher second order (param_second; both change with
+    the micro-batch size), L2 magnitude, or random (a floor)."""
     layers: list[int] | Literal["all"] | None = None
     """Decoder layers to prune, as [start, stop] (Python slice; negative counts from the end), or 'all'. Unset: skip the
     first eighth and the last two layers (as LLM-Pruner). Unless every layer is pruned, layers end with different
