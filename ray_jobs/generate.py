@@ -9,6 +9,8 @@ requests (id, per-image seed, prompt, source image) -> repartition so every acto
 (shared/imageset.py's IMAGE_SCHEMA; the stage's `dataset` output). Dropped requests (NaN or blank images,
 undecodable sources) are counted in a ledger actor, listed in drops.jsonl and reported; a source that drops more
 than max_drop_fraction fails the job. report.html shows counts, throughput and a contact sheet (contact_sheet.png).
+
+A little over 200 lines: the drop ledger is an actor every generation actor reports to, which is Ray glue.
 """
 
 from __future__ import annotations

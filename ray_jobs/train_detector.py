@@ -11,6 +11,9 @@ difficulty boosting.
    checkpoint (model, optimiser, difficulty state) in Ray Train storage under the stage (local or s3://). A crashed
    run resumes from its latest checkpoint when rerun; Ray Train keeps the best checkpoint by validation AUC.
 3. Export the best checkpoint as the stage's model, the difficulty history and per-sample difficulties, a report.
+
+A little over 200 lines: the per-worker loop (dataset shards, the cross-worker check of the difficulty state) and the
+resume_from checkpoint are Ray Train glue; the training itself is shared.detection.trainer.DetectorTrainer.
 """
 
 from __future__ import annotations
