@@ -233,3 +233,5 @@ def test_a_detector_json_of_another_format_or_with_unknown_fields_is_refused():
         DetectorSpec.from_json({**spec, "colour": "red"}, "d")
     with pytest.raises(ModelError, match=r"detector d: detector.json is incomplete"):
         DetectorSpec.from_json({k: v for k, v in spec.items() if k != "kind"}, "d")
+    with pytest.raises(ModelError, match=r"detector d: detector.json is incomplete"):
+        DetectorSpec.from_json({k: v for k, v in spec.items() if k != "mean"}, "d")

@@ -92,7 +92,7 @@ class DetectorSpec:
         if unknown:
             raise ModelError(f"detector {where}: unknown {SPEC_FILE} field(s) {', '.join(unknown)}")
         values = {k: v for k, v in data.items() if k in known}
-        values.update(mean=tuple(values.get("mean", ())), std=tuple(values.get("std", ())))
+        values.update({k: tuple(values[k]) for k in ("mean", "std") if k in values})
         if values.get("training") is not None:
             values["training"] = TrainedOn(**values["training"])
         try:
