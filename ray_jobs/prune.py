@@ -90,7 +90,8 @@ def _worker(work: PruneWork) -> dict[str, Any] | None:
     from shared.perplexity import LossSum, evaluate_loss
     from shared.pruning.groups import prunable_layers
     from shared.pruning.importance import GRADIENT_METHODS, static_scores
-    from shared.pruning.step import greedy_sample, prune_and_verify
+    from shared.pruning.step import greedy_sample, prune_and_verify, save_and_upload
+    from shared.storage import Storage
 
     cfg = work.cfg
     context = ray.train.get_context()
@@ -148,7 +149,9 @@ def _worker(work: PruneWork) -> dict[str, Any] | None:
     output = None
     if rank == 0:
         t0, c0 = time.perf_counter(), time.process_time()
-        output = _save(pruned.model, tokenizer, calibration[: cfg.micro_batch_size], pad, work, say)
+        output = save_and_upload(pruned.model, tokenizer, calibration[: cfg.micro_batch_size], pad,
+                                 Storage(work.stage.attempt_uri, cfg.storage), cfg.sample_prompt, cfg.sample_tokens,
+                                 say)
         output["sample_before"] = sample_before
         timings["save"], cpu["save"] = time.perf_counter() - t0, time.process_time() - c0
     if distributed:
@@ -211,23 +214,3 @@ def _say(rank: int, world: int) -> Any:
         sys.stdout.write(f"[prune {rank + 1}/{world}] {message}\n")
         sys.stdout.flush()
     return say
-
-
-def _save(pruned: Any, tokenizer: Any, examples: list[LMExample], pad: int, work: PruneWork,
-          say: Any) -> dict[str, Any]:
-    """Save, reload and compare (shared.pruning.step.save_checked), then upload to <attempt>/model/."""
-    from shared.pruning.step import SavedModel, greedy_sample, save_checked
-    from shared.storage import Storage
-
-    cfg = work.cfg
-    store = Storage(work.stage.attempt_uri, cfg.storage)
-
-    def upload(saved: SavedModel) -> dict[str, Any]:
-        sample = greedy_sample(saved.reloaded, tokenizer, cfg.sample_prompt, cfg.sample_tokens)
-        say(f"saved and reloaded ({saved.cls}, max logit difference {saved.reload_max_logit_difference:.1e}); "
-            "uploading")
-        store.rm("model")
-        return {**saved.describe(store.upload(saved.folder, "model")), "sample_prompt": cfg.sample_prompt or None,
-                "sample_after": sample}
-
-    return save_checked(pruned, tokenizer, examples, pad, upload)

@@ -33,7 +33,7 @@ import ray_jobs.curate  # noqa: F401  (imports ray and ray.data before Ray start
 import ray, ray.data, ray.train
 from ray.train.torch import TorchTrainer
 from ray_jobs.runtime import init_ray
-from ray_jobs.train_launch import LoopbackTorchConfig
+from ray_jobs.process_group import LoopbackTorchConfig
 
 signal = Path(sys.argv[1])
 init_ray(dashboard=True)

@@ -7,7 +7,7 @@ any micro-batch), prune-and-verify, and save-and-check.
 - :func:`prune_and_verify` keeps the best groups, rebuilds the model at its new widths and checks the parameter count
   against the plan;
 - :func:`save_checked` writes the pruned model with ``save_pretrained``, reloads it with ``from_pretrained`` and
-  refuses to hand it on unless the logits match.
+  refuses to hand it on unless the logits match; :func:`save_and_upload` then puts it under the stage's ``model/``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from shared.pruning.groups import PrunableLayer, layer_module_widths
 from shared.pruning.importance import GRADIENT_METHODS, Method, Scores, TaylorAccumulator, gradient_pass
 from shared.pruning.solver import Plan
 from shared.pruning.surgery import Keep, prune_model, select
+from shared.storage import Storage
 
 RELOAD_TOLERANCE = 1e-4
 """Largest logit difference accepted between the in-memory pruned model and its reloaded copy."""
@@ -197,6 +198,22 @@ def save_checked(pruned: Any, tokenizer: Any, examples: Sequence[LMExample], pad
         return use(SavedModel(tmp, "per_layer" if per_layer_widths else "standard", type(reloaded).__name__,
                               difference, reloaded))
 
+
+
+def save_and_upload(pruned: Any, tokenizer: Any, examples: Sequence[LMExample], pad_id: int, store: Storage,
+                    sample_prompt: str | None, sample_tokens: int, say: Callable[[str], None]) -> dict[str, Any]:
+    """:func:`save_checked`, then the checked folder uploaded to ``<store>/model`` (replacing any earlier one);
+    returns the metrics' ``output`` entry, with the reloaded model's answer to ``sample_prompt``."""
+
+    def upload(saved: SavedModel) -> dict[str, Any]:
+        sample = greedy_sample(saved.reloaded, tokenizer, sample_prompt, sample_tokens)
+        say(f"saved and reloaded ({saved.cls}, max logit difference {saved.reload_max_logit_difference:.1e}); "
+            "uploading")
+        store.rm("model")
+        return {**saved.describe(store.upload(saved.folder, "model")), "sample_prompt": sample_prompt or None,
+                "sample_after": sample}
+
+    return save_checked(pruned, tokenizer, examples, pad_id, upload)
 
 
 def greedy_sample(model: Any, tokenizer: Any, prompt: str | None, tokens: int) -> str | None:
