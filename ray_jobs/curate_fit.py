@@ -99,5 +99,6 @@ def fit(cfg: CurateConfig, stage: Stage, pieces: list[Piece], found: Survey, see
     figures = stage.store.read_json("fit.json")
     return FitResult(layer=curation.layer, coords=curation.coords, coordinate_scores=curation.coordinate_scores,
                      sae=curation.sae, history=figures["history"], fvu=figures["fvu"],
-                     dead_fraction=figures["dead_fraction"], idf=curation.idf, seeds=curation.seeds,
+                     dead_fraction=figures["dead_fraction"], idf=curation.idf, token_idf=curation.token_idf,
+                     seeds=curation.seeds,
                      features=figures["features"], stats=figures["stats"]), curation

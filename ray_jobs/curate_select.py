@@ -18,6 +18,7 @@ import ray
 from ray_jobs.data import READ_CPUS, map_files, task_groups
 from ray_jobs.pieces import read_corpus_piece
 from shared.configs.curate import CurateConfig
+from shared.curation.kinds import SAE_KINDS
 from shared.curation.selection import (
     COUNT_COLUMNS,
     SCORE_COLUMN,
@@ -47,7 +48,7 @@ def select_all(cfg: CurateConfig, shards: list[str], seeds: int) -> tuple[list[M
     r = cfg.retrieval
     primary = r.scoring
     known_size = r.mode == "global" and r.threshold is None
-    seeded = [k for k in ("sae", "sae_idf") if k != primary] + [b for b in cfg.baselines if b in SEEDED]
+    seeded = [k for k in SAE_KINDS if k != primary] + [b for b in cfg.baselines if b in SEEDED]
     first = [rule_for(primary, r.m, primary, r.mode, r.threshold, seeds)]
     first += [rule_for(k, r.m, primary, r.mode, r.threshold, seeds) for k in seeded if r.m is not None]
     first += [rule_for(b, r.m, primary, r.mode, r.threshold, seeds) for b in cfg.baselines

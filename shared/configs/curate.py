@@ -54,10 +54,12 @@ class SAEConfig(StrictModel):
 class RetrievalConfig(StrictModel):
     """How documents are selected from their scores (the same rule for every method)."""
 
-    scoring: Literal["sae", "sae_idf"] = "sae"
-    """Which score makes the subset: sae, the cosine of mean-pooled SAE codes (FineScope's method); sae_idf, the same
-    codes with every latent weighted by its idf over the corpus sample (sqrt of the activation times log N/df), so
-    latents that fire in nearly every document weigh less. Both are always measured and reported."""
+    scoring: Literal["sae", "sae_idf", "sae_max", "sae_tfidf"] = "sae"
+    """Which score makes the subset, each a max cosine to the seeds of SAE codes pooled over a document's tokens:
+    sae, mean-pooled (FineScope's method); sae_idf, mean-pooled with every latent weighted by its document-frequency
+    idf over the corpus sample (sqrt of the activation times log N/df); sae_max, max-pooled; sae_tfidf, the share of
+    tokens on which each latent fires, weighted by an idf from per-token firing rates, so latents that fire on
+    nearly every token weigh less. All are always measured and reported."""
     m: int | None = Field(100, ge=1)
     """Documents to select (M). Unset: everything at or above the threshold."""
     mode: Literal["global", "per_seed"] = "global"

@@ -21,9 +21,11 @@ from shared.curation.activations import (
 from shared.curation.kinds import KINDS
 from shared.curation.retrieval import mean_pool, seed_similarities
 from shared.curation.sae import (
+    PooledViews,
     TopKSAE,
+    firing_tfidf,
     idf_codes,
-    pooled_codes,
+    pooled_views,
 )
 from shared.tokens import cap_text
 
@@ -70,6 +72,13 @@ def length_batches(lengths: list[int], size: int) -> list[list[int]]:
 # The per-worker embedder
 
 
+def document_vectors(views: PooledViews, dense: torch.Tensor, idf: torch.Tensor,
+                     token_idf: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every kind of document vector (:data:`KINDS`) from pooled codes and hidden states (the cosine normalises)."""
+    normalize = torch.nn.functional.normalize
+    return {"sae": normalize(views.mean, dim=-1), "sae_idf": idf_codes(views.mean, idf),
+            "sae_max": normalize(views.max, dim=-1), "sae_tfidf": firing_tfidf(views.fired, token_idf),
+            "dense": dense}
 
 
 @dataclass
@@ -82,24 +91,41 @@ class Embedder:
     sae: TopKSAE
     skip_first: bool
     idf: torch.Tensor
+    """[n_latents] document-frequency idf (``sae_idf``)."""
+    token_idf: torch.Tensor
+    """[n_latents] idf from per-token firing rates (``sae_tfidf``)."""
     seeds: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @torch.inference_mode()
-    def pooled(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean-pooled SAE codes [B, n_latents], mean-pooled hidden states [B, H]), not normalised, on the CPU."""
+    def pooled(self, ids: list[list[int]]) -> tuple[PooledViews, torch.Tensor]:
+        """(the SAE codes pooled three ways, mean-pooled hidden states [B, H]), not normalised, on the CPU."""
         device = next(self.base.parameters()).device
         input_ids, attention = (t.to(device) for t in pad_batch(ids, self.pad_id))
         hidden = hidden_states(self.base, input_ids, attention)
         mask = token_mask(attention, self.skip_first)
         mask = torch.where(mask.any(dim=1, keepdim=True), mask, attention.bool())  # one-token documents
-        codes = pooled_codes(self.sae.to(device), hidden[..., self.coords.to(device)].float(), mask, normalise=False)
-        return codes.cpu(), mean_pool(hidden.float(), mask).cpu()
+        views = pooled_views(self.sae.to(device), hidden[..., self.coords.to(device)].float(), mask)
+        cpu = PooledViews(mean=views.mean.cpu(), max=views.max.cpu(), fired=views.fired.cpu())
+        return cpu, mean_pool(hidden.float(), mask).cpu()
 
     def vectors(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
-        """Every kind of document vector for one micro-batch."""
-        codes, dense = self.pooled(ids)
-        return {"sae": torch.nn.functional.normalize(codes, dim=-1), "sae_idf": idf_codes(codes, self.idf),
-                "dense": dense}
+        """Every kind of document vector (:data:`KINDS`) for one micro-batch."""
+        views, dense = self.pooled(ids)
+        return document_vectors(views, dense, self.idf, self.token_idf)
+
+    def embed(self, ids: list[list[int]], micro_batch: int) -> dict[str, np.ndarray]:
+        """Every kind of document vector ([B, d] per kind, normalised) and the SAE firing shares (``fired``,
+        [B, n_latents], for weights learned from a seed set later)."""
+        out: dict[str, np.ndarray] = {}
+        for group in length_batches([len(x) for x in ids], micro_batch):
+            views, dense = self.pooled([ids[i] for i in group])
+            vectors = {k: torch.nn.functional.normalize(v, dim=-1)
+                       for k, v in document_vectors(views, dense, self.idf, self.token_idf).items()}
+            for name, values in [*vectors.items(), ("fired", views.fired)]:
+                if name not in out:
+                    out[name] = np.zeros((len(ids), values.shape[1]), dtype=np.float32)
+                out[name][group] = values.numpy()
+        return out
 
     def score(self, ids: list[list[int]], micro_batch: int) -> dict[str, np.ndarray]:
         """Per document and kind: the best cosine to a seed (``<kind>_score``), which seed (``<kind>_seed``) and

@@ -30,7 +30,7 @@ from shared.curation.activations import (
 )
 from shared.curation.cache import ActivationCache, ActivationExtractor
 from shared.curation.features import KINDS, Embedder, length_batches, pad_batch, tokenize
-from shared.curation.sae import FVU, SAEShape, TopKSAE, TrainSettings, train_sae
+from shared.curation.sae import FVU, SAEShape, TopKSAE, TrainSettings, token_idf, train_sae
 from shared.errors import DataError
 
 Log = Callable[[str], None]
@@ -77,6 +77,8 @@ class FitResult:
     """On the held-out documents of the sample (on the training rows when none is held out)."""
     dead_fraction: float
     idf: np.ndarray
+    token_idf: np.ndarray
+    """[n_latents] idf from per-token firing rates over the sample (``sae_tfidf``)."""
     seeds: dict[str, np.ndarray]
     features: list[dict[str, Any]]
     stats: dict[str, Any] = field(default_factory=dict)
@@ -145,17 +147,21 @@ def fit_from_cache(model: Any, tokenizer: Any, coordinates: Coordinates, cache: 
 
     # latent idf and the mean pooled code over the sample's documents (held-out ones included)
     documents, fired, code_sum = 0, torch.zeros(n_latents), torch.zeros(n_latents)
+    tokens, token_fires = 0, torch.zeros(n_latents)
     with torch.inference_mode():
         for shard in cache:
             pooled = _pooled_by_document(sae, shard, device)
             documents += pooled.shape[0]
             fired += (pooled > 0).sum(dim=0).float()
             code_sum += pooled.sum(dim=0)
+            tokens += len(shard.acts)
+            token_fires += _token_fires(sae, shard, device)
     idf = torch.log(max(documents, 1) / (1.0 + fired)).clamp_min(0.0)
+    by_token = token_idf(token_fires, tokens)
     corpus_mean = code_sum / max(documents, 1)
 
     embedder = Embedder(base=base, pad_id=tokenizer.pad_token_id, coords=torch.as_tensor(coordinates.coords),
-                        sae=sae, skip_first=settings.skip_first, idf=idf)
+                        sae=sae, skip_first=settings.skip_first, idf=idf, token_idf=by_token)
     seeds = tokenize(tokenizer, seed_texts, settings.max_tokens)
     seed_vectors: dict[str, list[tuple[int, torch.Tensor]]] = {kind: [] for kind in KINDS}
     for group in length_batches([len(x) for x in seeds.ids], settings.micro_batch):
@@ -171,8 +177,18 @@ def fit_from_cache(model: Any, tokenizer: Any, coordinates: Coordinates, cache: 
              "sae_tokens_per_s": round(settings.train.steps * settings.train.batch_size / max(train_seconds, 1e-9))}
     return FitResult(layer=coordinates.layer, coords=coordinates.coords, coordinate_scores=coordinates.scores,
                      sae=sae, history=trained.history, fvu=float(fvu or 0.0), dead_fraction=trained.dead_fraction,
-                     idf=idf.numpy(), seeds={k: v.numpy() for k, v in embedder.seeds.items()}, features=features,
+                     idf=idf.numpy(), token_idf=by_token.numpy(),
+                     seeds={k: v.numpy() for k, v in embedder.seeds.items()}, features=features,
                      stats=stats)
+
+
+def _token_fires(sae: TopKSAE, shard: Any, device: Any, chunk: int = 8192) -> torch.Tensor:
+    """[n_latents] tokens of a shard on which each latent fires."""
+    fires = torch.zeros(sae.shape.n_latents)
+    for start in range(0, len(shard.acts), chunk):
+        values, indices = sae.encode(torch.from_numpy(shard.acts[start: start + chunk]).to(device))
+        fires += torch.bincount(indices[values > 0].cpu().reshape(-1), minlength=sae.shape.n_latents).float()
+    return fires
 
 
 def _pooled_by_document(sae: TopKSAE, shard: Any, device: Any, chunk: int = 8192) -> torch.Tensor:

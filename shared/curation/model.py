@@ -5,7 +5,7 @@ coordinates, the TopK SAE, latent idf, the seed vectors and seed ids), so a cura
 later without refitting. Layout under the folder it is saved to::
 
     sae/sae.safetensors         SAE weights
-    sae/latent_idf.safetensors  latent idf
+    sae/latent_idf.safetensors  latent idf (document frequency: latent_idf; per-token firing rate: token_idf)
     sae/seeds.safetensors       the seeds' vectors, one [S, d] tensor per kind (sae, sae_idf, dense)
     sae/config.yaml             base model, layer, selector, skip_first_token, SAE shape, seed ids
     coordinates.json            the selected coordinates and their selector scores
@@ -49,7 +49,9 @@ class CurationModel:
     """[k] the selector's score of each selected coordinate."""
     sae: TopKSAE
     idf: np.ndarray
-    """[n_latents] latent idf over the fitting sample."""
+    """[n_latents] latent idf over the fitting sample (document frequency)."""
+    token_idf: np.ndarray
+    """[n_latents] latent idf over the fitting sample's tokens (per-token firing rate)."""
     seeds: dict[str, np.ndarray]
     """Per kind of document vector (:data:`KINDS`), the seeds' vectors [S, d]."""
     seed_ids: list[str]
@@ -60,7 +62,7 @@ class CurationModel:
         weights): two models with one fingerprint score every document the same."""
         digest = hashlib.blake2b(digest_size=16)
         digest.update(f"{self.model}|{self.layer}|{self.skip_first_token}|{self.seed_ids}".encode())
-        arrays = [self.coords, self.idf, *(self.seeds[k] for k in sorted(self.seeds)), *extra]
+        arrays = [self.coords, self.idf, self.token_idf, *(self.seeds[k] for k in sorted(self.seeds)), *extra]
         arrays += [t.detach().cpu().float().numpy() for _, t in sorted(self.sae.state_dict().items())]
         for array in arrays:
             digest.update(np.ascontiguousarray(array).tobytes())
@@ -73,7 +75,7 @@ class CurationModel:
             raise ValueError(f"{len(seed_ids)} seed ids for {next(iter(fit.seeds.values())).shape[0]} seed vectors")
         return cls(model=model, layer=fit.layer, selector=settings.selector, skip_first_token=settings.skip_first,
                    coords=fit.coords, coordinate_scores=fit.coordinate_scores[fit.coords], sae=fit.sae, idf=fit.idf,
-                   seeds=fit.seeds, seed_ids=list(seed_ids))
+                   token_idf=fit.token_idf, seeds=fit.seeds, seed_ids=list(seed_ids))
 
     def embedder(self, model: Any, tokenizer: Any) -> Embedder:
         """The scoring embedder on a loaded base model (truncated to :attr:`layer`)."""
@@ -81,6 +83,7 @@ class CurationModel:
         return Embedder(base=truncate_to_layer(model, self.layer), pad_id=tokenizer.pad_token_id,
                         coords=tensor(self.coords), sae=copy.deepcopy(self.sae).eval(),
                         skip_first=self.skip_first_token, idf=tensor(self.idf),
+                        token_idf=tensor(self.token_idf),
                         seeds={kind: tensor(v) for kind, v in self.seeds.items()})
 
     @property
@@ -92,7 +95,9 @@ class CurationModel:
 
         tensors, shape = sae_state(self.sae)
         store.write_bytes(save(tensors), "sae", "sae.safetensors")
-        store.write_bytes(save({"latent_idf": torch.as_tensor(np.array(self.idf))}), "sae", "latent_idf.safetensors")
+        idf = {"latent_idf": torch.as_tensor(np.array(self.idf)),
+               "token_idf": torch.as_tensor(np.array(self.token_idf))}
+        store.write_bytes(save(idf), "sae", "latent_idf.safetensors")
         store.write_bytes(save({k: torch.as_tensor(np.array(v)) for k, v in self.seeds.items()}), "sae",
                           "seeds.safetensors")
         meta = {"model": self.model, "layer": self.layer, "selector": self.selector,
@@ -114,8 +119,11 @@ class CurationModel:
         meta = yaml.safe_load(store.read_text("sae", "config.yaml"))
         coordinates = store.read_json("coordinates.json")
         tensors = load(store.read_bytes("sae", "sae.safetensors"))
-        idf = load(store.read_bytes("sae", "latent_idf.safetensors"))["latent_idf"]
+        idf = load(store.read_bytes("sae", "latent_idf.safetensors"))
         seeds = load(store.read_bytes("sae", "seeds.safetensors"))
+        if "token_idf" not in idf:
+            raise DataError(f"curation model {store.uri()}: latent_idf.safetensors has no token_idf (saved by an "
+                            "older scopeforge; run curate again)")
         shape = {name: meta[name] for name in SAEShape.__dataclass_fields__}
         if set(seeds) != set(KINDS):
             raise DataError(f"curation model {store.uri()}: seeds.safetensors holds {sorted(seeds)}, expected "
@@ -124,5 +132,6 @@ class CurationModel:
                    skip_first_token=bool(meta["skip_first_token"]),
                    coords=np.asarray(coordinates["indices"], dtype=np.int64),
                    coordinate_scores=np.asarray(coordinates["scores"], dtype=np.float32),
-                   sae=sae_from_state(tensors, shape), idf=idf.numpy(),
+                   sae=sae_from_state(tensors, shape), idf=idf["latent_idf"].numpy(),
+                   token_idf=idf["token_idf"].numpy(),
                    seeds={k: v.numpy() for k, v in seeds.items()}, seed_ids=[str(i) for i in meta["seed_ids"]])

@@ -294,6 +294,51 @@ def pooled_codes(sae: TopKSAE, acts: torch.Tensor, mask: torch.Tensor, normalise
     return F.normalize(pooled, dim=-1) if normalise else pooled
 
 
+@dataclass
+class PooledViews:
+    """One micro-batch's documents pooled three ways over their counted tokens, each [B, n_latents], unnormalised."""
+
+    mean: torch.Tensor
+    """Mean activation of each latent (FineScope's pooling)."""
+    max: torch.Tensor
+    """Largest activation of each latent."""
+    fired: torch.Tensor
+    """Share of counted tokens on which each latent fires (binarised firing)."""
+
+
+def pooled_views(sae: TopKSAE, acts: torch.Tensor, mask: torch.Tensor) -> PooledViews:
+    """Mean, max and firing-share pooling of the SAE codes of every counted token ([B, T, d_in], [B, T] mask)."""
+    values, indices = sae.encode(acts.float())  # [B, T, k] each
+    values = values * mask.unsqueeze(-1)
+    batch, n = acts.shape[0], sae.shape.n_latents
+    flat_idx, flat_val = indices.reshape(batch, -1), values.reshape(batch, -1)
+    tokens = mask.sum(dim=1, keepdim=True).clamp_min(1).to(values.dtype)
+    mean = torch.zeros(batch, n, dtype=values.dtype, device=values.device).scatter_add_(1, flat_idx, flat_val)
+    peak = torch.zeros(batch, n, dtype=values.dtype, device=values.device).scatter_reduce_(
+        1, flat_idx, flat_val, reduce="amax", include_self=True)
+    fired = torch.zeros(batch, n, dtype=values.dtype, device=values.device).scatter_add_(
+        1, flat_idx, (flat_val > 0).to(values.dtype))
+    return PooledViews(mean=mean / tokens, max=peak, fired=fired / tokens)
+
+
+def token_idf(fires: torch.Tensor, tokens: int) -> torch.Tensor:
+    """[n_latents] log((T + 1) / (1 + tokens where the latent fires)) over T sample tokens: an idf from per-token
+    firing rates, which (unlike document frequency) does not saturate when most latents fire somewhere in most
+    documents."""
+    return torch.log((tokens + 1.0) / (1.0 + fires.float())).clamp_min(0.0)
+
+
+def firing_tfidf(fired: torch.Tensor, idf: torch.Tensor) -> torch.Tensor:
+    """Firing shares weighted by a per-latent idf, L2-normalised (TF-IDF over latents)."""
+    return F.normalize(fired * idf, dim=-1)
+
+
+def lift_weights(seed_fired: torch.Tensor, corpus_fired: torch.Tensor, floor: float = 1e-4) -> torch.Tensor:
+    """[n_latents] log of how much more often a latent fires on the seeds than on the corpus sample (mean firing
+    shares, [S, n] and [n]), clipped at zero: latents the seeds do not use more than the corpus get no weight."""
+    return torch.log((seed_fired.mean(dim=0) + floor) / (corpus_fired + floor)).clamp_min(0.0)
+
+
 def idf_weights(pooled: torch.Tensor) -> torch.Tensor:
     """[n_latents] log(N / (1 + documents where the latent fires)) from [N, n_latents] pooled codes of a sample."""
     documents = (pooled > 0).sum(dim=0).float()

@@ -30,7 +30,7 @@ from shared.curation.kinds import KINDS, Mode
 Columns = dict[str, np.ndarray]
 
 SEEDED = KINDS
-"""Methods scored by similarity to the seeds (sae, sae_idf, dense); the others (random, ngram) have no seeds."""
+"""Methods scored by similarity to the seeds (the SAE kinds, dense); the others (random, ngram) have no seeds."""
 SCORE_COLUMN = {"ngram": "ngram_key", "random": "random_key", **{k: f"{k}_score" for k in KINDS}}
 """The column each method ranks documents by."""
 SCORE_BINS = np.linspace(-1.0, 1.0, 201)
