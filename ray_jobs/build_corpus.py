@@ -30,11 +30,12 @@ def _build(cfg: BuildCorpusConfig) -> dict[str, Any]:
     split = split_corpus(docs, cfg.target_label, chunk_words=cfg.chunk_words, min_words=cfg.min_chunk_words,
                          caps=cfg.max_chunks, per_doc=cfg.max_chunks_per_doc, n_seeds=cfg.n_seeds,
                          heldout_target_docs=cfg.heldout_target_docs,
-                         heldout_general_share=cfg.heldout_general_share, rng=rng, dedup_span=cfg.dedup_span)
+                         heldout_general_share=cfg.heldout_general_share, rng=rng, dedup_span=cfg.dedup_span,
+                         reserve={label: cfg.study_reserve_docs for label in cfg.study_targets})
     rows = lambda chunks: [vars(c) for c in chunks]  # noqa: E731
     hygiene = {**dict(sorted(removed.items())), "near_duplicate_chunks": split.near_duplicates}
     return {"pool": rows(split.pool), "seeds": rows(split.seeds), "heldout": rows(split.heldout),
-            "heldout_general": rows(split.heldout_general), "hygiene": hygiene}
+            "heldout_general": rows(split.heldout_general), "study_seeds": rows(split.reserve), "hygiene": hygiene}
 
 
 def _table(rows: list[dict[str, str]]) -> pa.Table:
@@ -50,8 +51,10 @@ def run(cfg: BuildCorpusConfig, stage: Stage) -> dict[str, Any]:
         write_parquet(_table(pool[i::shards]), stage.store, "pool", f"part-{i:03d}.parquet")
     write_parquet(_table(parts["heldout"]), stage.store, "heldout", "part-000.parquet")
     write_parquet(_table(parts["heldout_general"]), stage.store, "heldout_general", "part-000.parquet")
+    write_parquet(_table(parts["study_seeds"]), stage.store, "study_seeds", "part-000.parquet")
     stage.store.write_text("".join(json.dumps(r) + "\n" for r in parts["seeds"]), "seeds.jsonl")
-    stage.outputs.update(dataset="pool", seeds="seeds.jsonl", heldout="heldout", heldout_general="heldout_general")
+    stage.outputs.update(dataset="pool", seeds="seeds.jsonl", heldout="heldout", heldout_general="heldout_general",
+                         study_seeds="study_seeds")
     counts = {name: dict(collections.Counter(r["label"] for r in rows)) for name, rows in parts.items()}
     words = [len(r["text"].split()) for r in pool]
     print(f"pool: {len(pool)} chunks ({', '.join(f'{k} {v}' for k, v in sorted(counts['pool'].items()))}); "

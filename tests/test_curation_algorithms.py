@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import random
 from collections import Counter
 
@@ -386,6 +387,27 @@ def test_split_corpus_drops_pool_chunks_that_repeat_a_seed_and_counts_them():
             in_pool = any(c.doc_id == "space/quote" for c in split.pool)
             assert in_pool is (dropped == 0)
             assert sum(split.near_duplicates.values()) == dropped
+
+
+def test_the_study_reserve_keeps_whole_documents_of_each_study_target_out_of_the_pool():
+    text = lambda label, i: "\n".join(" ".join(f"{label}{i}w{j}x{k}" for k in range(30)) for j in range(4))  # noqa: E731
+    docs = {label: [Document(f"{label}/{i}", label, text(label, i)) for i in range(12)] for label in ("a", "b", "c")}
+    split = split_corpus(docs, "a", chunk_words=30, min_words=10, caps={}, per_doc={}, n_seeds=3,
+                         heldout_target_docs=2, heldout_general_share=0.0, rng=random.Random(0),
+                         reserve={"a": 5, "b": 4})
+    reserve_docs = {c.doc_id for c in split.reserve}
+    assert sorted(collections.Counter(c.label for c in split.reserve).items()) == [("a", 5), ("b", 4)]
+    assert len(reserve_docs) == 9  # the first chunk of each whole document
+    assert not reserve_docs & {c.doc_id for c in split.pool}
+    assert {c.doc_id for c in split.seeds} <= reserve_docs  # the target's reserve starts with its seeds
+    assert not reserve_docs & {c.doc_id for c in split.heldout}
+    assert {c.label for c in split.pool} == {"a", "b", "c"}
+    with pytest.raises(DataError, match="study target 'b' has 12 usable documents; need more than 12"):
+        split_corpus(docs, "a", chunk_words=30, min_words=10, caps={}, per_doc={}, n_seeds=3,
+                     heldout_target_docs=2, heldout_general_share=0.0, rng=random.Random(0), reserve={"b": 12})
+    with pytest.raises(DataError, match="study target 'z' has no documents"):
+        split_corpus(docs, "a", chunk_words=30, min_words=10, caps={}, per_doc={}, n_seeds=3,
+                     heldout_target_docs=2, heldout_general_share=0.0, rng=random.Random(0), reserve={"z": 1})
 
 
 def test_chunking_follows_lines_and_drops_short_tails():

@@ -14,7 +14,8 @@ class BuildCorpusConfig(JobConfig):
 
     Sources are read where they are installed (gensim's test corpora, the Python standard library, SymPy's
     docstrings, man pages); nothing is copied into the repository. Writes pool/ (Parquet: id, doc_id, text, label),
-    seeds.jsonl, heldout/ (target-domain documents kept out of the pool) and heldout_general/ (other domains).
+    seeds.jsonl, heldout/ (target-domain documents kept out of the pool), heldout_general/ (other domains) and
+    study_seeds/ (the retrieval study's seed reserve per study target, also kept out of the pool).
     """
 
     JOB: ClassVar[str] = "build-corpus"
@@ -42,5 +43,10 @@ class BuildCorpusConfig(JobConfig):
     """Cap on pool chunks per label (labels not listed: all chunks)."""
     max_chunks_per_doc: dict[str, int] = {"wikipedia": 3, "code": 2, "man": 1, "math": 2}
     """Cap on chunks taken from one document, per label, so a long page or one program cannot swamp a label."""
+    study_targets: list[str] = ["sci.space", "alt.atheism", "news", "wikipedia", "math"]
+    """Labels that get a seed reserve for the retrieval study (written to study_seeds/): whole documents kept out of
+    the pool, of which each study draw picks its seeds. Empty: no reserve."""
+    study_reserve_docs: int = Field(20, ge=1)
+    """Documents in each study target's seed reserve (the target label's reserve starts with its seeds)."""
     seed: int = 0
     """Shuffling seed (which documents become seeds, held out, or capped away)."""

@@ -303,44 +303,67 @@ class CorpusSplit:
     seeds: list[Chunk]
     heldout: list[Chunk]
     heldout_general: list[Chunk]
+    reserve: list[Chunk] = field(default_factory=list)
+    """The study's seed reserve: the first chunk of whole documents per study target, kept out of the pool (the
+    target's seeds are among them)."""
     near_duplicates: dict[str, int] = field(default_factory=dict)
     """Chunks dropped because they share a span of words with a chunk kept before them, per part."""
 
     def drop_near_duplicates(self, span: int) -> None:
-        """Seeds, then held-out target text, held-out general text and the pool: each chunk is kept only if it
-        shares no ``span``-word run with a chunk kept before it."""
+        """The seed reserve, then seeds, held-out target text, held-out general text and the pool: each chunk is kept
+        only if it shares no ``span``-word run with a chunk kept before it (a seed that is in the reserve was checked
+        there)."""
         kept = NearDuplicates(span)
-        for part in ("seeds", "heldout", "heldout_general", "pool"):
+        reserved = set()
+        for part in ("reserve", "seeds", "heldout", "heldout_general", "pool"):
             chunks = getattr(self, part)
-            survivors = [c for c in chunks if kept.keep(c.text)]
+            survivors = [c for c in chunks if c.id in reserved or kept.keep(c.text)]
+            if part == "reserve":
+                reserved = {c.id for c in survivors}
             self.near_duplicates[part] = len(chunks) - len(survivors)
             setattr(self, part, survivors)
 
 
 def split_corpus(docs_by_label: dict[str, list[Document]], target: str, *, chunk_words: int, min_words: int,
                  caps: dict[str, int], per_doc: Mapping[str, int | None], n_seeds: int, heldout_target_docs: int,
-                 heldout_general_share: float, rng: random.Random, dedup_span: int | None = 10) -> CorpusSplit:
-    """Seeds and held-out target documents are whole documents kept out of the pool; a share of every other label's
-    documents is held out as general evaluation text; near-duplicate chunks are dropped (``dedup_span``; None:
-    kept)."""
+                 heldout_general_share: float, rng: random.Random, dedup_span: int | None = 10,
+                 reserve: Mapping[str, int] | None = None) -> CorpusSplit:
+    """Seeds and held-out target documents are whole documents kept out of the pool; ``reserve`` (label -> documents)
+    keeps whole documents of each study target out of the pool as its seed reserve (the target's reserve starts with
+    its seeds); a share of every other label's documents is held out as general evaluation text; near-duplicate
+    chunks are dropped (``dedup_span``; None: kept)."""
     if target not in docs_by_label or not docs_by_label[target]:
         raise DataError(f"target label {target!r} has no documents (labels: {', '.join(sorted(docs_by_label))})")
+    reserve = dict(reserve or {})
+    unknown = sorted(set(reserve) - set(docs_by_label))
+    if unknown:
+        raise DataError(f"study target {unknown[0]!r} has no documents (labels: {', '.join(sorted(docs_by_label))})")
     split = CorpusSplit([], [], [], [])
     for label, docs in sorted(docs_by_label.items()):
         docs = sorted(docs, key=lambda d: d.doc_id)
         rng.shuffle(docs)
+        if label in reserve:
+            docs = [d for d in docs if chunk_text(d.text, chunk_words, min_words)]
         if label == target:
             usable = [d for d in docs if chunk_text(d.text, chunk_words, min_words)]
-            if len(usable) < n_seeds + heldout_target_docs + 1:
+            kept_out = max(n_seeds, reserve.get(label, 0))
+            if len(usable) < kept_out + heldout_target_docs + 1:
                 raise DataError(f"target label {target!r} has {len(usable)} usable documents; need more than "
-                                f"{n_seeds} seeds + {heldout_target_docs} held out")
-            seed_docs = usable[:n_seeds]
-            held_docs = usable[n_seeds: n_seeds + heldout_target_docs]
-            rest = usable[n_seeds + heldout_target_docs:]
-            split.seeds.extend(chunk_documents(seed_docs, chunk_words, min_words, per_doc=1))
+                                f"{kept_out} seeds (or reserve) + {heldout_target_docs} held out")
+            held_docs = usable[kept_out: kept_out + heldout_target_docs]
+            rest = usable[kept_out + heldout_target_docs:]
+            split.seeds.extend(chunk_documents(usable[:n_seeds], chunk_words, min_words, per_doc=1))
+            if label in reserve:
+                split.reserve.extend(chunk_documents(usable[:kept_out], chunk_words, min_words, per_doc=1))
             split.heldout.extend(chunk_documents(held_docs, chunk_words, min_words, per_doc=None))
             split.pool.extend(chunk_documents(rest, chunk_words, min_words, per_doc.get(label)))
             continue
+        if label in reserve:
+            if len(docs) <= reserve[label]:
+                raise DataError(f"study target {label!r} has {len(docs)} usable documents; need more than "
+                                f"{reserve[label]} for its seed reserve")
+            split.reserve.extend(chunk_documents(docs[: reserve[label]], chunk_words, min_words, per_doc=1))
+            docs = docs[reserve[label]:]
         n_held = int(round(len(docs) * heldout_general_share))
         held = chunk_documents(docs[:n_held], chunk_words, min_words, per_doc.get(label))
         pool = chunk_documents(docs[n_held:], chunk_words, min_words, per_doc.get(label))
