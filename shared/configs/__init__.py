@@ -15,6 +15,7 @@ from shared.configs.evaluate_detector import EvaluateDetectorConfig
 from shared.configs.generate import GenerateConfig
 from shared.configs.inspect_model import InspectModelConfig
 from shared.configs.prune import PruneConfig
+from shared.configs.retrieval_study import RetrievalStudyConfig
 from shared.configs.standin_faces import StandinFacesConfig
 from shared.configs.train_ddpm import TrainDdpmConfig
 from shared.configs.train_detector import DetectorConfig
@@ -25,6 +26,7 @@ JOB_CONFIGS: dict[str, type[JobConfig]] = {
         InspectModelConfig,
         BuildCorpusConfig,
         CurateConfig,
+        RetrievalStudyConfig,
         PruneConfig,
         DistillConfig,
         EvaluateConfig,

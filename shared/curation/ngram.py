@@ -21,13 +21,16 @@ def _bucket(token: str, buckets: int) -> int:
     return int.from_bytes(hashlib.blake2b(token.encode(), digest_size=8).digest(), "little") % buckets
 
 
+def ngram_buckets(text: str, buckets: int) -> np.ndarray:
+    """The hash bucket of every unigram and bigram of the lower-cased words of ``text`` (int64, with repeats)."""
+    words = WORD.findall(text.lower())
+    tokens = words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+    return np.fromiter((_bucket(t, buckets) for t in tokens), dtype=np.int64, count=len(tokens))
+
+
 def hashed_ngrams(text: str, buckets: int) -> np.ndarray:
     """Counts of hashed unigrams and bigrams of the lower-cased words of ``text`` ([buckets] float32)."""
-    words = WORD.findall(text.lower())
-    counts = np.zeros(buckets, dtype=np.float32)
-    for token in words + [f"{a} {b}" for a, b in zip(words, words[1:])]:
-        counts[_bucket(token, buckets)] += 1
-    return counts
+    return np.bincount(ngram_buckets(text, buckets), minlength=buckets).astype(np.float32)
 
 
 def log_distribution(counts: np.ndarray, alpha: float) -> np.ndarray:
