@@ -420,3 +420,16 @@ def test_the_default_importance_prunes_the_same_model_for_any_micro_batch_and_wo
         for index in target.layers:
             for kind in ("attention", "mlp"):
                 assert torch.equal(other[index][kind], reference[index][kind]), (micro_batch, workers, index, kind)
+
+
+def test_the_fraction_is_of_the_count_the_config_names_and_every_share_is_reported(tiny_llama_dir):
+    targets = {of: plan_from_config(tiny_llama_dir, "tiny-llama", layers=None, fraction=0.2, fraction_of=of)
+               for of in ("all", "non_embedding", "prunable")}
+    counts = targets["all"].counts
+    assert counts["all"] > counts["non_embedding"] > counts["prunable"] > 0
+    for of, target in targets.items():
+        assert target.counts == counts
+        shares = target.removed_shares()
+        assert shares[of] == pytest.approx(0.2, abs=0.05), (of, shares)
+        assert shares["all"] < shares["non_embedding"] < shares["prunable"]
+    assert targets["all"].plan.removed > targets["non_embedding"].plan.removed > targets["prunable"].plan.removed

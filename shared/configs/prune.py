@@ -47,8 +47,12 @@ class PruneConfig(JobConfig):
     """Examples per forward/backward pass on a worker."""
 
     fraction: float = Field(0.35, gt=0.0, le=0.9)
-    """Fraction of all the model's parameters to remove (embeddings included in the total), in (0, 0.9]. The achieved
-    fraction is reported; it differs by the rounding of channel counts."""
+    """Fraction of the parameters counted by ``fraction_of`` to remove, in (0, 0.9]. The achieved shares of all
+    three counts are reported (they differ from the target by the rounding of channel counts)."""
+    fraction_of: Literal["all", "non_embedding", "prunable"] = "all"
+    """What ``fraction`` is a share of: all parameters (embeddings included, though they are never pruned), the
+    non-embedding ones (the usual unit of the pruning literature), or those of the pruned layers' KV groups and MLP
+    channels. For SmolLM2-135M, 35% of all removes about 55% of every pruned block."""
     importance: Literal["param_first", "vectorize", "param_second", "magnitude", "random"] = "vectorize"
     """How groups are ranked: first-order Taylor per vector |sum W*dL/dW| with the signed sums taken over the whole
     calibration set (vectorize: the same pruned model for every micro_batch_size and num_workers), per weight

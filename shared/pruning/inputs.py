@@ -38,7 +38,8 @@ def prepare(cfg: PruneConfig) -> Inputs:
     started = time.perf_counter()
     path = resolve_model(cfg.model, cfg.storage)
     target = plan_from_config(path, cfg.model, layers=cfg.layers, fraction=cfg.fraction,
-                              channel_multiple=cfg.channel_multiple, prune_attention=cfg.prune_attention)
+                              channel_multiple=cfg.channel_multiple, prune_attention=cfg.prune_attention,
+                              fraction_of=cfg.fraction_of)
     tokenizer = load_tokenizer(cfg.model, cfg.storage)
     calibration, stats = load_examples(cfg.calibration, tokenizer, max_length=cfg.max_length,
                                        max_examples=cfg.max_examples, seed=cfg.seed, text_column=cfg.text_column,

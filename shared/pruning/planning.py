@@ -10,7 +10,7 @@ device, so they are exact (biases, tied embeddings) without allocating memory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from shared.errors import ModelError
@@ -25,6 +25,12 @@ class Target:
     """Decoder layers to prune."""
     num_layers: int
     plan: Plan
+    counts: dict[str, int] = field(default_factory=dict)
+    """Parameters counted by each denominator of the fraction (:func:`parameter_counts`)."""
+
+    def removed_shares(self) -> dict[str, float]:
+        """The share of each denominator's parameters the plan removes."""
+        return {k: round(self.plan.removed / v, 6) for k, v in self.counts.items() if v}
 
 
 def read_config(path: str, ref: str) -> Any:
@@ -54,14 +60,26 @@ def layer_shapes(model: Any, indices: list[int]) -> list[LayerShape]:
             for layer in prunable_layers(model, indices)]
 
 
+def parameter_counts(model: Any, shapes: list[LayerShape]) -> dict[str, int]:
+    """The denominators a pruning fraction can be of: ``all`` parameters, the ``non_embedding`` ones (without the
+    token embedding and an untied output head, which are never pruned), and the ``prunable`` ones (the KV groups and
+    MLP channels of the layers that are pruned)."""
+    total = sum(p.numel() for p in model.parameters())
+    embedding = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" in name or "lm_head" in name)
+    prunable = sum(s.kv_groups * s.group_params + s.channels * s.channel_params for s in shapes)
+    return {"all": total, "non_embedding": total - embedding, "prunable": prunable}
+
+
 def plan_from_config(path: str, ref: str, *, layers: list[int] | Literal["all"] | None, fraction: float,
-                     channel_multiple: int = 8, prune_attention: bool = True) -> Target:
+                     channel_multiple: int = 8, prune_attention: bool = True,
+                     fraction_of: Literal["all", "non_embedding", "prunable"] = "all") -> Target:
     config = read_config(path, ref)
     family = check_architecture(config, ref)
     num_layers = len(config_widths(config))
     indices = resolve_layers(layers, num_layers)
     model = meta_model(config)
-    total = sum(p.numel() for p in model.parameters())
-    plan = solve(layer_shapes(model, indices), total, fraction, channel_multiple=channel_multiple,
-                 prune_attention=prune_attention)
-    return Target(family, indices, num_layers, plan)
+    shapes = layer_shapes(model, indices)
+    counts = parameter_counts(model, shapes)
+    plan = solve(shapes, counts["all"], fraction, channel_multiple=channel_multiple,
+                 prune_attention=prune_attention, of_params=counts[fraction_of])
+    return Target(family, indices, num_layers, plan, counts)

@@ -60,7 +60,9 @@ def summary_line(r: dict[str, Any], model_uri: str) -> str:
     domain = (f"; domain perplexity {r['domain_perplexity_before']:.2f} -> {r['domain_perplexity_after']:.2f}"
               if r["domain_perplexity_before"] is not None else "")
     return (f"pruned {r['parameters_before']:,} -> {r['parameters_after']:,} parameters "
-            f"({r['achieved_fraction']:.3f} removed); calibration loss {r['calibration_loss_before']:.3f} -> "
+            f"(removed {r['achieved_fraction']:.3f} of all, "
+            f"{r['removed_share']['non_embedding']:.3f} of the non-embedding, {r['removed_share']['prunable']:.3f} "
+            f"of the pruned blocks' parameters); calibration loss {r['calibration_loss_before']:.3f} -> "
             f"{r['calibration_loss_after']:.3f}{domain}; model in {model_uri} ({r['output']['format']} config); "
             f"{r['seconds']} s")
 
@@ -89,7 +91,9 @@ def prune_metrics(cfg: Any, inputs: Any, worker: dict[str, Any], seconds: float)
         "model": cfg.model, "family": inputs.target.family,
         "calibration_source": cfg.calibration, "calibration": inputs.calibration_stats.to_dict(),
         "importance_method": cfg.importance,
-        "target_fraction": cfg.fraction, "achieved_fraction": round(plan.achieved_fraction, 6),
+        "target_fraction": cfg.fraction, "fraction_of": cfg.fraction_of,
+        "achieved_fraction": round(plan.achieved_fraction, 6), "removed_share": inputs.target.removed_shares(),
+        "parameter_counts": inputs.target.counts,
         "parameters_before": plan.params_before, "parameters_after": worker["parameters_after"],
         "layers_pruned": inputs.target.layers, **worker["results"],
         "eval_data": cfg.eval_data,

@@ -97,14 +97,14 @@ def _fit_mlp(shapes: list[LayerShape], need: int, multiple: int) -> tuple[int, l
 
 
 def solve(shapes: list[LayerShape], total_params: int, fraction: float, *, channel_multiple: int = 8,
-          prune_attention: bool = True) -> Plan:
-    """Kept KV groups and channels per layer so that ``fraction`` of ``total_params`` is removed (as near as the
-    rounding allows); a ConfigError when the layers cannot give that much."""
+          prune_attention: bool = True, of_params: int | None = None) -> Plan:
+    """Kept KV groups and channels per layer so that ``fraction`` of ``of_params`` (default: ``total_params``) is
+    removed (as near as the rounding allows); a ConfigError when the layers cannot give that much."""
     if not 0.0 < fraction < 1.0:
         raise ConfigError(f"fraction {fraction}: must be between 0 and 1")
     if not shapes:
         raise ConfigError("no layer to prune")
-    target = fraction * total_params
+    target = fraction * (of_params or total_params)
     max_groups = max(s.kv_groups for s in shapes)
     attention_shares = [j / max_groups for j in range(max_groups)] if prune_attention else [0.0]
     attention_total = sum(s.kv_groups * s.group_params for s in shapes)
@@ -124,10 +124,10 @@ def solve(shapes: list[LayerShape], total_params: int, fraction: float, *, chann
     good = [c for c in candidates if c[0] <= max(closest, half_step)]
     error, _, removed, groups, channels = min(good, key=lambda c: (c[1], c[0]))
     if error > half_step and removed < target:
-        most = max(c[2] for c in candidates) / total_params
+        most = max(c[2] for c in candidates) / (of_params or total_params)
         raise ConfigError(
             f"fraction {fraction}: pruning layers {shapes[0].index}-{shapes[-1].index} can remove at most "
-            f"{most:.3f} of the {total_params:,} parameters (each keeps at least one KV group and "
+            f"{most:.3f} of the {of_params or total_params:,} parameters counted (each keeps at least one KV group and "
             f"{channel_multiple} channels; embeddings and norms stay); lower fraction or widen layers")
     if removed == 0:
         raise ConfigError(f"fraction {fraction}: too small to remove even {channel_multiple} channels per pruned "
