@@ -4,7 +4,8 @@
 
 1. build examples from the curated rows (plain documents become continuation tasks);
 2. mode=distilled: the teacher rewrites every answer in an actor pool, the filter keeps or rejects each rewrite;
-3. fine-tune the student on the result with Ray Train (checkpoints in the stage folder: a rerun resumes);
+3. fine-tune the student on the result with Ray Train (checkpoints in the stage folder: a rerun resumes); in
+   mode=kd on the curated answers, against the next-token distributions of the teacher each worker holds;
 4. rank 0 saves the recovered model to model/.
 """
 
@@ -83,6 +84,7 @@ def train_loop(work: StudentWork) -> None:
 
     from ray_jobs.train_launch import report_state, restore_state
     from shared.distill.finetune import (
+        Distiller,
         Schedule,
         merged_for_saving,
         prepare_student,
@@ -103,7 +105,7 @@ def train_loop(work: StudentWork) -> None:
     model, tokenizer = load_causal_lm(cfg.student, dtype="float32", device=device, storage=cfg.storage)
     model = prepare_student(model, t.method, t.lora).to(device)  # on its device before the optimiser state loads
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=t.lr, weight_decay=t.weight_decay)
-    schedule = Schedule(len(examples), t.batch_size, t.epochs)
+    schedule = Schedule(len(examples), t.batch_size, t.epochs, t.decay)
     start, history = 0, []
     fingerprint = {"config": work.stage.config_hash}
     state = restore_state(fingerprint, "distill")
@@ -115,13 +117,18 @@ def train_loop(work: StudentWork) -> None:
             print(f"resuming from the checkpoint at step {start} of {schedule.total_steps}", flush=True)
     model = ray.train.torch.prepare_model(model, move_to_device=True)
     no_sync = getattr(model, "no_sync", None)
+    distiller = None
+    if cfg.mode == "kd":  # the frozen teacher beside the student, on the same device
+        teacher, _ = load_causal_lm(cfg.teacher_model, dtype=cfg.dtype, device=device, storage=cfg.storage)
+        distiller = Distiller(teacher.requires_grad_(False), cfg.kd.temperature, cfg.kd.weight)
     progress = TrainingProgress("distill", work.stage.name) if rank == 0 else None
     started = time.time()
     for step in range(start, schedule.total_steps):
         for group in optimizer.param_groups:
             group["lr"] = t.lr * schedule.lr_factor(step)
         mine = step_examples(examples, step, schedule, rank, world, cfg.seed)
-        loss, tokens = train_step(model, optimizer, mine, t.micro_batch, tokenizer.pad_token_id, t.bf16, no_sync)
+        loss, tokens = train_step(model, optimizer, mine, t.micro_batch, tokenizer.pad_token_id, t.bf16, no_sync,
+                                  distiller)
         metrics = {"step": step + 1, "loss": loss, "tokens": tokens, "lr": optimizer.param_groups[0]["lr"],
                    "seconds": round(time.time() - started, 1)}
         history.append(metrics)
@@ -153,7 +160,7 @@ def fine_tune(cfg: DistillConfig, stage: Stage, examples: list[LMExample]) -> li
 
 def run(cfg: DistillConfig, stage: Stage) -> dict[str, Any]:
     t0 = time.time()
-    tokenizer = student_tokenizer(cfg.student, cfg.teacher_model if cfg.mode == "distilled" else None, cfg.storage)
+    tokenizer = student_tokenizer(cfg.student, cfg.teacher_model if cfg.uses_teacher else None, cfg.storage)
     rows = read_table(cfg.data, cfg.storage).to_pylist()
     if not rows:
         raise DataError(f"data {cfg.data}: the curated set is empty")
@@ -170,8 +177,12 @@ def run(cfg: DistillConfig, stage: Stage) -> dict[str, Any]:
         outputs = teacher_outputs(cfg, examples, stage)
         decisions = [judge(e, *outputs[e.id]) for e in examples]
         teacher_text = [outputs[e.id][0] for e in examples]
+        stopped = sum(outputs[e.id][1] for e in examples)
+        stops = {"stop_token": stopped, "max_new_tokens": len(examples) - stopped}
+        print(f"teacher generations: {stopped} ended on a stop token, {len(examples) - stopped} at max_new_tokens",
+              flush=True)
     else:
-        decisions, teacher_text = [], [""] * len(examples)
+        decisions, teacher_text, stops = [], [""] * len(examples), {}
     timings["generation_s"] = round(time.time() - t0, 1)
     answers = [d.answer for d in decisions] if decisions else [e.answer for e in examples]
     table = distilled_table(examples, decisions, answers, teacher_text)
@@ -189,10 +200,10 @@ def run(cfg: DistillConfig, stage: Stage) -> dict[str, Any]:
     timings["training_s"] = round(time.time() - t1, 1)
     stage.outputs.update(model="model", dataset=DISTILLED)
     metrics = {
-        "mode": cfg.mode, "student": cfg.student, "teacher": cfg.teacher if cfg.mode == "distilled" else None,
+        "mode": cfg.mode, "student": cfg.student, "teacher": cfg.teacher if cfg.uses_teacher else None,
         "examples": len(examples), "rows_too_short": too_short,
-        "filter": counts, "teacher_kept_share": ((counts["kept"] + counts["kept_trimmed"]) / len(examples))
-                                             if counts else None,
+        "filter": counts, "generation_stops": stops,
+        "teacher_kept_share": (counts["kept"] + counts["kept_trimmed"]) / len(examples) if counts else None,
         "training": {"method": cfg.training.method, "steps": len(history), "final_loss": history[-1]["loss"]
                      if history else None, "first_loss": history[0]["loss"] if history else None,
                      "examples": len(encoded), **encode_stats, "history": history},

@@ -27,24 +27,36 @@ class Generated:
 
 
 @torch.inference_mode()
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """Every token that ends a generation: the tokenizer's end of sequence, and the end-of-turn and end-of-text
+    tokens of chat models (``<|im_end|>``, ``<|endoftext|>``, ``<|eot_id|>``) where the vocabulary has them."""
+    vocab = tokenizer.get_vocab()
+    ids = [tokenizer.eos_token_id] + [vocab[t] for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>") if t in vocab]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
 def generate_batch(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int, do_sample: bool = False,
-                   temperature: float = 1.0, seed: int | None = None) -> Generated:
+                   temperature: float = 1.0, seed: int | None = None, repetition_penalty: float = 1.0,
+                   add_special_tokens: bool = False) -> Generated:
     """One left-padded batch through ``model.generate`` on the model's device: greedy unless ``do_sample``; with a
-    ``seed`` the sampling is reproducible. The one generation routine of scopeforge (teacher rewrites, evaluation,
-    samples)."""
+    ``seed`` the sampling is reproducible; it stops at any of :func:`stop_token_ids`. The one generation routine of
+    scopeforge (teacher rewrites, evaluation, samples)."""
     saved_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        batch = tokenizer(prompts, return_tensors="pt", padding=True,
+                          add_special_tokens=add_special_tokens).to(model.device)
     finally:
         tokenizer.padding_side = saved_side
     if seed is not None:
         torch.manual_seed(seed)
+    stops = stop_token_ids(tokenizer)
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
                          temperature=temperature if do_sample else None, top_p=None, top_k=None,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                         repetition_penalty=repetition_penalty if repetition_penalty != 1.0 else None,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
     new = out[:, batch["input_ids"].shape[1]:]
-    finished = [bool((row == tokenizer.eos_token_id).any()) for row in new]
+    finished = [bool(torch.isin(row, torch.tensor(stops, device=row.device)).any()) for row in new]
     return Generated(tokenizer.batch_decode(new, skip_special_tokens=True), finished,
                      int((new != tokenizer.pad_token_id).sum()))
 

@@ -40,6 +40,19 @@ class LossSum:
         return math.exp(self.mean) if self.tokens else float("nan")
 
 
+def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+             temperature: float = 1.0) -> tuple[torch.Tensor, int]:
+    """(summed KL(teacher || student) of the next-token distributions at ``temperature``, times temperature**2 so
+    gradients keep their scale, over the target tokens; their number). Logits [batch, seq, vocab]."""
+    keep = labels[:, 1:].reshape(-1) != IGNORE
+    vocab = student_logits.shape[-1]
+    student = student_logits[:, :-1, :].reshape(-1, vocab)[keep].float() / temperature
+    teacher = teacher_logits[:, :-1, :].reshape(-1, vocab)[keep].float() / temperature
+    kl = F.kl_div(F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1), log_target=True,
+                  reduction="sum")
+    return kl * temperature**2, int(keep.sum())
+
+
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(summed next-token NLL, number of target tokens) for logits [batch, seq, vocab] and labels [batch, seq]."""
     shifted = labels[:, 1:].reshape(-1)

@@ -50,6 +50,11 @@ def test_teacher_request_carries_the_original_answer():
         ("The answer is 42.", "The reference answer says 42", True, "leak"),
         ("Total: 1,250 apples.", "In all there are 1250 apples.", True, "kept"),
         ("The answer is 42.", "The result is 41 in the end.", True, "answer_mismatch"),
+        ("Orbits are falling around a planet forever.", "the the orbit the the orbit the the orbit the the orbit "
+         "the the orbit the the orbit the the orbit", True, "degenerate"),
+        ("Orbits are falling around a planet forever.", "Bananas grow in warm climates near rivers.", True,
+         "unfaithful"),
+        ("Orbits are falling around a planet forever.", "An orbit is falling around a planet, forever.", True, "kept"),
     ],
 )
 def test_filter_decisions(original, output, finished, reason):
@@ -69,7 +74,7 @@ def test_continuations_have_no_number_check_and_tally_counts_everything():
     assert judge(ex, "was delayed by 5 days after all.", True).reason == "kept"
     decisions = [judge(ex, "", True), judge(ex, "fine words here now", True), judge(ex, "a b c d", False)]
     assert tally(decisions) == {"kept": 1, "kept_trimmed": 0, "empty": 1, "truncated": 1, "leak": 0,
-                                "answer_mismatch": 0}
+                                "degenerate": 0, "unfaithful": 0, "answer_mismatch": 0}
 
 
 def test_a_continuation_cut_at_max_new_tokens_keeps_its_complete_sentences():
@@ -83,6 +88,44 @@ def test_a_continuation_cut_at_max_new_tokens_keeps_its_complete_sentences():
     assert judge(instruction, "First, 40. Then add 2 so", False).reason == "truncated"  # never trimmed
     assert final_number("#### 1,024") == 1024.0
     assert final_number("no digits") is None
+
+
+def test_degeneracy_measures():
+    from shared.distill.teacher import compression_ratio, content_overlap, repeated_share
+
+    assert repeated_share("one two three four five six") == 0.0
+    assert repeated_share("a b c d a b c d a b c d") > 0.5
+    assert compression_ratio("ab" * 200) > 10
+    assert compression_ratio("The launch slipped three days after a valve failed a test.") < 2
+    original = "rockets need liquid fuel and oxygen"
+    assert content_overlap(original, "liquid fuel and oxygen feed rockets") == pytest.approx(0.8)  # all but "need"
+    assert content_overlap(original, "apples") == 0.0
+    assert content_overlap("rockets need fuel", "apples") == 1.0  # too short to judge
+
+
+def test_plain_continuations_are_continued_by_the_teacher_and_stop_on_any_stop_token(tiny_llama_dir):
+    import numpy as np
+
+    from shared.configs.distill import GenerationConfig
+    from shared.distill.rewriter import TeacherRewriter
+    from shared.generation import stop_token_ids
+    from shared.models import load_tokenizer
+
+    batch = {"id": np.array(["c", "q"], dtype=object), "prompt": np.array(["The rocket rose", "Name a planet."],
+                                                                          dtype=object),
+             "answer": np.array(["into the clouds.", "Mars"], dtype=object),
+             "kind": np.array(["continuation", "instruction"], dtype=object)}
+    outputs = {}
+    for style in ("plain", "paraphrase"):
+        step = TeacherRewriter("tiny-llama", GenerationConfig(max_new_tokens=6, continuation_style=style), seed=3)
+        step.setup()
+        out, _ = step.rewrite(batch)
+        outputs[style] = list(out["teacher_output"])
+        assert list(step.rewrite(batch)[0]["teacher_output"]) == outputs[style]  # seeded: reproducible
+    assert outputs["plain"][1] == outputs["paraphrase"][1]  # instructions are rewritten the same way
+    assert outputs["plain"][0] != outputs["paraphrase"][0]
+    tokenizer = load_tokenizer("tiny-llama")
+    assert tokenizer.eos_token_id in stop_token_ids(tokenizer)
 
 
 def test_the_teacher_step_rewrites_a_batch_reproducibly(tiny_llama_dir):

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from shared.lm_data import LMExample, collate
-from shared.perplexity import batch_nll
+from shared.perplexity import batch_nll, token_kl, token_nll
 
 
 def prepare_student(model: Any, method: str, lora: Any | None) -> Any:
@@ -39,11 +39,13 @@ def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Steps and the learning rate: linear warm-up over 10% of the steps, then linear decay to zero."""
+    """Steps and the learning rate: linear warm-up over 10% of the steps, then a cosine (or linear) decay to zero."""
 
     examples: int
     batch_size: int
     epochs: float
+    decay: str = "cosine"
+    """cosine or linear."""
 
     @property
     def steps_per_epoch(self) -> int:
@@ -57,7 +59,8 @@ class Schedule:
         warmup = max(1, int(0.1 * self.total_steps))
         if step < warmup:
             return (step + 1) / warmup
-        return max(0.0, (self.total_steps - step) / max(1, self.total_steps - warmup))
+        left = max(0.0, (self.total_steps - step) / max(1, self.total_steps - warmup))  # 1 -> 0 after warm-up
+        return left if self.decay == "linear" else 0.5 * (1.0 - math.cos(math.pi * left))
 
 
 def step_examples(examples: Sequence[LMExample], step: int, schedule: Schedule, rank: int, world_size: int,
@@ -75,9 +78,35 @@ def step_examples(examples: Sequence[LMExample], step: int, schedule: Schedule, 
     return [examples[i] for i in chosen[rank::world_size]]
 
 
+@dataclass(frozen=True)
+class Distiller:
+    """Logit distillation: a frozen teacher and how its distribution enters the loss."""
+
+    teacher: Any
+    temperature: float = 1.0
+    weight: float = 1.0
+    """Share of the KL term; the rest is the cross-entropy on the answers."""
+
+    def loss(self, student: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed loss over the answer tokens of one collated batch: weight * KL + (1 - weight) * NLL."""
+        device = next(student.parameters()).device
+        inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device),
+                  "use_cache": False}
+        labels = batch["labels"].to(device)
+        with torch.no_grad():
+            teacher_logits = self.teacher(**inputs).logits
+        logits = student(**inputs).logits
+        kl, _ = token_kl(logits, teacher_logits, labels, self.temperature)
+        if self.weight >= 1.0:
+            return kl
+        nll, _ = token_nll(logits, labels)
+        return self.weight * kl + (1.0 - self.weight) * nll
+
+
 def train_step(model: Any, optimizer: torch.optim.Optimizer, examples: Sequence[LMExample], micro_batch: int,
-               pad_id: int, bf16: bool, no_sync: Any = None) -> tuple[float, int]:
-    """One optimiser step over ``examples`` in micro-batches; the loss is the mean over their answer tokens.
+               pad_id: int, bf16: bool, no_sync: Any = None, distiller: Distiller | None = None) -> tuple[float, int]:
+    """One optimiser step over ``examples`` in micro-batches; the loss is the mean over their answer tokens (the
+    cross-entropy, or with a ``distiller`` its KL to the teacher).
 
     Returns (loss, target tokens). ``no_sync`` (DDP's context manager) skips gradient all-reduce on all but the
     last micro-batch.
@@ -92,8 +121,9 @@ def train_step(model: Any, optimizer: torch.optim.Optimizer, examples: Sequence[
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 and next(model.parameters()).device.type \
             == "cpu" else torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
         with sync, autocast:
-            nll, _ = batch_nll(model, collate(part, pad_id))
-            loss = nll / max(1, tokens)
+            batch = collate(part, pad_id)
+            summed = distiller.loss(model, batch) if distiller is not None else batch_nll(model, batch)[0]
+            loss = summed / max(1, tokens)
         loss.backward()
         total += float(loss.detach())
     torch.nn.utils.clip_grad_norm_(trainable_parameters(model), 1.0)

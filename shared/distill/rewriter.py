@@ -1,6 +1,8 @@
 """The teacher's step of self-data distillation: a cheap constructor, ``setup()`` that loads the teacher once per
-worker, and ``__call__(batch)`` that rewrites every example of a batch of columns (id, prompt, answer, kind) with the
-one shared batched-generation routine (``shared.generation.generate_batch``)."""
+worker, and ``__call__(batch)`` that writes the answer of every example of a batch of columns (id, prompt, answer,
+kind) with the one shared batched-generation routine (``shared.generation.generate_batch``): instruction answers
+rewritten in the chat template with the reference in context, continuations continued as plain text (the format
+the student trains in) unless ``continuation_style`` is ``paraphrase``."""
 
 from __future__ import annotations
 
@@ -45,14 +47,28 @@ class TeacherRewriter:
         g = self.generation
         examples = [Example(str(i), str(p), str(a), str(k))
                     for i, p, a, k in zip(batch["id"], batch["prompt"], batch["answer"], batch["kind"])]
-        prompts = [chat_prompt(self.tokenizer, teacher_request(e)) for e in examples]
-        # a seed from the batch's first example id keeps sampling reproducible across runs and partitionings of equal
-        # batches
-        out = generate_batch(self.model, self.tokenizer, prompts, max_new_tokens=g.max_new_tokens,
-                             do_sample=g.do_sample, temperature=g.temperature,
-                             seed=self.seed + sum(ord(c) for c in examples[0].id))
-        columns = {**batch, "teacher_output": np.array(out.texts, dtype=object), "finished": np.array(out.finished)}
-        return columns, out.new_tokens
+        texts, finished, tokens = [""] * len(examples), [False] * len(examples), 0
+        plain = [g.continuation_style == "plain" and e.kind == "continuation" for e in examples]
+        for group in (True, False):
+            rows = [i for i, p in enumerate(plain) if p == group]
+            if not rows:
+                continue
+            # a seed from the group's first example id keeps sampling reproducible across runs and partitionings
+            seed = self.seed + sum(ord(c) for c in examples[rows[0]].id)
+            if group:  # the student's format: the teacher continues the text itself
+                out = generate_batch(self.model, self.tokenizer, [examples[i].prompt for i in rows],
+                                     max_new_tokens=g.max_new_tokens, do_sample=True, temperature=g.temperature,
+                                     seed=seed, repetition_penalty=g.repetition_penalty, add_special_tokens=True)
+            else:
+                out = generate_batch(self.model, self.tokenizer,
+                                     [chat_prompt(self.tokenizer, teacher_request(examples[i])) for i in rows],
+                                     max_new_tokens=g.max_new_tokens, do_sample=g.do_sample,
+                                     temperature=g.temperature, seed=seed)
+            for j, i in enumerate(rows):
+                texts[i], finished[i] = out.texts[j], out.finished[j]
+            tokens += out.new_tokens
+        columns = {**batch, "teacher_output": np.array(texts, dtype=object), "finished": np.array(finished)}
+        return columns, tokens
 
 
 def student_tokenizer(student: str, teacher: str | None, storage: StorageConfig | None = None) -> Any:

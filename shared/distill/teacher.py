@@ -1,7 +1,8 @@
 """What the teacher is asked, and the filter that decides whether its rewrite replaces the original answer.
 
 Self-data distillation (Thangarasa et al., 2024): the unpruned model rewrites each curated answer, conditioned on the
-instruction and the original answer, so the student is fine-tuned on text from its own (unpruned) distribution.
+instruction and the original answer, so the student is fine-tuned on text from its own (unpruned) distribution; a
+continuation task is continued by the teacher as plain text, the format the student trains in.
 A rewrite is kept only if it passes every check; otherwise the original answer is used, and every decision is
 counted.
 """
@@ -9,6 +10,7 @@ counted.
 from __future__ import annotations
 
 import re
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 
@@ -23,7 +25,39 @@ LEAK_PHRASES = (
 )
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
-REASONS = ("kept", "kept_trimmed", "empty", "truncated", "leak", "answer_mismatch")
+REASONS = ("kept", "kept_trimmed", "empty", "truncated", "leak", "degenerate", "unfaithful", "answer_mismatch")
+WORD = re.compile(r"[a-z0-9']+")
+MAX_REPEATED_SHARE = 0.3
+"""A text whose word 4-grams are repeats for more than this share is degenerate (a loop)."""
+MAX_COMPRESSION = 3.0
+"""A text that zlib compresses more than this many times is degenerate (long repeated spans)."""
+MIN_OVERLAP = 0.3
+"""An instruction rewrite that keeps less than this share of the original answer's content words is unfaithful."""
+
+
+def repeated_share(text: str, n: int = 4) -> float:
+    """Share of the word n-grams of ``text`` that repeat an earlier one."""
+    words = WORD.findall(text.lower())
+    grams = [tuple(words[i: i + n]) for i in range(len(words) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def compression_ratio(text: str) -> float:
+    data = text.encode()
+    return len(data) / max(1, len(zlib.compress(data, 9))) if data else 0.0
+
+
+MIN_CONTENT_WORDS = 5
+"""Faithfulness is judged only on originals with at least this many content words (short answers have the final
+number check)."""
+
+
+def content_overlap(original: str, rewrite: str) -> float:
+    """Share of the original's content words (longer than three letters, or with a digit) that the rewrite uses;
+    1.0 when the original has fewer than :data:`MIN_CONTENT_WORDS`."""
+    theirs = {w for w in WORD.findall(original.lower()) if len(w) > 3 or any(c.isdigit() for c in w)}
+    mine = set(WORD.findall(rewrite.lower()))
+    return len(theirs & mine) / len(theirs) if len(theirs) >= MIN_CONTENT_WORDS else 1.0
 
 
 def teacher_request(example: Example) -> str:
@@ -55,7 +89,7 @@ class Decision:
     source: str
     """'teacher' or 'original'."""
     reason: str
-    """kept | kept_trimmed | empty | truncated | leak | answer_mismatch"""
+    """One of :data:`REASONS`."""
 
 
 def complete_sentences(text: str) -> str:
@@ -65,8 +99,9 @@ def complete_sentences(text: str) -> str:
 
 
 def judge(example: Example, output: str, finished: bool, min_words: int = 3) -> Decision:
-    """Keep the teacher's rewrite only when it is non-empty, finished, leaks nothing of the prompt template, and
-    (when the original has a final number) ends on the same number.
+    """Keep the teacher's rewrite only when it is non-empty, finished, leaks nothing of the prompt template, is not
+    degenerate (loops, long repeats), keeps the content of an instruction's original answer, and (when the original
+    has a final number) ends on the same number.
 
     An instruction answer cut at max_new_tokens is rejected (its end, often the result, is missing). A continuation
     has no natural end (its original is itself a cut piece of a document), so one that ran out of tokens is kept up
@@ -84,6 +119,10 @@ def judge(example: Example, output: str, finished: bool, min_words: int = 3) -> 
     lowered = text.lower()
     if any(phrase in lowered for phrase in LEAK_PHRASES):
         return Decision(example.answer, "original", "leak")
+    if repeated_share(text) > MAX_REPEATED_SHARE or compression_ratio(text) > MAX_COMPRESSION:
+        return Decision(example.answer, "original", "degenerate")
+    if example.kind == "instruction" and content_overlap(example.answer, text) < MIN_OVERLAP:
+        return Decision(example.answer, "original", "unfaithful")
     expected = final_number(example.answer) if example.kind == "instruction" else None
     if expected is not None and final_number(text) != expected:
         return Decision(example.answer, "original", "answer_mismatch")
