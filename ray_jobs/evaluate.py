@@ -3,7 +3,8 @@
     scopeforge run evaluate --config my-eval.yaml    # models: {base: smollm2-135m, pruned: runs/x/prune}
 
 For each model, the rows of every dataset stream through an actor pool that loads the model once per actor; the
-driver sums token NLLs and counts into one table row per model (results.md, metrics.json).
+driver sums token NLLs and counts into one table row per model (results.md, metrics.json), and keeps every
+document's NLL and token count (documents.parquet: model, dataset, row, nll, tokens) for intervals over documents.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 import ray.data
 
@@ -22,7 +24,7 @@ from ray_jobs.data import actor_pool
 from ray_jobs.metrics import Throughput
 from ray_jobs.placement import claim
 from shared.configs.evaluate import EvaluateConfig
-from shared.data import read_table
+from shared.data import read_table, write_parquet
 from shared.errors import DataError
 from shared.stage import Stage
 
@@ -113,7 +115,7 @@ class EvalActor:
                                        max_new_tokens=cfg.max_new_tokens)[0]
                 correct[i] = int(exact_match(answer, str(batch["answer"][i])))
         self.throughput.add(documents=n, tokens=int(tokens.sum()))
-        return {"dataset": batch["dataset"], "nll": nll, "tokens": tokens, "correct": correct,
+        return {"dataset": batch["dataset"], "row": batch["row"], "nll": nll, "tokens": tokens, "correct": correct,
                 "parameters": np.full(n, self.parameters, dtype=np.int64)}
 
 
@@ -171,16 +173,21 @@ def run(cfg: EvaluateConfig, stage: Stage) -> dict[str, Any]:
     t0 = time.time()
     rows, info = dataset_rows(cfg)
     print("datasets: " + ", ".join(f"{n} ({f['rows']} rows, {f['kind']})" for n, f in info.items()), flush=True)
-    table, seconds = {}, {}
+    table, seconds, documents = {}, {}, []
     for name, ref in cfg.models.items():
         started = time.time()
-        table[name] = summarise(evaluate_model(cfg, ref, rows, stage), info)
+        results = evaluate_model(cfg, ref, rows, stage)
+        table[name] = summarise(results, info)
+        documents += [{"model": name, "dataset": str(r["dataset"]), "row": int(r["row"]), "nll": float(r["nll"]),
+                       "tokens": int(r["tokens"])} for r in results if not math.isnan(r["nll"])]
         seconds[name] = round(time.time() - started, 1)
         cells = ", ".join(f"{d} ppl {table[name][d]['perplexity']:.2f}" for d in info
                           if table[name][d]["perplexity"] is not None)
         print(f"{name}: {cells} ({seconds[name]} s)", flush=True)
     markdown = markdown_table(table, info)
     stage.store.write_text(markdown, "results.md")
+    documents.sort(key=lambda d: (d["model"], d["dataset"], d["row"]))
+    write_parquet(pa.Table.from_pylist(documents), stage.store, "documents.parquet")  # per-document NLL
     print(markdown, flush=True)
     return {"models": {name: {"ref": cfg.models[name], **row} for name, row in table.items()}, "datasets": info,
             "seconds": seconds, "total_s": round(time.time() - t0, 1)}

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from ray_jobs.runtime import run_job
@@ -80,7 +82,62 @@ def test_evaluate_job_table(ray_session, tmp_path, tiny_llama_dir):
     table = (committed_path(tmp_path / "run" / "evaluate") / "results.md").read_text()
     assert table.splitlines()[0] == "| model | parameters | text ppl | mc ppl | mc acc | qa ppl | qa EM |"
     assert len(table.splitlines()) == 4
+    documents = pq.read_table(committed_path(tmp_path / "run" / "evaluate") / "documents.parquet").to_pylist()
+    text_rows = [d for d in documents if d["model"] == "tiny" and d["dataset"] == "text"]
+    assert len(text_rows) == 6  # the empty text is skipped, not kept as a document
+    assert sum(d["tokens"] for d in text_rows) == rows["tiny"]["text"]["tokens"]
+    assert math.exp(sum(d["nll"] for d in text_rows) / rows["tiny"]["text"]["tokens"]) == pytest.approx(
+        rows["tiny"]["text"]["perplexity"])
 
     bad = cfg.model_copy(update={"datasets": {"x": str(tmp_path / "qa.jsonl"), "y": str(tmp_path / "nothing")}})
     with pytest.raises(UserError, match="nothing: not found"):
         run_job(bad)
+
+
+def test_recovery_is_measured_in_mean_token_loss_with_paired_document_intervals():
+    from shared.recovery import recovery
+
+    rng = np.random.default_rng(0)
+    documents = []
+    for row in range(60):
+        tokens = int(rng.integers(20, 80))
+        hard = rng.normal(0, 0.2)
+        for model, loss in (("base", 3.0), ("pruned", 5.0), ("sft", 4.0), ("kd", 3.5)):
+            documents.append({"model": model, "dataset": "domain", "row": row, "nll": (loss + hard) * tokens,
+                              "tokens": tokens})
+    documents.append({"model": "base", "dataset": "domain", "row": 99, "nll": 1.0, "tokens": 1})  # not scored by all
+    result = recovery(documents, "domain", "base", "pruned", ["sft", "kd"], compare=[("kd", "sft")], rounds=300)
+    assert result["documents"] == 60
+    sft, kd = result["recovered_share_log"]["sft"], result["recovered_share_log"]["kd"]
+    assert sft["mean"] == pytest.approx(0.5, abs=0.02)
+    assert kd["mean"] == pytest.approx(0.75, abs=0.02)
+    assert sft["ci"][0] <= sft["mean"] <= sft["ci"][1]
+    assert sft["ci"][1] - sft["ci"][0] < 0.05  # paired: the per-document difficulty cancels
+    diff = result["loss_differences"]["kd - sft"]
+    assert diff["mean"] == pytest.approx(-0.5, abs=0.02)
+    assert diff["excludes_zero"]
+    assert result["models"]["pruned"]["perplexity"] > result["models"]["base"]["perplexity"]
+
+
+def test_the_demo_summary_reports_each_severity_with_its_recoveries_and_paired_comparisons():
+    from shared.finescope_results import log_recoveries, pruning_lines
+
+    rng = np.random.default_rng(1)
+    losses = {"base": 3.0, "pruned": 5.0, "pruned+sft": 4.0, "pruned+kd": 3.6, "pruned+distilled": 4.2,
+              "pruned-35": 6.0, "pruned-35+sft": 5.0, "base+curated": 2.9}
+    documents = [{"model": m, "dataset": d, "row": r, "nll": (loss + 0.1 * rng.normal()) * 50, "tokens": 50}
+                 for d in ("domain", "general") for r in range(30) for m, loss in losses.items()]
+    found = log_recoveries(documents, dict.fromkeys(losses), ["domain", "general"])
+    assert set(found) == {"domain/pruned", "domain/pruned-35", "general/pruned", "general/pruned-35"}
+    mild, harsh = found["domain/pruned"], found["domain/pruned-35"]
+    assert set(mild["recovered_share_log"]) == {"pruned+distilled", "pruned+kd", "pruned+sft"}
+    assert mild["recovered_share_log"]["pruned+kd"]["mean"] == pytest.approx(0.7, abs=0.03)
+    assert harsh["recovered_share_log"]["pruned-35+sft"]["mean"] == pytest.approx(1 / 3, abs=0.03)
+    assert set(mild["loss_differences"]) == {"pruned+distilled - pruned+sft", "pruned+kd - pruned+sft",
+                                             "pruned+kd - pruned+distilled", "base+curated - base"}
+    assert harsh["loss_differences"] == {}
+    lines = pruning_lines([("prune", {"target_fraction": 0.2, "fraction_of": "non_embedding",
+                                      "parameters_before": 100, "parameters_after": 82,
+                                      "removed_share": {"all": 0.18, "non_embedding": 0.2, "prunable": 0.4},
+                                      "domain_perplexity_before": 40.0, "domain_perplexity_after": 90.0})])
+    assert "| prune | 0.2 of non_embedding | 100 -> 82 | 0.180 / 0.200 / 0.400 | 40.00 -> 90.00 |" in lines
