@@ -4,9 +4,9 @@
         --set reserve=runs/demo-finescope/corpus/study_seeds --set curation=runs/demo-finescope/curate
 
 1. read the labelled pool and the seed reserve (the study holds their vectors in memory: ``max_documents``);
-2. embed both in Ray tasks of ``block_docs`` documents, each loading the curate stage's curation model and the
-   sentence encoder once, on the device Ray assigned: every SAE kind, the dense hidden state, SAE firing shares and
-   the sentence embedding;
+2. embed both in Ray tasks of ``block_docs`` documents, each loading a curate stage's curation model (the main one
+   and every variant) and the sentence encoder once, on the device Ray assigned: every SAE kind, the dense hidden
+   state, SAE firing shares and the sentence embedding;
 3. TF-IDF (idf fitted on the pool) and the DSIR n-gram counts on the driver (no model);
 4. ``shared.curation.study``: the draws, every method's top M, the SAE kind chosen on the development target, the
    hybrid, bootstrap intervals and paired differences; then metrics.json, runs.jsonl, study.md and study.png.
@@ -42,16 +42,18 @@ METHOD_ORDER = {name: i for i, name in enumerate(
 
 
 @ray.remote
-def embed_block(cfg: RetrievalStudyConfig, texts: list[str]) -> dict[str, np.ndarray]:
-    """Every vector of one block of documents, on the device Ray assigned to this task."""
+def embed_block(cfg: RetrievalStudyConfig, curation_uri: str, texts: list[str],
+                sentence: bool) -> dict[str, np.ndarray]:
+    """Every vector of one block of documents under one curation model (and the sentence embedding), on the device
+    Ray assigned to this task."""
     from shared.models import load_causal_lm
 
     device = claim(cfg.stage_name, "embedding task", cfg.runtime.gpus_per_task, cfg.runtime.threads).device
-    curation = CurationModel.load(Storage(committed_folder(cfg.curation, cfg.storage), cfg.storage))
+    curation = CurationModel.load(Storage(committed_folder(curation_uri, cfg.storage), cfg.storage))
     model, tokenizer = load_causal_lm(curation.model, dtype=cfg.dtype, device=device, storage=cfg.storage)
     ids = [x if x else [tokenizer.eos_token_id] for x in tokenize(tokenizer, texts, cfg.max_tokens).ids]
     out = curation.embedder(model, tokenizer).embed(ids, cfg.runtime.micro_batch)
-    if cfg.sentence_model:
+    if sentence and cfg.sentence_model:
         out["minilm"] = SentenceEncoder.load(cfg.sentence_model, device, cfg.storage).encode(texts)
     return out
 
@@ -68,10 +70,19 @@ def read_documents(cfg: RetrievalStudyConfig, uri: str, what: str) -> dict[str, 
 
 
 def embed(cfg: RetrievalStudyConfig, texts: list[str]) -> dict[str, np.ndarray]:
+    """Every vector of every document: the main curation model's kinds, ``fired`` and ``minilm`` under their own
+    names, each variant's kinds as ``<variant>:<kind>``."""
     step = cfg.runtime.block_docs
     task = embed_block.options(num_cpus=cfg.runtime.cpus_per_task, num_gpus=cfg.runtime.gpus_per_task)
-    parts = ray.get([task.remote(cfg, texts[i: i + step]) for i in range(0, len(texts), step)])
-    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    models = {"": cfg.curation, **cfg.variants}
+    refs = {name: [task.remote(cfg, uri, texts[i: i + step], name == "") for i in range(0, len(texts), step)]
+            for name, uri in models.items()}
+    out: dict[str, np.ndarray] = {}
+    for name, parts in ((name, ray.get(r)) for name, r in refs.items()):
+        for key in parts[0]:
+            if name == "" or key in KINDS:
+                out[f"{name}:{key}" if name else key] = np.concatenate([p[key] for p in parts])
+    return out
 
 
 def run(cfg: RetrievalStudyConfig, stage: Stage) -> dict[str, Any]:
@@ -98,13 +109,14 @@ def run(cfg: RetrievalStudyConfig, stage: Stage) -> dict[str, Any]:
     tfidf = TfidfModel.fit(term_counts(list(pool["text"])))
     inputs = StudyInputs(
         pool_labels=pool["label"], reserve_labels=reserve["label"],
-        vectors={name: (vectors[name][:n], vectors[name][n:]) for name in [*KINDS, "minilm"] if name in vectors},
+        vectors={name: (v[:n], v[n:]) for name, v in vectors.items() if name != "fired"},
         pool_fired=vectors["fired"][:n], reserve_fired=vectors["fired"][n:], pool_ids=list(pool["id"]),
         pool_ngrams=np.stack([hashed_ngrams(t, NGRAM_BUCKETS) for t in pool["text"]]),
         reserve_ngrams=np.stack([hashed_ngrams(t, NGRAM_BUCKETS) for t in reserve["text"]]))
     inputs.vectors["tfidf"] = (tfidf.transform(term_counts(list(pool["text"]))),
                                tfidf.transform(term_counts(list(reserve["text"]))))
-    result = run_study(inputs, draws, cfg.m, cfg.development_target, [*SAE_KINDS, "sae_lift"], cfg.compare_with,
+    candidates = [*SAE_KINDS, "sae_lift", *(f"{v}:{k}" for v in cfg.variants for k in SAE_KINDS)]
+    result = run_study(inputs, draws, cfg.m, cfg.development_target, candidates, cfg.compare_with,
                        cfg.bootstrap_rounds, cfg.seed)
     return write_outputs(cfg, stage, result, {"pool": n, "reserve": len(reserve["id"]), "targets": targets})
 

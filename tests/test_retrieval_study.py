@@ -194,7 +194,8 @@ def test_the_study_job_reports_every_method_with_intervals_on_a_separable_pool(r
     run_job(curate)
     cfg = validate_config(RetrievalStudyConfig, {
         "corpus": str(tmp_path / "pool.jsonl"), "reserve": str(tmp_path / "reserve.jsonl"),
-        "curation": str(tmp_path / "run" / "curate"), "development_target": "kitchen", "draws": 3,
+        "curation": str(tmp_path / "run" / "curate"), "variants": {"again": str(tmp_path / "run" / "curate")},
+        "development_target": "kitchen", "draws": 3,
         "seeds_per_draw": 3, "m": 15, "max_tokens": 48, "sentence_model": "minilm-l6", "bootstrap_rounds": 200,
         "output_root": str(tmp_path / "run"), "runtime": {"cpus_per_task": 1, "block_docs": 40}}, "test")
     metrics = run_job(cfg)
@@ -203,6 +204,9 @@ def test_the_study_job_reports_every_method_with_intervals_on_a_separable_pool(r
             "hybrid"} <= methods
     assert metrics["chosen_sae"] in {"sae", "sae_idf", "sae_max", "sae_tfidf", "sae_lift"}
     assert metrics["headline_targets"] == ["football", "space"]
+    for kind in ("sae", "sae_max", "dense"):  # a variant is embedded on its own: the same stage gives the same figures
+        assert metrics["summary"][f"again:{kind}"] == metrics["summary"][kind]
+    assert not metrics["chosen_sae"].startswith("again:")  # a tie goes to the main model
     headline = {m: metrics["summary"][m]["headline"]["purity"] for m in methods}
     for entry in headline.values():
         assert entry["ci"][0] <= entry["mean"] <= entry["ci"][1]
@@ -218,6 +222,8 @@ def test_the_study_job_reports_every_method_with_intervals_on_a_separable_pool(r
     assert "kitchen (dev)" in study
     runs = [json.loads(line) for line in next(stage.glob("attempts/*/runs.jsonl")).read_text().splitlines()]
     assert len(runs) == len(methods) * 3 * 3
+    with pytest.raises(ValueError, match="variant name 'a:b'"):
+        RetrievalStudyConfig.model_validate({**cfg.model_dump(), "variants": {"a:b": "x"}})
 
 
 def test_the_study_refuses_a_reserve_that_overlaps_the_pool(ray_session, tmp_path):

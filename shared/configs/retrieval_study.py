@@ -46,6 +46,10 @@ class RetrievalStudyConfig(JobConfig):
     pool)."""
     curation: str
     """A curate stage: its curation model (base model, layer, coordinates, SAE) embeds pool and reserve."""
+    variants: dict[str, str] = {}
+    """More curate stages to compare, by name (another layer, every coordinate, another SAE width or k): each one's
+    SAE kinds and dense vector are reported as ``<name>:<kind>``, and its SAE kinds are candidates for the choice on
+    the development target."""
     targets: list[str] | None = None
     """Target labels to study. Unset: every label of the reserve."""
     development_target: str = "alt.atheism"
@@ -76,7 +80,7 @@ class RetrievalStudyConfig(JobConfig):
     """Resources (not part of the config hash)."""
 
     def input_uris(self) -> list[str]:
-        return [self.corpus, self.reserve, self.curation]
+        return [self.corpus, self.reserve, self.curation, *self.variants.values()]
 
     def gpus_per_worker(self) -> float:
         return self.runtime.gpus_per_task
@@ -85,4 +89,7 @@ class RetrievalStudyConfig(JobConfig):
     def _checks(self) -> RetrievalStudyConfig:
         if self.targets is not None and self.development_target not in self.targets:
             raise ValueError(f"development_target {self.development_target!r} is not one of targets")
+        bad = [name for name in self.variants if not name or ":" in name]
+        if bad:
+            raise ValueError(f"variant name {bad[0]!r}: must be non-empty and without ':'")
         return self
