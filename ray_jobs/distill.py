@@ -26,7 +26,7 @@ from ray_jobs.placement import claim
 from ray_jobs.train_launch import StageRef, fit_workers
 from shared.configs.distill import DistillConfig
 from shared.data import read_table, write_parquet
-from shared.distill.examples import Example, build_examples
+from shared.distill.examples import Example, build_examples, replay_examples
 from shared.distill.finetune import encode_for_training
 from shared.distill.report import write_report
 from shared.distill.rewriter import TeacherRewriter, student_tokenizer
@@ -191,8 +191,14 @@ def run(cfg: DistillConfig, stage: Stage) -> dict[str, Any]:
     if counts:
         print("teacher rewrites: " + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
 
-    # 3. fine-tune on the answers (loss on answer tokens only)
-    encoded, encode_stats = encode_for_training(tokenizer, examples, answers, cfg.training.max_length)
+    # 3. fine-tune on the answers (loss on answer tokens only), with general text replayed beside them
+    replay = replay_examples(read_table(cfg.replay, cfg.storage).to_pylist(), {e.id for e in examples},
+                             cfg.replay_share, len(examples), cfg.generation.prompt_fraction,
+                             cfg.generation.min_answer_words, cfg.seed) if cfg.replay else []
+    if replay:
+        print(f"replay: {len(replay)} general-text examples from {cfg.replay}", flush=True)
+    encoded, encode_stats = encode_for_training(tokenizer, examples + replay, answers + [r.answer for r in replay],
+                                                cfg.training.max_length)
     if not encoded:
         raise DataError(f"data {cfg.data}: no example fits training.max_length={cfg.training.max_length}")
     t1 = time.time()
@@ -202,6 +208,7 @@ def run(cfg: DistillConfig, stage: Stage) -> dict[str, Any]:
     metrics = {
         "mode": cfg.mode, "student": cfg.student, "teacher": cfg.teacher if cfg.uses_teacher else None,
         "examples": len(examples), "rows_too_short": too_short,
+        "replay": {"source": cfg.replay, "examples": len(replay)},
         "filter": counts, "generation_stops": stops,
         "teacher_kept_share": (counts["kept"] + counts["kept_trimmed"]) / len(examples) if counts else None,
         "training": {"method": cfg.training.method, "steps": len(history), "final_loss": history[-1]["loss"]

@@ -148,3 +148,19 @@ def test_the_teacher_step_rewrites_a_batch_reproducibly(tiny_llama_dir):
         assert out["finished"].dtype == bool
         assert 0 < tokens <= 12
         assert list(step(batch)["teacher_output"]) == list(out["teacher_output"])
+
+
+def test_replay_examples_fill_their_share_from_rows_outside_the_curated_set_reproducibly():
+    from shared.distill.examples import replay_examples
+
+    text = "\n".join(f"line {i} " + " ".join(f"w{i}x{j}" for j in range(10)) for i in range(6))
+    rows = [{"id": f"d{i}", "text": text} for i in range(30)] + [{"id": "short", "text": "too short"}]
+    found = replay_examples(rows, {"d0", "d1"}, share=0.2, curated=40, prompt_fraction=0.4, min_answer_words=8,
+                            seed=0)
+    assert len(found) == 10  # 10 of 50 training examples
+    assert all(e.kind == "continuation" for e in found)
+    assert not {e.id for e in found} & {"replay:d0", "replay:d1"}
+    assert found == replay_examples(rows, {"d0", "d1"}, 0.2, 40, 0.4, 8, 0)
+    assert found != replay_examples(rows, {"d0", "d1"}, 0.2, 40, 0.4, 8, 1)
+    assert replay_examples(rows, set(), 0.0, 40, 0.4, 8, 0) == []
+    assert len(replay_examples(rows, set(), 0.5, 100, 0.4, 8, 0)) == 30  # fewer when there is not enough text

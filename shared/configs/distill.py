@@ -11,8 +11,9 @@ class GenerationConfig(StrictModel):
     """How the teacher writes its answers."""
 
     max_new_tokens: int = Field(192, ge=1, le=4096)
-    """Longest teacher answer. An instruction answer cut at this length is not kept (counted as truncated); a
-    continuation is kept up to its last complete sentence (counted as kept_trimmed)."""
+    """Longest teacher answer (a plain continuation runs to at most 1.25 times the longest original continuation of
+    its batch). An instruction answer cut at this length is not kept (counted as truncated); a continuation is kept
+    up to its last complete sentence (counted as kept_trimmed)."""
     do_sample: bool = False
     """Sample instead of greedy decoding."""
     temperature: float = Field(0.7, gt=0)
@@ -111,6 +112,12 @@ class DistillConfig(JobConfig):
     tokenizer). In mode kd it is loaded beside the student on every training worker."""
     data: str
     """Curated examples: a curate stage (its subset) or a dataset with text, or prompt and answer, columns."""
+    replay: str | None = None
+    """General text mixed into training (a dataset with a text column, e.g. the corpus pool), so the student does not
+    drift from the rest of the distribution: its rows become continuation tasks trained as they are (in mode kd
+    against the teacher too), never rewritten. Rows whose id is in the curated set are left out."""
+    replay_share: float = Field(0.2, ge=0.0, lt=0.9)
+    """Share of the training examples drawn from ``replay`` (when it is set)."""
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     """Teacher dtype for generation."""
     seed: int = 0
@@ -125,7 +132,8 @@ class DistillConfig(JobConfig):
     """Resources (not part of the config hash)."""
 
     def input_uris(self) -> list[str]:
-        return [self.student, self.data] + ([self.teacher] if self.uses_teacher and self.teacher else [])
+        return ([self.student, self.data] + ([self.teacher] if self.uses_teacher and self.teacher else [])
+                + ([self.replay] if self.replay else []))
 
     @property
     def uses_teacher(self) -> bool:

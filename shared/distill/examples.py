@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 from shared.errors import DataError
@@ -66,3 +67,22 @@ def build_examples(rows: list[dict], prompt_fraction: float, min_answer_words: i
     if not examples:
         raise DataError(f"no usable examples: {len(rows)} rows, {too_short} too short or empty to split")
     return examples, too_short
+
+
+def replay_examples(rows: list[dict], exclude: set[str], share: float, curated: int, prompt_fraction: float,
+                    min_answer_words: int, seed: int) -> list[Example]:
+    """Continuation tasks from general text so that they make ``share`` of the training set beside ``curated``
+    examples: a seeded sample of the rows whose ids are not in ``exclude`` (the curated ones). Fewer when the text
+    has fewer usable rows."""
+    want = round(share / (1.0 - share) * curated) if share > 0 else 0
+    candidates = [r for i, r in enumerate(rows) if str(r.get("id", i)) not in exclude]
+    random.Random(f"{seed}:replay").shuffle(candidates)
+    out: list[Example] = []
+    for row in candidates:
+        if len(out) >= want:
+            break
+        text = row.get("text")
+        split = split_document(text, prompt_fraction, min_answer_words) if isinstance(text, str) else None
+        if split is not None:
+            out.append(Example(f"replay:{row.get('id', len(out))}", split[0], split[1], "continuation"))
+    return out

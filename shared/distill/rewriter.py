@@ -55,10 +55,13 @@ class TeacherRewriter:
                 continue
             # a seed from the group's first example id keeps sampling reproducible across runs and partitionings
             seed = self.seed + sum(ord(c) for c in examples[rows[0]].id)
-            if group:  # the student's format: the teacher continues the text itself
+            if group:  # the student's format: the teacher continues the text itself, about as far as the original
+                longest = max(len(self.tokenizer(examples[i].answer, add_special_tokens=False)["input_ids"])
+                              for i in rows)
                 out = generate_batch(self.model, self.tokenizer, [examples[i].prompt for i in rows],
-                                     max_new_tokens=g.max_new_tokens, do_sample=True, temperature=g.temperature,
-                                     seed=seed, repetition_penalty=g.repetition_penalty, add_special_tokens=True)
+                                     max_new_tokens=max(8, min(g.max_new_tokens, round(1.25 * longest))),
+                                     do_sample=True, temperature=g.temperature, seed=seed,
+                                     repetition_penalty=g.repetition_penalty, add_special_tokens=True)
             else:
                 out = generate_batch(self.model, self.tokenizer,
                                      [chat_prompt(self.tokenizer, teacher_request(examples[i])) for i in rows],
