@@ -38,3 +38,17 @@ def test_stage_names_are_checked():
         pipeline([{"name": "a", "job": "inspect-model"}, {"name": "a", "job": "inspect-model"}])
     with pytest.raises(ConfigError, match="stages.0.name"):
         pipeline([{"name": "Bad_Name", "job": "inspect-model"}])
+
+
+@pytest.mark.parametrize("name", ["finescope-demo", "finescope-sae-variants", "finescope-calibration"])
+def test_the_shipped_finescope_pipelines_validate_and_share_the_demo_stages(name):
+    from pathlib import Path
+
+    from shared.config import load_config
+
+    configs = Path(__file__).resolve().parents[1] / "ray_jobs" / "configs"
+    demo = {spec.name: cfg for spec, cfg in stage_configs(load_config(PipelineConfig, configs / "finescope-demo.yaml"))}
+    found = {spec.name: cfg for spec, cfg in stage_configs(load_config(PipelineConfig, configs / f"{name}.yaml"))}
+    for shared_stage in ("corpus", "curate"):  # the same config: a run of one reuses the other's stages
+        assert found[shared_stage].model_dump() == demo[shared_stage].model_dump()
+    assert found["corpus"].output_root == "runs/demo-finescope"
