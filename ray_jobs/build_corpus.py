@@ -13,7 +13,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from shared.configs.build_corpus import BuildCorpusConfig
+from shared.configs.build_corpus import DEFAULT_STUDY_TARGETS, BuildCorpusConfig
 from shared.curation.corpus import SOURCES, Chunk, split_corpus
 from shared.data import write_parquet
 from shared.stage import Stage
@@ -31,11 +31,18 @@ def _build(cfg: BuildCorpusConfig) -> dict[str, Any]:
                          caps=cfg.max_chunks, per_doc=cfg.max_chunks_per_doc, n_seeds=cfg.n_seeds,
                          heldout_target_docs=cfg.heldout_target_docs,
                          heldout_general_share=cfg.heldout_general_share, rng=rng, dedup_span=cfg.dedup_span,
-                         reserve={label: cfg.study_reserve_docs for label in cfg.study_targets})
+                         reserve={label: cfg.study_reserve_docs for label in study_targets(cfg, docs)})
     rows = lambda chunks: [vars(c) for c in chunks]  # noqa: E731
     hygiene = {**dict(sorted(removed.items())), "near_duplicate_chunks": split.near_duplicates}
     return {"pool": rows(split.pool), "seeds": rows(split.seeds), "heldout": rows(split.heldout),
             "heldout_general": rows(split.heldout_general), "study_seeds": rows(split.reserve), "hygiene": hygiene}
+
+
+def study_targets(cfg: BuildCorpusConfig, docs: dict[str, list]) -> list[str]:
+    """The labels that get a seed reserve: as configured, or the default ones the sources gave."""
+    if cfg.study_targets is not None:
+        return cfg.study_targets
+    return [label for label in DEFAULT_STUDY_TARGETS if docs.get(label)]
 
 
 def _table(rows: list[dict[str, str]]) -> pa.Table:

@@ -52,3 +52,13 @@ def test_the_shipped_finescope_pipelines_validate_and_share_the_demo_stages(name
     for shared_stage in ("corpus", "curate"):  # the same config: a run of one reuses the other's stages
         assert found[shared_stage].model_dump() == demo[shared_stage].model_dump()
     assert found["corpus"].output_root == "runs/demo-finescope"
+
+
+def test_default_study_targets_are_those_the_sources_give_and_explicit_ones_are_kept():
+    from ray_jobs.build_corpus import study_targets
+    from shared.configs.build_corpus import BuildCorpusConfig
+
+    docs = {"sci.space": [1], "alt.atheism": [1], "news": [1], "code": [1]}
+    assert study_targets(BuildCorpusConfig(), docs) == ["sci.space", "alt.atheism", "news"]
+    assert study_targets(BuildCorpusConfig(study_targets=["math"]), docs) == ["math"]  # split_corpus refuses it
+    assert study_targets(BuildCorpusConfig(study_targets=[]), docs) == []

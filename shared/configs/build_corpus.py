@@ -9,6 +9,10 @@ from shared.config import JobConfig
 Source = Literal["newsgroups", "wikipedia", "news", "reviews", "code", "math", "man"]
 
 
+DEFAULT_STUDY_TARGETS = ("sci.space", "alt.atheism", "news", "wikipedia", "math")
+"""The study targets when ``study_targets`` is unset (those the chosen sources give)."""
+
+
 class BuildCorpusConfig(JobConfig):
     """Assemble a labelled mixed-domain text pool, seeds and held-out splits from real text on the machine.
 
@@ -43,9 +47,11 @@ class BuildCorpusConfig(JobConfig):
     """Cap on pool chunks per label (labels not listed: all chunks)."""
     max_chunks_per_doc: dict[str, int] = {"wikipedia": 3, "code": 2, "man": 1, "math": 2}
     """Cap on chunks taken from one document, per label, so a long page or one program cannot swamp a label."""
-    study_targets: list[str] = ["sci.space", "alt.atheism", "news", "wikipedia", "math"]
+    study_targets: list[str] | None = None
     """Labels that get a seed reserve for the retrieval study (written to study_seeds/): whole documents kept out of
-    the pool, of which each study draw picks its seeds. Empty: no reserve."""
+    the pool, of which each study draw picks its seeds. A label named here that the sources do not give is an error.
+    Unset: those of sci.space, alt.atheism, news, wikipedia and math that the chosen sources give. Empty: no
+    reserve."""
     study_reserve_docs: int = Field(20, ge=1)
     """Documents in each study target's seed reserve (the target label's reserve starts with its seeds)."""
     seed: int = 0
