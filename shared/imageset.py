@@ -1,13 +1,17 @@
 """The image dataset format shared by generation, curation, detector training and evaluation.
 
 Parquet shards, one row per image, with the encoded bytes and their provenance. Real and fake images go through the
-same resize and the same encoder (:func:`encode_image`), so a detector cannot tell them apart by file format.
+same geometry rule (:func:`fit_image`) and the same encoder (:func:`encode_image`), so a detector cannot tell them
+apart by file format; each row records its native size and how it was fitted (``fit``), so a report can say which
+sources were resampled.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -24,9 +28,11 @@ IMAGE_SCHEMA = pa.schema(
         pa.field("id", pa.string(), nullable=False),  # unique within a dataset
         pa.field("image", pa.binary(), nullable=False),  # encoded bytes (PNG or JPEG)
         pa.field("encoding", pa.string(), nullable=False),  # "png" | "jpeg"
+        pa.field("quality", pa.int32()),  # JPEG quality (null for PNG)
         pa.field("label", pa.int8(), nullable=False),  # 0 real, 1 fake
         pa.field("source", pa.string(), nullable=False),  # generator name for fakes, real collection name for reals
         pa.field("mode", pa.string(), nullable=False),  # real | unconditional | text2img | img2img | gan | collected
+        pa.field("family", pa.string()),  # generator family ("real" for reals): the unit of leave-one-family-out
         pa.field("model_ref", pa.string()),  # model reference of the generator (null for reals)
         pa.field("scheduler", pa.string()),
         pa.field("steps", pa.int32()),
@@ -35,8 +41,13 @@ IMAGE_SCHEMA = pa.schema(
         pa.field("seed", pa.int64()),  # the per-image torch.Generator seed
         pa.field("prompt", pa.string()),
         pa.field("source_image_id", pa.string()),  # img2img: id of the real image it started from
+        pa.field("source_image_ids", pa.list_(pa.string())),  # every real image it uses (a morph: two); null: none
+        pa.field("generator_training", pa.bool_()),  # reals: a generator trained on it (null for fakes)
         pa.field("width", pa.int32(), nullable=False),
         pa.field("height", pa.int32(), nullable=False),
+        pa.field("native_width", pa.int32()),  # size before fit_image (the generator's or the file's own)
+        pa.field("native_height", pa.int32()),
+        pa.field("fit", pa.string()),  # how it became width x height: none | crop | area | bicubic (see fit_image)
         pa.field("content_hash", pa.string(), nullable=False),  # sha256 of the decoded RGB pixels
     ]
 )
@@ -61,7 +72,7 @@ def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Square resize (bicubic); the same function for real and generated images."""
+    """Square bicubic resize (a no-op at ``size``); datasets use :func:`fit_image`, which crops when it can."""
     if image.shape[0] == size and image.shape[1] == size:
         return image
     return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
@@ -105,25 +116,75 @@ def to_gray(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.repeat(luma[..., None], 3, axis=-1))
 
 
-def finish_image(image: Image.Image | np.ndarray, size: int, color: Color = "rgb") -> np.ndarray:
-    """The pixels that get encoded: uint8 RGB, square ``size`` (bicubic), luma when ``color`` is gray.
+Fit = Literal["none", "crop", "area", "bicubic"]
+RESAMPLED: tuple[Fit, ...] = ("area", "bicubic")
+"""The fits that resample pixels (and so change their spectrum); "none" and "crop" keep every pixel as it was."""
 
-    Generated float images (in [0, 1]) are rounded to uint8 first, exactly as a decoded real image already is, so
-    both kinds take the same resize from there.
+
+def crop_margin(size: int) -> int:
+    """How many pixels a side may exceed ``size`` and still be centre-cropped instead of resampled: an eighth of
+    the size, at least 1 (lfw's 25 px faces crop to 24)."""
+    return max(1, size // 8)
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """Pixels ready to encode, and how they got there."""
+
+    pixels: np.ndarray
+    """size x size x 3 uint8."""
+    native_height: int
+    native_width: int
+    fit: Fit
+
+    @property
+    def resampled(self) -> bool:
+        return self.fit in RESAMPLED
+
+
+def fit_image(image: Image.Image | np.ndarray, size: int, color: Color = "rgb") -> Fitted:
+    """The one path from any source's pixels (real or generated) to the stored square ``size``.
+
+    1. uint8 RGB: generated float images (in [0, 1]) are rounded, exactly as a decoded real image already is;
+    2. luma (replicated to three channels) when ``color`` is gray, before any resampling;
+    3. geometry, the same rule for every source: already ``size`` -> kept (fit "none"); every side at most
+       :func:`crop_margin` pixels larger -> centre crop, no pixel changed (fit "crop"); otherwise resampled to
+       size x size: area averaging (PIL's box filter) when both sides shrink (fit "area"), bicubic when a side
+       grows (fit "bicubic"). Sources that must be resampled should be the exception, and rows record it.
     """
-    pixels = resize(to_rgb_array(image), size)
-    return to_gray(pixels) if color == "gray" else pixels
+    pixels = to_rgb_array(image)
+    if color == "gray":
+        pixels = to_gray(pixels)
+    height, width = int(pixels.shape[0]), int(pixels.shape[1])
+    margin = crop_margin(size)
+    fit: Fit
+    if height == size and width == size:
+        fit = "none"
+    elif size <= height <= size + margin and size <= width <= size + margin:
+        top, left = (height - size) // 2, (width - size) // 2
+        pixels, fit = np.ascontiguousarray(pixels[top:top + size, left:left + size]), "crop"
+    else:
+        fit = "area" if height >= size and width >= size else "bicubic"
+        method = Image.Resampling.BOX if fit == "area" else Image.Resampling.BICUBIC
+        pixels = np.asarray(Image.fromarray(pixels).resize((size, size), method))
+    return Fitted(pixels, height, width, fit)
+
+
+def finish_image(image: Image.Image | np.ndarray, size: int, color: Color = "rgb") -> np.ndarray:
+    """The pixels of :func:`fit_image` alone (for models that take them: training, img2img sources)."""
+    return fit_image(image, size, color).pixels
 
 
 def image_row(
     id: str,
-    pixels: np.ndarray,
+    pixels: Fitted | np.ndarray,
     *,
     encoding: Encoding,
     quality: int,
     label: int,
     source: str,
     mode: str,
+    family: str | None = None,
     model_ref: str | None = None,
     scheduler: str | None = None,
     steps: int | None = None,
@@ -132,17 +193,33 @@ def image_row(
     seed: int | None = None,
     prompt: str | None = None,
     source_image_id: str | None = None,
+    source_image_ids: Sequence[str] | None = None,
+    generator_training: bool | None = None,
 ) -> dict:
-    """A row of IMAGE_SCHEMA for finished pixels (see :func:`finish_image`)."""
+    """A row of IMAGE_SCHEMA for fitted pixels (see :func:`fit_image`; a bare array counts as kept as it was).
+
+    ``family`` defaults to "real" for reals and to ``mode`` for fakes; ``source_image_ids`` (every real image the
+    fake uses) to [source_image_id]; ``generator_training`` is for reals only (whether a generator trained on it).
+    """
     if label not in (REAL, FAKE):
         raise DataError(f"image {id}: label must be 0 (real) or 1 (fake), got {label!r}")
+    if label == FAKE and generator_training is not None:
+        raise DataError(f"image {id}: generator_training is recorded for real images only (this one is fake)")
+    if source_image_ids is not None and source_image_id is not None and source_image_ids[:1] != [source_image_id]:
+        raise DataError(f"image {id}: source_image_id {source_image_id!r} is not the first of source_image_ids "
+                        f"{list(source_image_ids)}")
+    parents = list(source_image_ids) if source_image_ids else ([source_image_id] if source_image_id else None)
+    fitted = pixels if isinstance(pixels, Fitted) else Fitted(pixels, pixels.shape[0], pixels.shape[1], "none")
+    pixels = fitted.pixels
     return {
         "id": id,
         "image": encode_image(pixels, encoding, quality),
         "encoding": encoding,
+        "quality": quality if encoding == "jpeg" else None,
         "label": label,
         "source": source,
         "mode": mode,
+        "family": family or ("real" if label == REAL else mode),
         "model_ref": model_ref,
         "scheduler": scheduler,
         "steps": steps,
@@ -150,9 +227,14 @@ def image_row(
         "strength": strength,
         "seed": seed,
         "prompt": prompt,
-        "source_image_id": source_image_id,
+        "source_image_id": parents[0] if parents else None,
+        "source_image_ids": parents,
+        "generator_training": generator_training,
         "width": int(pixels.shape[1]),
         "height": int(pixels.shape[0]),
+        "native_width": int(fitted.native_width),
+        "native_height": int(fitted.native_height),
+        "fit": fitted.fit,
         "content_hash": content_hash(pixels),
     }
 
