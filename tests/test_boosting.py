@@ -1,11 +1,11 @@
-"""Momentum difficulty boosting: EMA, normalisation (global and per group), clipping, warm-up, baselines, state, and
-the gather across two real gloo processes giving identical state."""
+"""Momentum difficulty boosting in one process: the EMA and its time constant, the re-base after warm-up, the
+rank-based weights shrunk by the reliability of the difficulty, their bounds, the normalisation units, the weighted
+loss, the epoch record (effective batch size), the baselines and the state round trip. Two gloo workers:
+tests/test_boosting_ddp.py."""
 
 from __future__ import annotations
 
-import json
 import math
-import socket
 
 import numpy as np
 import pytest
@@ -13,105 +13,181 @@ import torch
 import torch.nn.functional as F
 
 from shared.configs.train_detector import BoostingConfig
-from shared.detection.boosting import Booster, DifficultyState, torch_all_gather
-from shared.errors import ModelError
+from shared.detection.boosting import Booster, DifficultyState, average_ranks, rank_weights
+from shared.errors import DataError, ModelError
 
 
 def test_first_sight_sets_m_then_ema_and_duplicates_are_averaged():
     st = DifficultyState([0, 0, 1, 1], ["a", "b"], beta=0.9)
     st.update(torch.tensor([0, 2]), torch.tensor([1.0, 2.0]))
     assert st.m.tolist() == [1.0, 0.0, 2.0, 0.0]
+    assert st.q.tolist() == [1.0, 0.0, 1.0, 0.0]
     assert st.seen.tolist() == [True, False, True, False]
+    assert np.isnan(st.r).all()  # no repeated measurement yet
     st.update(torch.tensor([0, 1]), torch.tensor([3.0, 5.0]))
-    assert st.m[0].item() == pytest.approx(0.9 * 1.0 + 0.1 * 3.0)  # EMA of a seen sample
-    assert st.m[1].item() == 5.0  # first sight: m = d, not 0.1 * d
+    assert st.m[0] == pytest.approx(0.9 * 1.0 + 0.1 * 3.0)  # EMA of a seen sample
+    assert st.q[0] == pytest.approx(0.81 + 0.01)  # the sum of the squared EMA weights
+    assert st.r[0] == pytest.approx((3.0 - 1.0) / math.sqrt(2.0))  # innovation over its standard deviation
+    assert st.m[1] == 5.0  # first sight: m = d, not 0.1 * d
     st.update(torch.tensor([3, 3, 2]), torch.tensor([1.0, 3.0, 2.0]))  # index 3 twice in one step: mean 2.0
-    assert st.m[3].item() == 2.0
-    assert st.m[2].item() == pytest.approx(2.0)
+    assert st.m[3] == 2.0
+    assert st.m[2] == pytest.approx(2.0)
+    st.update([1], [1.0], beta=0.0)  # a re-base: the new difficulty alone
+    assert (st.m[1], st.q[1]) == (1.0, 1.0)
     with pytest.raises(IndexError):
         st.update(torch.tensor([4]), torch.tensor([1.0]))
+    st.update([0], [1.0], labels=[1])
+    with pytest.raises(DataError, match="sample 0 was tracked with label 1, now 0"):
+        st.update([0], [1.0], labels=[0])
 
 
-def _random_state(seed: int = 0, n: int = 200, groups: int = 4, steps: int = 30) -> DifficultyState:
-    rng = np.random.default_rng(seed)
-    st = DifficultyState(rng.integers(0, groups, n), [f"g{i}" for i in range(groups)], beta=0.8)
-    for _ in range(steps):
-        idx = rng.choice(n, size=16, replace=False)
-        st.update(torch.from_numpy(idx), torch.from_numpy(rng.gamma(2.0, 0.5, 16) * (1 + st.groups[idx])))
-    return st
+@pytest.mark.parametrize("tau", [1.0, 2.0, 5.0])
+def test_the_time_constant_is_in_epochs(tau):
+    """A step change of the difficulty is 1 - 1/e of the way through after tau epochs (one sighting per epoch),
+    whatever tau; with beta = 0.9 per update that took 10 epochs however short the run."""
+    b = Booster(BoostingConfig(tau_epochs=tau, warmup_epochs=0), [0, 1], ["real", "fake"])
+    assert b.state.beta == pytest.approx(math.exp(-1.0 / tau))
+    b.track([0, 1], [1.0, 1.0], epoch=0, labels=[0, 1])
+    for epoch in range(1, int(tau) + 1):
+        b.track([0, 1], [0.0, 0.0], epoch=epoch, labels=[0, 1])
+    assert 1.0 - b.state.m[0] == pytest.approx(1.0 - math.exp(-1.0), rel=1e-9)
 
 
-def test_zscores_match_numpy_globally_and_per_group():
-    st = _random_state()
-    m, seen, groups = st.m, st.seen, st.groups
-    assert 0 < seen.sum() < len(m)  # some samples never seen: they must not count
-    idx = np.flatnonzero(seen)[:40]
-    tracked = m[seen]
-    expected = (m[idx] - tracked.mean()) / tracked.std()
-    np.testing.assert_allclose(st.zscores(torch.from_numpy(idx), "global"), expected, rtol=1e-9, atol=1e-9)
-    per_group = []
-    for i in idx:
-        peers = m[seen & (groups == groups[i])]
-        per_group.append((m[i] - peers.mean()) / peers.std())
-    np.testing.assert_allclose(st.zscores(torch.from_numpy(idx), "group"), per_group, rtol=1e-9, atol=1e-9)
-    # group normalisation removes the group offset that global normalisation keeps
-    z_global = st.zscores(np.flatnonzero(seen), "global")
-    z_group = st.zscores(np.flatnonzero(seen), "group")
-    g = groups[seen]
-    assert z_global[g == 3].mean() > 0.5 > abs(z_group[g == 3].mean())
+def test_the_last_warmup_epoch_rebases_m_on_its_own_difficulty():
+    b = Booster(BoostingConfig(warmup_epochs=3, tau_epochs=2.0), [0, 0], ["real", "fake"])
+    b.track([0, 1], [5.0, 4.0], epoch=0, labels=[0, 0])  # random-init losses
+    b.track([0, 1], [3.0, 3.0], epoch=1, labels=[0, 0])
+    assert b.state.m[0] > 3.0  # still remembers epoch 0
+    b.track([0, 1], [0.2, 0.7], epoch=2, labels=[0, 0])  # the last warm-up epoch
+    assert b.state.m.tolist() == [0.2, 0.7]
+    assert b.state.q.tolist() == [1.0, 1.0]
+    b.track([0, 1], [0.4, 0.7], epoch=3, labels=[0, 0])  # boosted: the EMA again
+    assert b.state.m[0] == pytest.approx(math.exp(-0.5) * 0.2 + (1 - math.exp(-0.5)) * 0.4)
 
 
-def test_zero_spread_gives_zero_z_and_incremental_sums_stay_exact():
-    st = DifficultyState([0, 0, 1], ["a", "b"], beta=0.9)
-    st.update(torch.tensor([0, 2]), torch.tensor([0.7, 0.3]))
-    assert st.zscores(torch.tensor([0, 2]), "group").tolist() == [0.0, 0.0]  # one tracked sample per group
-    st = _random_state(seed=3, steps=300)
-    before = (st.count.copy(), st.total.copy(), st.total_sq.copy())
-    st.refresh()
-    for a, b in zip(before, (st.count, st.total, st.total_sq)):
-        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
+def test_average_ranks_share_ties():
+    assert average_ranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+
+
+def test_rank_weights_are_bounded_geometric_and_shrunk_by_the_noise():
+    rng = np.random.default_rng(0)
+    n = 500
+    true = rng.gamma(2.0, 0.5, n)
+    w_min, w_max = 0.5, 2.0
+    # noiseless difficulty (innovations all equal): reliability 1, ranks mapped onto the whole range
+    w, rec = rank_weights(true, np.full(n, 1.0), np.zeros(n), w_min, w_max)
+    assert rec["reliability"] == 1.0
+    assert w_min <= w.min() < 0.51
+    assert 1.98 < w.max() <= w_max
+    assert np.median(w) == pytest.approx(1.0, abs=0.01)
+    assert np.array_equal(np.argsort(w, kind="stable"), np.argsort(true, kind="stable"))  # monotone in m
+    assert w[np.argmax(true)] == pytest.approx(w_max ** (1 - 1 / n))  # geometric in the rank
+    # pure noise: m = noise (q = 1), innovations of the same noise: the weights stay near 1 where a z-score
+    # would have stretched them over the full range
+    noise = rng.normal(0.0, 0.3, n)
+    w, rec = rank_weights(1.0 + noise, np.ones(n), rng.normal(0.0, 0.3, n), w_min, w_max)
+    assert rec["reliability"] < 0.15
+    assert 0.88 < w.min()
+    assert w.max() < 1.12
+    # signal as large as the noise: about half the log-range
+    m = true / true.std() * 0.3 + noise
+    w, rec = rank_weights(m, np.ones(n), rng.normal(0.0, 0.3, n), w_min, w_max)
+    assert 0.35 < rec["reliability"] < 0.65
+    assert w.max() < w_max ** 0.7
+    assert w.min() > w_min ** 0.7
+    # no repeated measurement (no innovations) or no spread: no evidence of a signal, all weights 1
+    for m, r in ((true, np.full(n, np.nan)), (np.ones(n), np.zeros(n))):
+        w, rec = rank_weights(m, np.ones(n), r, w_min, w_max)
+        assert rec["reliability"] == 0.0
+        assert np.all(w == 1.0)
+
+
+def _fixed_difficulty_booster(within: str) -> Booster:
+    """Six reals, easy (0.1..0.6); fakes hard, three from source A (1.1..1.3), three from B (1.4..1.6); every
+    sample seen twice with the same difficulty (noise 0: reliability 1), each time followed by an epoch end."""
+    groups = [0] * 6 + [1] * 3 + [2] * 3
+    labels = np.array([0] * 6 + [1] * 6)
+    d = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6])
+    b = Booster(BoostingConfig(within=within, warmup_epochs=1, w_min=0.5, w_max=2.0), groups,
+                ["lfw/real", "A/fake", "B/fake"])
+    for epoch in range(2):
+        b.track(np.arange(12), d, epoch=epoch, labels=labels)
+        b.end_epoch(epoch)
+    return b
+
+
+def test_normalisation_within_class_source_or_globally():
+    w_class = _fixed_difficulty_booster("class").weights(np.arange(12), epoch=2).numpy()
+    # within class: the hardest real weighs as much as the hardest fake, although every fake is harder
+    np.testing.assert_allclose(w_class[:6], w_class[6:])
+    assert w_class[5] == pytest.approx(2.0 ** (5 / 6))
+    assert w_class[0] * w_class[5] == pytest.approx(1.0)  # geometric: symmetric around 1
+    w_global = _fixed_difficulty_booster("global").weights(np.arange(12), epoch=2).numpy()
+    assert (w_global[:6] < 1.0).all()
+    assert (w_global[6:] > 1.0).all()
+    w_source = _fixed_difficulty_booster("source").weights(np.arange(12), epoch=2).numpy()
+    np.testing.assert_allclose(w_source[6:9], w_source[9:])  # each source ranked on its own, even the easier one
+    assert w_source[6] < 1.0 < w_source[8]
+    for w in (w_class, w_global, w_source):
+        assert 0.5 <= w.min()
+        assert w.max() <= 2.0
+        assert np.all(np.diff(w[:6]) > 0)  # harder reals weigh more in every unit
+    with pytest.raises(ModelError, match="tracked without its label"):
+        unlabelled = Booster(BoostingConfig(), [0, 1], ["real", "fake"])
+        unlabelled.track([0, 1], [0.1, 0.2])
+        unlabelled.end_epoch(0)
 
 
 def _booster(**kw) -> Booster:
     return Booster(BoostingConfig(**kw), [0, 0, 0, 1, 1, 1], ["real", "fake"])
 
 
-def test_weights_are_exp_of_alpha_z_clipped():
-    b = _booster(alpha=2.0, w_min=0.5, w_max=3.0, normalize="global", warmup_epochs=0)
-    b.state.update(torch.arange(6), torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 5.0]))
-    idx = torch.arange(6)
-    z = b.state.zscores(idx, "global")
-    w = b.weights(idx, epoch=0)
-    np.testing.assert_allclose(w.numpy(), np.clip(np.exp(2.0 * z), 0.5, 3.0))
-    assert w.max().item() == 3.0
-    assert w.min().item() == 0.5
+LOGITS = [[2.0, -1.0], [0.0, 0.0], [-1.0, 2.0], [1.0, 1.5], [3.0, -2.0], [0.5, 0.0]]
+LABELS = [0, 0, 0, 1, 1, 1]
 
 
-def test_warmup_is_uniform_then_the_loss_is_the_weighted_mean():
-    b = _booster(warmup_epochs=1, normalize="global", alpha=1.0)
-    logits = torch.tensor([[2.0, -1.0], [0.0, 0.0], [-1.0, 2.0], [1.0, 1.5], [3.0, -2.0], [0.5, 0.0]],
-                          requires_grad=True)
-    labels = torch.tensor([0, 0, 0, 1, 1, 1])
-    idx = torch.arange(6)
+def test_warmup_is_uniform_then_the_loss_is_the_weighted_mean_with_last_epochs_weights():
+    b = _booster(warmup_epochs=2, within="global")
+    logits = torch.tensor(LOGITS, requires_grad=True)
+    labels, idx = torch.tensor(LABELS), torch.arange(6)
     ce = F.cross_entropy(logits, labels, reduction="none")
-    loss, w = b(logits, labels, idx, epoch=0)
-    assert torch.equal(w, torch.ones(6, dtype=w.dtype))
-    assert loss.item() == pytest.approx(ce.mean().item())
+    for epoch in range(2):
+        loss, w = b(logits, labels, idx, epoch=epoch)
+        assert torch.equal(w, torch.ones(6))
+        assert loss.item() == pytest.approx(ce.mean().item())
+        record = b.end_epoch(epoch)
+        assert not record["boosting"]
     assert b.state.seen.all()  # tracked during the warm-up
-    loss, w = b(logits, labels, idx, epoch=1)
-    m = 0.9 * ce.detach().double() + 0.1 * ce.detach().double()  # second sight of the same losses: m = d
-    z = (m - m.mean()) / m.std(unbiased=False)
-    expected_w = torch.exp(z).clamp(0.25, 4.0)
-    np.testing.assert_allclose(w.detach().numpy(), expected_w.float().numpy(), rtol=1e-5)
-    assert loss.item() == pytest.approx((expected_w.float() * ce).sum().item() / expected_w.sum().item(), rel=1e-5)
+    expected = torch.from_numpy(b.state.w.copy())  # set at the end of epoch 1 (identical losses: reliability 1)
+    assert record["next_weights"]["units"][0]["reliability"] == 1.0
+    loss, w = b(logits, labels, idx, epoch=2)
+    np.testing.assert_allclose(w.detach().numpy(), expected.float().numpy(), rtol=1e-6)
+    hardest = int(ce.argmax())
+    assert w[hardest].item() == pytest.approx(2.0 ** (5 / 6), rel=1e-6)
+    assert loss.item() == pytest.approx((w * ce).sum().item() / w.sum().item(), rel=1e-6)
     assert loss.item() > ce.mean().item()  # the hard samples weigh more
     loss.backward()  # weights are constants: the gradient flows through the losses only
     assert logits.grad is not None
     assert not w.requires_grad
+    record = b.end_epoch(2)
+    assert record["boosting"]
+    ws = w.double()
+    assert record["weights"]["effective_batch_size"] == pytest.approx((ws.sum() ** 2 / (ws ** 2).sum()).item())
+    assert record["weights"]["effective_batch_size"] < 6
+    assert record["weights"]["min"] == pytest.approx(ws.min().item())
+    assert record["weights"]["max"] == pytest.approx(ws.max().item())
+    assert record["weights"]["mean"] == pytest.approx(ws.mean().item())
+
+
+def test_a_given_difficulty_replaces_the_one_from_the_logits():
+    b = _booster()
+    clean = torch.tensor([0.5, 0.1, 0.9, 0.2, 0.3, 0.4])
+    b(torch.tensor(LOGITS), torch.tensor(LABELS), torch.arange(6), epoch=0, difficulty=clean)
+    np.testing.assert_allclose(b.state.m, clean.double().numpy(), rtol=1e-6)
 
 
 def test_baselines_focal_and_ohem_and_uniform_track_too():
-    logits = torch.tensor([[2.0, -1.0], [0.0, 0.0], [-1.0, 2.0], [1.0, 1.5]])
+    logits = torch.tensor(LOGITS[:4])
     labels = torch.tensor([0, 0, 0, 1])
     idx = torch.tensor([0, 1, 2, 3])
     ce = F.cross_entropy(logits, labels, reduction="none")
@@ -129,82 +205,24 @@ def test_baselines_focal_and_ohem_and_uniform_track_too():
 
 def test_end_epoch_history_and_state_roundtrip():
     b = _booster(warmup_epochs=0)
-    logits = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
-    b(logits, torch.tensor([0, 0, 0, 1, 1, 1]), torch.arange(6), epoch=0)
-    record = b.end_epoch(0)
+    for epoch in range(2):
+        logits = torch.randn(6, 2, generator=torch.Generator().manual_seed(epoch))
+        b(logits, torch.tensor(LABELS), torch.arange(6), epoch=epoch)
+        record = b.end_epoch(epoch)
     assert [g["group"] for g in record["groups"]] == ["real", "fake"]
     assert record["groups"][0]["tracked"] == 3
     assert record["groups"][0]["mean_weight"] is not None
+    assert [u["unit"] for u in record["next_weights"]["units"]] == ["real", "fake"]
+    assert not np.all(b.state.w == 1.0)
     other = _booster(warmup_epochs=0)
     other.load_state_dict(b.state_dict())
     assert other.state.checksum() == b.state.checksum()
     assert other.history == b.history
+    assert torch.equal(other.weights(torch.arange(6), 2), b.weights(torch.arange(6), 2))
     wrong = Booster(BoostingConfig(), [0, 1, 1], ["real", "fake"])
     with pytest.raises(ModelError, match="does not match this mixture"):
         wrong.load_state_dict(b.state_dict())
-
-
-# --- two real processes over gloo ------------------------------------------------------------------------------------
-
-N, STEPS = 40, 6
-
-
-def _batches(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rank 0 gets 5 samples, rank 1 gets 3 (different lengths exercise the padded gather); disjoint indices."""
-    g = torch.Generator().manual_seed(1000 * step + rank)
-    size = 5 if rank == 0 else 3
-    idx = (torch.randperm(N // 2, generator=g)[:size] * 2 + rank)  # even indices on rank 0, odd on rank 1
-    logits = torch.randn(size, 2, generator=g)
-    labels = (idx % 4 == 0).long()
-    return logits, labels, idx
-
-
-def _groups() -> list[int]:
-    return [i % 3 for i in range(N)]
-
-
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        gathered = torch_all_gather(torch.arange(rank + 2, dtype=torch.float64))  # lengths 2 and 3
-        booster = Booster(BoostingConfig(warmup_epochs=1), _groups(), ["a", "b", "c"])  # default gather: dist
-        weights = []
-        for step in range(STEPS):
-            logits, labels, idx = _batches(rank, step)
-            _, w = booster(logits, labels, idx, epoch=step // 3)
-            weights.append(w.tolist())
-        with open(f"{out}/rank{rank}.json", "w") as f:
-            json.dump({"gathered": gathered.tolist(), "m": booster.state.m.tolist(),
-                       "seen": booster.state.seen.tolist(), "checksum": booster.state.checksum(),
-                       "weights": weights}, f)
-    finally:
-        dist.destroy_process_group()
-
-
-def test_ddp_gather_on_two_gloo_processes_gives_identical_state(tmp_path):
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert r0["gathered"] == r1["gathered"] == [0.0, 1.0, 0.0, 1.0, 2.0]
-    assert r0["checksum"] == r1["checksum"]
-    assert r0["m"] == r1["m"]
-    assert r0["seen"] == r1["seen"]
-
-    # The same as one process that sees both ranks' batches, in rank order, at every step.
-    reference = Booster(BoostingConfig(warmup_epochs=1), _groups(), ["a", "b", "c"])
-    for step in range(STEPS):
-        parts = [_batches(r, step) for r in (0, 1)]
-        reference.track(torch.cat([p[2] for p in parts]),
-                        torch.cat([F.cross_entropy(p[0], p[1], reduction="none") for p in parts]))
-        for rank, rec in ((0, r0), (1, r1)):
-            expected = reference.weights(parts[rank][2], epoch=step // 3)
-            np.testing.assert_allclose(rec["weights"][step], expected.float().numpy(), rtol=1e-6)
-    assert reference.state.checksum() == r0["checksum"]
-    assert sum(r0["seen"]) > 0
-    assert not all(math.isclose(w, 1.0) for w in r0["weights"][-1])
+    old = b.state_dict()
+    del old["difficulty"]["q"]
+    with pytest.raises(ModelError, match="without q"):
+        other.load_state_dict(old)

@@ -116,9 +116,11 @@ class AugmentConfig(StrictModel):
 
 class BoostingConfig(StrictModel):
     """Per-sample weighting of the loss. 'momentum' is momentum difficulty boosting (a reconstruction of the Diffusion
-    Deepfake paper's description): d_i = the detached per-sample loss, m_i <- beta*m_i + (1-beta)*d_i (m_i = d_i on
-    first sight), z_i = m_i normalised over the tracked samples (globally or within its (source, label) group),
-    w_i = clip(exp(alpha*z_i), w_min, w_max), loss = sum(w_i*l_i)/sum(w_i); uniform weights during the warm-up.
+    Deepfake paper's description; the equations are in shared/detection/boosting.py): d_i = the detached loss of the
+    clean view, m_i = its moving average with time constant tau_epochs (re-based on the last warm-up epoch), and at
+    every epoch's end the next epoch's weights: the rank of m_i within its class (or source, or all samples) mapped
+    geometrically into [w_min, w_max], shrunk towards 1 by the reliability of m (how much of its spread is not
+    noise); loss = sum(w_i*l_i)/sum(w_i) over every worker's batch; uniform weights during the warm-up.
     Baselines: 'uniform' (plain mean), 'focal' (focal loss, Lin et al. 2017), 'ohem' (mean of the hardest fraction of
     each worker's batch, Shrivastava et al. 2016). Every method tracks m_i, so the difficulty history exists for all."""
 
@@ -126,18 +128,23 @@ class BoostingConfig(StrictModel):
     """Weighting method (see above)."""
     difficulty: Literal["loss", "one_minus_p"] = "loss"
     """d_i: the per-sample cross-entropy, or 1 - p(true class)."""
-    beta: float = Field(0.9, ge=0.0, lt=1.0)
-    """EMA momentum of m_i."""
-    alpha: float = Field(1.0, ge=0.0, le=10.0)
-    """Sharpness of w_i = exp(alpha * z_i)."""
-    w_min: float = Field(0.25, gt=0.0)
-    """Lower clip of w_i."""
-    w_max: float = Field(4.0, gt=0.0)
-    """Upper clip of w_i."""
-    normalize: Literal["global", "group"] = "group"
-    """z_i over all tracked samples, or within the sample's (source, label) group (heterogeneous sources)."""
-    warmup_epochs: int = Field(1, ge=0)
-    """Epochs with uniform weights (m_i is tracked meanwhile)."""
+    difficulty_view: Literal["clean", "augmented"] = "clean"
+    """clean: d_i from an extra forward pass (no gradient, evaluation mode) on the resized, non-augmented images, so
+    augmentation draws do not count as difficulty; augmented: from the training forward (no extra cost)."""
+    tau_epochs: float = Field(1.5, gt=0.0, le=1000.0)
+    """Time constant of m_i in epochs: beta = exp(-1/tau_epochs) per sighting (a sample is seen once per epoch), so
+    a difficulty measured k epochs ago weighs exp(-k/tau_epochs) relative to a fresh one, whatever the run length."""
+    w_min: float = Field(0.5, gt=0.0)
+    """Smallest weight (the easiest sample of a unit whose difficulty is fully reliable)."""
+    w_max: float = Field(2.0, gt=0.0)
+    """Largest weight (the hardest sample of a unit whose difficulty is fully reliable)."""
+    within: Literal["class", "source", "global"] = "class"
+    """Normalisation unit of the ranks: the sample's class (real / fake), its (source, label) group (up-weights the
+    hardest of every source, even of near-identical ones), or all samples."""
+    warmup_epochs: int = Field(2, ge=0)
+    """Epochs with uniform weights (m_i is tracked meanwhile; the last one re-bases m_i on its own difficulty). The
+    weights need a repeated measurement to estimate the noise, so they stay 1 in a first boosted epoch that follows
+    fewer than 2 tracked epochs."""
     focal_gamma: float = Field(2.0, ge=0.0, le=10.0)
     """focal: the focusing parameter gamma."""
     ohem_fraction: float = Field(0.5, gt=0.0, le=1.0)
@@ -188,6 +195,10 @@ class DetectorConfig(JobConfig):
     """AdamW learning rate."""
     weight_decay: float = Field(1e-4, ge=0.0)
     """AdamW weight decay."""
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    """Learning rate after the warm-up: half a cosine from lr down to 0 over the whole run, or constant."""
+    warmup_steps: int = Field(20, ge=0, le=100_000)
+    """Optimiser steps of linear learning-rate warm-up (from lr/warmup_steps to lr) at the start of the run."""
     seed: int = 0
     """Seed of initialisation, augmentations and shuffling (each worker adds its rank)."""
     runtime: DetectorRuntime = DetectorRuntime()
@@ -218,4 +229,5 @@ class DetectorConfig(JobConfig):
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must share with this config to be resumed (epochs, workers and storage may change)."""
         return self.model_dump(mode="json", include={"sources", "split", "model", "input_size", "augment", "boosting",
-                                                     "batch_size", "lr", "weight_decay", "seed"})
+                                                     "batch_size", "lr", "weight_decay", "lr_schedule",
+                                                     "warmup_steps", "seed"})

@@ -4,6 +4,10 @@ weighted training, validation over the whole split, and the state a checkpoint h
 The Ray Train loop (``ray_jobs/train_detector.py``) and the bare-PyTorch benchmark baseline run the same
 :class:`DetectorTrainer`; across workers it needs only ``gather`` (concatenate a 1-D tensor from every worker in rank
 order: ``shared.detection.boosting.default_gather()`` under ``torch.distributed``, identity in one process).
+
+The learning rate follows ``cfg.lr_schedule`` (linear warm-up over ``cfg.warmup_steps``, then a cosine over the
+whole run), set before every optimiser step; the run's length in steps is ``cfg.epochs`` times the steps per epoch,
+given (``steps_per_epoch=``) or counted in the first epoch this trainer runs (the cosine stays flat until then).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from shared.detection.augment import resize_batch, to_tensor
 from shared.detection.backbones import DetectorSpec, build_detector, fake_probability, unwrap
 from shared.detection.boosting import Booster, Gather, default_gather
 from shared.detection.metrics import accuracy, average_precision, roc_auc
-from shared.detection.training import train_step
+from shared.detection.training import lr_factor, train_step
 
 Batch = dict[str, np.ndarray]
 """Decoded rows: "image" (B, H, W, 3) uint8, "label" (B,), "index" (B,) global sample indices."""
@@ -46,7 +50,7 @@ class DetectorTrainer:
 
     def __init__(self, cfg: Any, spec: DetectorSpec, groups: Any, group_names: list[str], *, rank: int = 0,
                  device: torch.device | str = "cpu", wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-                 gather: Gather | None = None, pretrained: bool = True):
+                 gather: Gather | None = None, pretrained: bool = True, steps_per_epoch: int | None = None):
         self.cfg, self.spec, self.rank, self.device = cfg, spec, rank, torch.device(device)
         torch.manual_seed(cfg.seed)
         self.rng = np.random.default_rng([cfg.seed, rank])
@@ -58,6 +62,15 @@ class DetectorTrainer:
         self.gather = gather
         self.history: list[dict[str, Any]] = []
         self.next_epoch = 0
+        self.step = 0
+        """Optimiser steps taken so far (the schedule's position)."""
+        self.steps_per_epoch = steps_per_epoch
+        """This worker's batches per epoch (None until the first epoch has counted them)."""
+
+    def learning_rate(self) -> float:
+        """The learning rate of the next optimiser step."""
+        total = None if self.steps_per_epoch is None else self.cfg.epochs * self.steps_per_epoch
+        return self.cfg.lr * lr_factor(self.step, total, self.cfg.warmup_steps, self.cfg.lr_schedule)
 
     def _gather(self, values: torch.Tensor) -> torch.Tensor:
         return (self.gather or default_gather())(values)
@@ -68,13 +81,20 @@ class DetectorTrainer:
         started, cpu_started = time.perf_counter(), time.process_time()
         self.model.train()
         local = torch.zeros(2, dtype=torch.float64)
+        steps = 0
         for batch in batches:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.learning_rate()
             loss, n = train_step(self.model, self.optimizer, self.booster, batch, epoch, self.spec, self.cfg.augment,
                                  self.rng, self.device)
             local += torch.tensor([loss * n, n], dtype=torch.float64)
+            self.step += 1
+            steps += 1
             if on_batch is not None:
                 on_batch(loss)
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        if self.steps_per_epoch is None:
+            self.steps_per_epoch = steps
         totals = self._gather(local).reshape(-1, 2).sum(dim=0)
         return EpochTotals(float(totals[0]), int(totals[1]), seconds, cpu)
 
@@ -101,8 +121,11 @@ class DetectorTrainer:
     def end_epoch(self, epoch: int, totals: EpochTotals, val: dict[str, float]) -> tuple[dict[str, Any], dict]:
         """Close the epoch: the booster's epoch summary, the epoch's metrics (appended to :attr:`history`), and the
         hardest group (for the progress line)."""
-        groups = self.booster.end_epoch(epoch)["groups"]
+        record = self.booster.end_epoch(epoch)
+        groups, weights = record["groups"], record["weights"]
         metrics = {"epoch": epoch, "train_loss": totals.loss, **val, "train_samples": totals.samples,
+                   "lr": self.optimizer.param_groups[0]["lr"], "effective_batch_size": weights["effective_batch_size"],
+                   "weight_min": weights["min"], "weight_max": weights["max"],
                    "samples_per_second": totals.samples / max(totals.seconds, 1e-9),
                    "train_cpu_seconds_rank0": totals.cpu_seconds, "epoch_seconds": totals.seconds,
                    "state_checksum": self.booster.state.checksum()}
@@ -119,7 +142,8 @@ class DetectorTrainer:
     def state_dict(self) -> dict[str, Any]:
         """Model, optimiser, difficulty state, the last finished epoch and the history (weights_only-safe)."""
         return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
-                "booster": self.booster.state_dict(), "epoch": self.next_epoch - 1, "history": self.history}
+                "booster": self.booster.state_dict(), "epoch": self.next_epoch - 1, "history": self.history,
+                "step": self.step, "steps_per_epoch": self.steps_per_epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         unwrap(self.model).load_state_dict(state["model"])
@@ -127,3 +151,5 @@ class DetectorTrainer:
         self.booster.load_state_dict(state["booster"])
         self.history = list(state["history"])
         self.next_epoch = int(state["epoch"]) + 1
+        self.step = int(state["step"])
+        self.steps_per_epoch = self.steps_per_epoch or state["steps_per_epoch"]
