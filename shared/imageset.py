@@ -28,7 +28,6 @@ IMAGE_SCHEMA = pa.schema(
         pa.field("id", pa.string(), nullable=False),  # unique within a dataset
         pa.field("image", pa.binary(), nullable=False),  # encoded bytes (PNG or JPEG)
         pa.field("encoding", pa.string(), nullable=False),  # "png" | "jpeg"
-        pa.field("quality", pa.int32()),  # JPEG quality (null for PNG)
         pa.field("label", pa.int8(), nullable=False),  # 0 real, 1 fake
         pa.field("source", pa.string(), nullable=False),  # generator name for fakes, real collection name for reals
         pa.field("mode", pa.string(), nullable=False),  # real | unconditional | text2img | img2img | gan | collected
@@ -48,6 +47,7 @@ IMAGE_SCHEMA = pa.schema(
         pa.field("native_width", pa.int32()),  # size before fit_image (the generator's or the file's own)
         pa.field("native_height", pa.int32()),
         pa.field("fit", pa.string()),  # how it became width x height: none | crop | area | bicubic (see fit_image)
+        pa.field("quality", pa.int32()),  # JPEG quality (null for PNG)
         pa.field("content_hash", pa.string(), nullable=False),  # sha256 of the decoded RGB pixels
     ]
 )
