@@ -269,8 +269,8 @@ def make_spec(model: Any, input_size: int, storage: StorageConfig | None = None)
     if model.kind == "pretrained-probe":
         from shared.detection.features import describe_backbone
 
-        pre = describe_backbone(model.reference, storage).preprocess
-        return replace(spec, input_size=pre.size, mean=pre.mean, std=pre.std)
+        backbone = describe_backbone(model.reference, storage).preprocess
+        return replace(spec, input_size=backbone.size, mean=backbone.mean, std=backbone.std)
     config_cls, _ = _hf_classes(model.kind)
     if model.reference:
         from shared.detection.features import read_preprocess
@@ -278,9 +278,9 @@ def make_spec(model: Any, input_size: int, storage: StorageConfig | None = None)
 
         where = resolve_model(model.reference, storage)
         if clip and Path(where).is_dir():
-            pre = read_preprocess(where, repr(model.reference))
-            if pre is not None:
-                spec = replace(spec, mean=pre.mean, std=pre.std)
+            processor = read_preprocess(where, repr(model.reference))
+            if processor is not None:
+                spec = replace(spec, mean=processor.mean, std=processor.std)
         try:
             cfg = config_cls.from_pretrained(where)
         except (OSError, ValueError) as exc:

@@ -124,7 +124,7 @@ def fused(net: EfficientNetLite0) -> EfficientNetLite0:
     for owner, conv, bn in pairs:
         setattr(owner, conv, fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, bn)))
         setattr(owner, bn, nn.Identity())
-    return out.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return out.to(memory_format=torch.channels_last)
 
 
 def wheel_weights() -> Path:
