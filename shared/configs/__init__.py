@@ -9,6 +9,7 @@ from shared.config import JobConfig
 from shared.configs.build_corpus import BuildCorpusConfig
 from shared.configs.curate import CurateConfig
 from shared.configs.curate_images import CurateImagesConfig
+from shared.configs.detector_study import DetectorStudyConfig
 from shared.configs.distill import DistillConfig
 from shared.configs.evaluate import EvaluateConfig
 from shared.configs.evaluate_detector import EvaluateDetectorConfig
@@ -35,6 +36,7 @@ JOB_CONFIGS: dict[str, type[JobConfig]] = {
         CurateImagesConfig,
         DetectorConfig,
         EvaluateDetectorConfig,
+        DetectorStudyConfig,
         StandinFacesConfig,
     )
 }

@@ -78,15 +78,26 @@ def augment_batch(images: np.ndarray, size: int, settings: Any, rng: np.random.G
     return np.stack([augment_image(im, size, settings, rng) for im in images])
 
 
+def downscale(image: np.ndarray, factor: float) -> np.ndarray:
+    """Down to ``factor`` of the size with area averaging (Pillow's BOX filter), back up bilinearly: the detail a
+    re-shared thumbnail loses."""
+    h, w = image.shape[:2]
+    small = Image.fromarray(image).resize((max(1, round(w * factor)), max(1, round(h * factor))), Image.Resampling.BOX)
+    return np.asarray(small.resize((w, h), Image.Resampling.BILINEAR))
+
+
 def perturb_batch(images: np.ndarray, kind: str, strength: float) -> np.ndarray:
-    """Deterministic perturbation of every image: ``clean``, ``jpeg`` (quality) or ``blur`` (sigma)."""
+    """Deterministic perturbation of every image: ``clean``, ``jpeg`` (quality), ``blur`` (sigma) or ``downscale``
+    (factor)."""
     if kind == "clean":
         return images
     if kind == "jpeg":
         return np.stack([jpeg(im, int(strength)) for im in images])
     if kind == "blur":
         return np.stack([blur(im, strength) for im in images])
-    raise ValueError(f"perturbation {kind!r}: use clean, jpeg or blur")
+    if kind == "downscale":
+        return np.stack([downscale(im, strength) for im in images])
+    raise ValueError(f"perturbation {kind!r}: use clean, jpeg, blur or downscale")
 
 
 def resize_batch(images: np.ndarray, size: int) -> np.ndarray:
