@@ -94,7 +94,8 @@ class GenerateActor:
 
 
 def _encode_real_batch(table: pa.Table, collection: str, cfg: GenerateConfig, ledger: Any) -> pa.Table:
-    result = encode_reals(table, collection, cfg.output)
+    trained = next(r.generator_training for r in cfg.reals if r.name == collection)
+    result = encode_reals(table, collection, cfg.output, trained)
     ray.get(ledger.record.remote(collection, result.table.num_rows, 0.0, result.drops))
     return result.table
 
@@ -197,9 +198,17 @@ def run(cfg: GenerateConfig, stage: Stage) -> dict[str, Any]:
 
     summary = ray.get(ledger.summary.remote())
     stage.outputs["dataset"] = "images"
-    from shared.diffusion.report import generate_report
+    from shared.diffusion.duplicates import source_duplicates
+    from shared.diffusion.report import generate_report, read_written
 
-    return generate_report(cfg, stage.store, wall, summary, shards)
+    metrics = generate_report(cfg, stage.store, wall, summary, shards)
+    written = read_written(stage.store, [f for files in shards.values() for f in files], ["id", "source", "image"])
+    metrics["near_duplicates"] = source_duplicates(written.column("id").to_pylist(),
+                                                   written.column("source").to_pylist(),
+                                                   written.column("image").to_pylist())
+    print(f"generate: {metrics['near_duplicates']['pairs']} near-duplicate pair(s) across sources "
+          f"{metrics['near_duplicates']['by_sources']}", flush=True)
+    return metrics
 
 
 def _write(ds: ray.data.Dataset, stage: Stage, source: str) -> list[str]:

@@ -13,6 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from shared.config import ActorPoolConfig, JobConfig, StrictModel
+from shared.configs.subsets import IdSubset
 
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
 """A source name: lowercase letters, digits, '_' and '-' (it names a folder and the `source` column)."""
@@ -23,12 +24,15 @@ Dtype = Literal["float32", "float16", "bfloat16"]
 
 
 class ImageFormat(StrictModel):
-    """How every image of a dataset is stored. Real and generated images go through the same resize and encoder,
-    so a detector cannot tell them apart by size, colour handling or file format."""
+    """How every image of a dataset is stored. Real and generated images go through the same geometry rule and
+    encoder (shared.imageset.fit_image, encode_image), so a detector cannot tell them apart by size, colour handling
+    or file format."""
 
     size: int = Field(64, ge=8, le=4096)
-    """Side of the square images written, in pixels; every image, real or generated, is resized to it with the same
-    bicubic resize (a no-op when it already has that size)."""
+    """Side of the square images written, in pixels. Every image, real or generated, takes the same rule: kept at
+    that size, centre-cropped when each side is at most size/8 px larger (lfw's 25 px faces -> 24), else resampled
+    (area averaging down, bicubic up; recorded per image in the `fit` column). Generate at this size, so that only
+    the sources that cannot be (a GAN's fixed 64 px) are resampled."""
     encoding: Literal["png", "jpeg"] = "png"
     """File format of the image bytes."""
     quality: int = Field(95, ge=1, le=100)
@@ -51,7 +55,11 @@ class RealSource(StrictModel):
     limit: int | None = Field(None, ge=1)
     """Use only the first N images (in id order for aliases and folders, file order for Parquet). Unset: all."""
     write: bool = True
-    """Write these images to the dataset (label 0, mode real), resized and encoded exactly like the fakes."""
+    """Write these images to the dataset (label 0, mode real), fitted and encoded exactly like the fakes."""
+    generator_training: IdSubset | None = None
+    """The subset of this collection that the generators of this dataset trained on: the `training_reals` of its
+    train-ddpm / train-vae stages (the same start, stop and seed). Recorded per image (column generator_training);
+    the detector split keeps those images and every fake made from them in its train split. Unset: null (unknown)."""
 
 
 class FacePrompts(StrictModel):
@@ -89,6 +97,9 @@ class _Generator(StrictModel):
 
     name: Name
     """Generator name: the `source` column of its images and the folder they are written to."""
+    family: Name | None = None
+    """Generator family (the `family` column): generators of one model or method share one (e.g. ddpm for a DDPM's
+    samplers and img2img strengths), the unit of leave-one-family-out studies. Unset: the mode."""
     seed: int | None = Field(None, ge=0)
     """Base seed. Each image gets its own torch.Generator, seeded from this and the image id, so an image is the same
     whatever batch or actor made it. Unset: derived from the job seed and the name."""
@@ -104,6 +115,12 @@ class _Generator(StrictModel):
     never on the batch it shared (matrix kernels round differently for different batch shapes, on CPUs and GPUs).
     false: batched model calls, faster (on GPUs most of all), same seeds, pixels may differ by rounding between
     batch sizes."""
+
+    @model_validator(mode="after")
+    def _family(self) -> _Generator:
+        if self.family is None:
+            self.family = str(getattr(self, "mode"))  # noqa: B009  (every generator kind declares its mode)
+        return self
 
 
 class _Diffusion(_Generator):
@@ -152,6 +169,9 @@ class Img2ImgGenerator(_Diffusion):
     """The real collection (a name under `reals`) whose images are the starting points. Required."""
     strength: float = Field(0.5, gt=0.0, le=1.0)
     """How far each source is noised: 0 keeps it, 1 starts from pure noise."""
+    source_subset: IdSubset | None = None
+    """Start only from the source images in this seeded subset of their ids (e.g. start 0, stop 0.5 and start 0.5,
+    stop 1 give two generators disjoint halves). Unset: every source image."""
     per_source: int = Field(1, ge=1, le=1000)
     """Images made from each source image (with different seeds)."""
     guidance: float = Field(7.5, ge=0.0)

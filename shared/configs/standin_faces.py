@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from shared.config import JobConfig
+from shared.configs.subsets import IdSubset
 
 StandinGenerator = Literal["pca", "blur", "noise", "morph", "swap"]
 
@@ -26,12 +27,16 @@ class StandinFacesConfig(JobConfig):
 
     JOB: ClassVar[str] = "standin-faces"
 
-    size: int = Field(32, ge=16, le=256)
-    """Side of the square images (reals and fakes go through the same bicubic resize and encoder)."""
+    size: int = Field(24, ge=16, le=256)
+    """Side of the square images (reals and fakes, made at lfw's 25 px, take the same fit and encoder: 24 is a
+    centre crop, other sizes resample)."""
     generators: list[StandinGenerator] = Field(default_factory=_all_generators, min_length=1)
     """Which stand-in fake processes to include (each is one 'source')."""
     reals: int = Field(100, ge=2, le=100)
     """How many of lfw_subset's 100 real faces to include."""
+    training_reals: IdSubset = Field(default_factory=lambda: IdSubset(stop=0.4))
+    """The reals the pca eigenface model is fitted on (ids 000-099, as in train-ddpm's training_reals), recorded
+    per real image (generator_training) so that the detector split keeps them in train."""
     fakes_per_generator: int = Field(100, ge=1, le=10000)
     """Fake images per generator."""
     encoding: Literal["png", "jpeg"] = "png"

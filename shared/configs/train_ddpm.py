@@ -7,6 +7,11 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from shared.config import JobConfig, TaskConfig
+from shared.configs.subsets import IdSubset
+
+
+def _training_reals() -> IdSubset:
+    return IdSubset(stop=0.4)
 
 
 class TrainDdpmConfig(JobConfig):
@@ -24,8 +29,13 @@ class TrainDdpmConfig(JobConfig):
     or a Parquet dataset with an `image` column (only its label 0 rows when it has a label column)."""
     limit: int | None = Field(None, ge=1)
     """Use only the first N images. Unset: all."""
-    image_size: int = Field(32, ge=8, le=512)
-    """Square training and sampling resolution (bicubic resize, as in the generate job)."""
+    training_reals: IdSubset = Field(default_factory=_training_reals)
+    """The only images trained on: the ids in this seeded subset (default: about 40 %). Give the generate stage's
+    real collection the same subset as `generator_training`, so the dataset records which reals a generator saw and
+    the detector split keeps them (and their fakes) out of val and test."""
+    image_size: int = Field(24, ge=8, le=512)
+    """Square training and sampling resolution: generate at the dataset's size. Images take the generate job's fit
+    (shared.imageset.fit_image: lfw's 25 px faces are centre-cropped to 24, no resampling)."""
     color: Literal["auto", "gray", "rgb"] = "auto"
     """gray trains a 1-channel model on luma; auto picks gray when every training image has equal channels."""
     widths: list[int] = [32, 64, 64]

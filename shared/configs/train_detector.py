@@ -109,8 +109,9 @@ class AugmentConfig(StrictModel):
 
     hflip: float = Field(0.5, ge=0.0, le=1.0)
     """Probability of a horizontal flip."""
-    crop_scale_min: float = Field(0.7, gt=0.0, le=1.0)
-    """Random resized crop: smallest area fraction kept (1.0: no cropping, only the resize to input_size)."""
+    crop_scale_min: float = Field(1.0, gt=0.0, le=1.0)
+    """Random resized crop: smallest area fraction kept. 1.0 (the default): no cropping, so training images are
+    never resampled, like the test images they must resemble; below 1 the crops are resized back up."""
     blur_prob: float = Field(0.1, ge=0.0, le=1.0)
     """Probability of a Gaussian blur."""
     blur_sigma_max: float = Field(2.0, gt=0.0, le=10.0)

@@ -5,14 +5,18 @@ These are NOT diffusion or GAN images; they stand in for them so that detectors 
 end without the generation job. Each process is one 'source' (generator name):
 
 - ``standin-pca`` (mode unconditional): new faces sampled from an eigenface model (mean + 16 principal components,
-  Gaussian coefficients with the components' variances) fitted on the real faces;
+  Gaussian coefficients with the components' variances) fitted on the ``training_reals`` faces only (those reals
+  are flagged generator_training, so the detector split keeps them in train);
 - ``standin-blur`` (img2img): a real face re-synthesised with lost detail (Gaussian blur, sigma 0.6-1.2 px);
 - ``standin-noise`` (img2img): a real face with added Gaussian sensor noise (sigma 3-6 % of the range);
 - ``standin-morph`` (img2img): the pixel average of two real faces (weight 0.4-0.6);
 - ``standin-swap`` (img2img): a real face with the eye band (rows 6-12 of 25) of another face pasted in.
 
-Reals and fakes are made at lfw's 25 x 25 and then go through the same bicubic resize and the same encoder
-(``shared.imageset``), so size and file format carry no label.
+Morphs and swaps take the second face from a fixed, seeded pairing of the reals (within the generator-training
+reals, and within the others), and record both faces
+(source_image_ids), so a split that keeps every image with the reals it uses groups two reals at a time (random
+second faces would chain most reals into one group). Reals and fakes are made at lfw's 25 x 25 and then take the
+same fit and encoder (``shared.imageset.fit_image``: 24 px is a centre crop), so size and format carry no label.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageFilter
 
-from shared.imageset import FAKE, IMAGE_SCHEMA, REAL, content_hash, encode_image, resize, to_rgb_array
+from shared.errors import DataError
+from shared.imageset import FAKE, IMAGE_SCHEMA, REAL, fit_image, image_row
 
 REAL_SOURCE = "lfw"
 PREFIX = "standin-"
@@ -57,11 +62,27 @@ class _Eigenfaces:
         return np.clip(self.mean + coeffs @ self.components, 0.0, 1.0).reshape(self.shape)
 
 
-def make_fake(kind: str, faces: np.ndarray, parent: int, rng: np.random.Generator, eigen: _Eigenfaces | None
-              ) -> tuple[np.ndarray, dict[str, Any]]:
-    """One 25 x 25 fake and its provenance (strength, second parent)."""
+def partners(strata: np.ndarray, seed: int) -> np.ndarray:
+    """The second face of each face for morphs and swaps: a seeded pairing within each stratum (faces a generator
+    trained on pair among themselves, so a pair is in the train split only when its own faces must be). With an odd
+    count the face left over joins the stratum's first pair, a group of three; a stratum of one face pairs with
+    itself."""
+    rng = np.random.default_rng([seed, 7])
+    partner = np.arange(len(strata))
+    for value in np.unique(strata):
+        order = rng.permutation(np.flatnonzero(strata == value))
+        half = len(order) // 2
+        partner[order[0:2 * half:2]] = order[1:2 * half:2]
+        partner[order[1:2 * half:2]] = order[0:2 * half:2]
+        if len(order) % 2 and len(order) > 1:
+            partner[order[-1]] = order[0]
+    return partner
+
+
+def make_fake(kind: str, faces: np.ndarray, parent: int, other: int, rng: np.random.Generator,
+              eigen: _Eigenfaces | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """One 25 x 25 fake and its provenance (strength; two_faces when it used ``other`` too)."""
     face = faces[parent]
-    other = int(rng.choice([i for i in range(len(faces)) if i != parent]))
     if kind == "pca":
         assert eigen is not None
         return eigen.sample(rng), {}
@@ -73,39 +94,43 @@ def make_fake(kind: str, faces: np.ndarray, parent: int, rng: np.random.Generato
         return np.clip(face + rng.standard_normal(face.shape) * sigma, 0.0, 1.0), {"strength": sigma}
     if kind == "morph":
         a = float(rng.uniform(0.4, 0.6))
-        return a * face + (1 - a) * faces[other], {"strength": a}
+        return a * face + (1 - a) * faces[other], {"strength": a, "two_faces": True}
     if kind == "swap":
         out = face.copy()
         out[6:13] = faces[other][6:13]
-        return out, {}
+        return out, {"two_faces": True}
     raise ValueError(f"unknown stand-in generator {kind!r}")
 
 
 def standin_rows(cfg: Any) -> Iterator[dict[str, Any]]:
     """Rows (IMAGE_SCHEMA dicts) for a StandinFacesConfig: the reals first, then each generator's fakes."""
     faces = lfw_faces()[: cfg.reals]
-    eigen = _Eigenfaces(faces) if "pca" in cfg.generators else None
+    originals = [f"{i:03d}" for i in range(len(faces))]  # lfw-faces ids, as train-ddpm's training_reals sees them
+    trained = np.asarray(cfg.training_reals.selects(originals)) & ("pca" in cfg.generators)
+    if "pca" in cfg.generators and not trained.any():
+        raise DataError(f"standin-faces: training_reals selects none of the {len(faces)} reals; widen it")
+    eigen = _Eigenfaces(faces[trained]) if "pca" in cfg.generators else None
+    partner = partners(trained, cfg.seed)
 
-    def row(pixels: np.ndarray, **meta: Any) -> dict[str, Any]:
-        rgb = resize(to_rgb_array(pixels), cfg.size)
-        return {"image": encode_image(rgb, cfg.encoding, cfg.jpeg_quality), "encoding": cfg.encoding,
-                "width": cfg.size, "height": cfg.size, "content_hash": content_hash(rgb), "model_ref": None,
-                "scheduler": None, "steps": None, "guidance": None, "strength": None, "seed": None, "prompt": None,
-                "source_image_id": None, **meta}
+    def row(pixels: np.ndarray, image_id: str, **meta: Any) -> dict[str, Any]:
+        return image_row(image_id, fit_image(pixels, cfg.size), encoding=cfg.encoding, quality=cfg.jpeg_quality,
+                         **meta)
 
-    real_ids = [f"{REAL_SOURCE}-{i:03d}" for i in range(len(faces))]
+    real_ids = [f"{REAL_SOURCE}-{i}" for i in originals]
     for i, face in enumerate(faces):
-        yield row(face, id=real_ids[i], label=REAL, source=REAL_SOURCE, mode="real")
+        yield row(face, real_ids[i], label=REAL, source=REAL_SOURCE, mode="real",
+                  generator_training=bool(trained[i]))
     for g, kind in enumerate(cfg.generators):
         order = np.random.default_rng([cfg.seed, g]).permutation(len(faces))
         for k in range(cfg.fakes_per_generator):
             seed = int(cfg.seed) * 1_000_003 + g * 100_003 + k
-            rng = np.random.default_rng(seed)
             parent = int(order[k % len(faces)])
-            pixels, extra = make_fake(kind, faces, parent, rng, eigen)
-            yield row(pixels, id=f"{PREFIX}{kind}-{k:05d}", label=FAKE, source=PREFIX + kind, mode=MODES[kind],
-                      model_ref=f"standin:{kind}", seed=seed, strength=extra.get("strength"),
-                      source_image_id=None if kind == "pca" else real_ids[parent])
+            other = int(partner[parent])
+            pixels, extra = make_fake(kind, faces, parent, other, np.random.default_rng(seed), eigen)
+            used = None if kind == "pca" else [real_ids[parent], *([real_ids[other]] if extra.get("two_faces") else [])]
+            yield row(pixels, f"{PREFIX}{kind}-{k:05d}", label=FAKE, source=PREFIX + kind, mode=MODES[kind],
+                      family=PREFIX + kind, model_ref=f"standin:{kind}", seed=seed, strength=extra.get("strength"),
+                      source_image_ids=used)
 
 
 def standin_table(cfg: Any) -> pa.Table:

@@ -22,7 +22,7 @@ import pyarrow as pa
 from shared.configs.curate_images import CurateImagesConfig, SubjectFilter
 from shared.diffusion.phash import near_duplicates, phash
 from shared.errors import ConfigError, DataError, StorageError
-from shared.imageset import FAKE, REAL, decode_image, finish_image, image_row, rows_to_table
+from shared.imageset import FAKE, REAL, decode_image, fit_image, image_row, rows_to_table
 from shared.storage import Storage
 
 SCAN_SCHEMA = pa.schema([
@@ -190,7 +190,7 @@ def encode_batch(table: pa.Table, cfg: CurateImagesConfig, keep: set[str], base:
         data = _image_bytes(cfg, row, base)
         if data is None:
             raise DataError(f"manifest {cfg.manifest}: image of {rid} disappeared between the scan and the write")
-        pixels = finish_image(decode_image(data, f"image {rid}"), cfg.output.size, cfg.output.color)
+        pixels = fit_image(decode_image(data, f"image {rid}"), cfg.output.size, cfg.output.color)
         rows.append(image_row(
             rid, pixels, encoding=cfg.output.encoding, quality=cfg.output.quality,
             label=FAKE if cfg.label == "fake" else REAL, source=cfg.name,

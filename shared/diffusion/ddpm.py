@@ -1,6 +1,6 @@
 """A small pixel-space DDPM trained from scratch on a few real images, saved as a diffusers DDPMPipeline.
 
-    images, color = training_images(table, 32, "auto")          # (N, C, H, W) floats in [-1, 1]; gray|rgb
+    images, color = training_images(table, 24, "auto")          # (N, C, H, W) floats in [-1, 1]; gray|rgb
     result = train_ddpm(images, cfg, color, log=print)           # cfg: TrainDdpmConfig
     result.pipeline.save_pretrained(folder)                      # DDPMPipeline(unet=EMA weights, scheduler)
 
@@ -30,7 +30,7 @@ from shared.imageset import decode_image, finish_image
 
 
 def training_images(table: pa.Table, size: int, color: str = "auto") -> tuple[torch.Tensor, str]:
-    """Decode (id, image) rows, resize like the generate job does, and scale to [-1, 1]: (N, C, H, W).
+    """Decode (id, image) rows, fit them like the generate job does (fit_image), scale to [-1, 1]: (N, C, H, W).
 
     ``color`` auto becomes gray when every image has three equal channels (1-channel model), else rgb. An image
     that cannot be decoded is an error naming it: a model is never trained on a silently shortened set.

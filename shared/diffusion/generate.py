@@ -24,8 +24,19 @@ import pyarrow as pa
 
 from shared.config import StorageConfig
 from shared.configs.generate import GanGenerator, GeneratorSpec, ImageFormat, Img2ImgGenerator, Text2ImgGenerator
+from shared.configs.subsets import IdSubset
 from shared.errors import DataError
-from shared.imageset import FAKE, REAL, decode_image, degenerate_reason, finish_image, image_row, rows_to_table
+from shared.imageset import (
+    FAKE,
+    REAL,
+    Fitted,
+    decode_image,
+    degenerate_reason,
+    finish_image,
+    fit_image,
+    image_row,
+    rows_to_table,
+)
 
 REQUEST_SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
@@ -66,10 +77,14 @@ def count_requests(spec: GeneratorSpec, base_seed: int, prompts: list[str] | Non
 
 def source_requests(spec: Img2ImgGenerator, base_seed: int, collection: str, sources: pa.Table,
                     prompts: list[str] | None) -> pa.Table:
-    """``per_source`` img2img requests per source image (table of id, image); the prompt, when the pipeline takes
-    one, is chosen by a hash of the request id."""
+    """``per_source`` img2img requests per source image (table of id, image) in the generator's ``source_subset``;
+    the prompt, when the pipeline takes one, is chosen by a hash of the request id."""
     rows: dict[str, list[Any]] = {name: [] for name in REQUEST_SCHEMA.names}
-    for original, image in zip(sources.column("id").to_pylist(), sources.column("image").to_pylist()):
+    originals = [str(i) for i in sources.column("id").to_pylist()]
+    chosen = spec.source_subset.selects(originals) if spec.source_subset else [True] * len(originals)
+    for original, image, keep in zip(originals, sources.column("image").to_pylist(), chosen):
+        if not keep:
+            continue
         for k in range(spec.per_source):
             rid = f"{spec.name}-{original}-{k}"
             seed = derive_seed(base_seed, rid)
@@ -142,7 +157,7 @@ class GeneratorStage:
             if reason is not None:
                 drops.append({"id": item["id"], "source": spec.name, "reason": reason, "seed": item["seed"]})
                 continue
-            rows.append(self._row(item, finish_image(image, self.output.size, self.output.color)))
+            rows.append(self._row(item, fit_image(image, self.output.size, self.output.color)))
         return BatchResult(rows_to_table(rows), drops, seconds)
 
     def _decode_sources(self, items: list[dict], drops: list[dict]) -> tuple[list[dict], np.ndarray]:
@@ -189,7 +204,7 @@ class GeneratorStage:
             raise TypeError(f"generator {spec.name}: a {spec.mode} generator has no text-conditioned pipeline")
         return spec
 
-    def _row(self, item: dict, pixels: np.ndarray) -> dict:
+    def _row(self, item: dict, pixels: Fitted) -> dict:
         spec = self.spec
         meta: dict[str, Any] = dict(model_ref=spec.model, seed=int(item["seed"]))
         if isinstance(spec, GanGenerator):
@@ -202,22 +217,27 @@ class GeneratorStage:
             if isinstance(spec, Img2ImgGenerator):
                 meta.update(strength=float(spec.strength), source_image_id=item["source_image_id"])
         return image_row(item["id"], pixels, encoding=self.output.encoding, quality=self.output.quality, label=FAKE,
-                         source=spec.name, mode=mode, **meta)
+                         source=spec.name, mode=mode, family=spec.family, **meta)
 
 
-def encode_reals(table: pa.Table, collection: str, output: ImageFormat) -> BatchResult:
-    """Real images (columns id, image) through the same resize and encoder as the fakes; undecodable ones are
-    dropped with reason corrupt_source."""
+def encode_reals(table: pa.Table, collection: str, output: ImageFormat,
+                 generator_training: IdSubset | None = None) -> BatchResult:
+    """Real images (columns id, image) through the same fit and encoder as the fakes, each flagged with whether
+    it is in ``generator_training`` (None: unknown, null); undecodable ones are dropped with reason
+    corrupt_source."""
     rows, drops = [], []
-    for original, data in zip(table.column("id").to_pylist(), table.column("image").to_pylist()):
-        rid = real_id(collection, str(original))
+    originals = [str(i) for i in table.column("id").to_pylist()]
+    trained = generator_training.selects(originals) if generator_training else [None] * len(originals)
+    for original, data, flag in zip(originals, table.column("image").to_pylist(), trained):
+        rid = real_id(collection, original)
         try:
             pixels = decode_image(data if data is not None else b"", f"real image {rid}")
         except DataError:
             drops.append({"id": rid, "source": collection, "reason": "corrupt_source", "seed": None})
             continue
-        rows.append(image_row(rid, finish_image(pixels, output.size, output.color), encoding=output.encoding,
-                              quality=output.quality, label=REAL, source=collection, mode="real"))
+        rows.append(image_row(rid, fit_image(pixels, output.size, output.color), encoding=output.encoding,
+                              quality=output.quality, label=REAL, source=collection, mode="real",
+                              generator_training=flag))
     return BatchResult(rows_to_table(rows), drops)
 
 

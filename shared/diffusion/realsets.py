@@ -19,6 +19,7 @@ import pyarrow as pa
 from PIL import Image
 
 from shared.config import StorageConfig
+from shared.configs.subsets import IdSubset
 from shared.errors import DataError
 from shared.stage import is_stage, locate
 from shared.storage import Storage, split_uri
@@ -101,3 +102,12 @@ def read_real_table(uri: str, storage: StorageConfig | None = None, limit: int |
     if table.num_rows == 0:
         raise DataError(f"real images {uri}: no images there")
     return table
+
+
+def training_subset(table: pa.Table, subset: IdSubset, uri: str) -> pa.Table:
+    """The rows (id, image) of a real collection whose ids are in ``subset``: what a generator may train on."""
+    keep = subset.selects(table.column("id").to_pylist())
+    if not any(keep):
+        raise DataError(f"real images {uri}: none of the {table.num_rows} ids is in training_reals "
+                        f"[{subset.start:g}, {subset.stop:g}) (seed {subset.seed}); widen the subset")
+    return table.filter(pa.array(keep))
