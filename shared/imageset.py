@@ -39,6 +39,9 @@ IMAGE_SCHEMA = pa.schema(
         pa.field("strength", pa.float32()),  # img2img noising strength
         pa.field("seed", pa.int64()),  # the per-image torch.Generator seed
         pa.field("prompt", pa.string()),
+        pa.field("negative_prompt", pa.string()),  # text-conditioned generators: the negative prompt, if any
+        pa.field("dtype", pa.string()),  # the generator's weights dtype (float32 | float16 | bfloat16; null for reals)
+        pa.field("library_versions", pa.string()),  # JSON {library: version} of what generated it (null for reals)
         pa.field("source_image_id", pa.string()),  # img2img: id of the real image it started from
         pa.field("source_image_ids", pa.list_(pa.string())),  # every real image it uses (a morph: two); null: none
         pa.field("generator_training", pa.bool_()),  # reals: a generator trained on it (null for fakes)
@@ -192,6 +195,9 @@ def image_row(
     strength: float | None = None,
     seed: int | None = None,
     prompt: str | None = None,
+    negative_prompt: str | None = None,
+    dtype: str | None = None,
+    library_versions: str | None = None,
     source_image_id: str | None = None,
     source_image_ids: Sequence[str] | None = None,
     generator_training: bool | None = None,
@@ -227,6 +233,9 @@ def image_row(
         "strength": strength,
         "seed": seed,
         "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "dtype": dtype,
+        "library_versions": library_versions,
         "source_image_id": parents[0] if parents else None,
         "source_image_ids": parents,
         "generator_training": generator_training,

@@ -135,6 +135,10 @@ class _Diffusion(_Generator):
     """Inference steps (img2img runs the last strength x steps of them)."""
     resolution: int | None = Field(None, ge=8, le=4096)
     """Generation resolution in pixels (square). Unset: the model's own. The output is then resized to output.size."""
+    safety_checker: bool = False
+    """Run the pipeline's safety checker. false: a pipeline saved with one is loaded without it. true: the images it
+    flags (and blacks out) are dropped with reason nsfw, counted like NaN or blank ones; a pipeline without a checker
+    (pixel-space ones, SD3, Flux, PixArt, or one saved without it) is an error."""
 
 
 class UnconditionalGenerator(_Diffusion):
@@ -220,7 +224,7 @@ class GenerateConfig(JobConfig):
     """Generators, each with a `mode`: unconditional (model, scheduler, steps, count), text2img (model, scheduler,
     steps, guidance, count; uses `prompts`), img2img (model, scheduler, steps, strength, sources, per_source), gan
     (model, count). Common keys: name, seed, batch_size, runtime (the actor pool), dtype,
-    batch_invariant, resolution (diffusion)."""
+    batch_invariant, resolution and safety_checker (diffusion)."""
     prompts: PromptSource | None = None
     """Prompts for text-conditioned generators: file, inline or faces (composed face prompts)."""
     output: ImageFormat = Field(default_factory=ImageFormat)
@@ -229,7 +233,7 @@ class GenerateConfig(JobConfig):
     """Job seed, from which generators without their own seed derive theirs."""
     max_drop_fraction: float = Field(0.05, ge=0.0, le=1.0)
     """A generator (or real collection) that drops more than this fraction of its images (NaN or blank outputs,
-    undecodable sources) fails the job; below it, drops are counted and reported."""
+    safety-checker flags, undecodable sources) fails the job; below it, drops are counted and reported."""
     samples_per_source: int = Field(8, ge=1, le=64)
     """Images per source on the report's contact sheet (the first ones by id, not picked)."""
 

@@ -25,7 +25,7 @@ import pyarrow as pa
 from shared.config import StorageConfig
 from shared.configs.generate import GanGenerator, GeneratorSpec, ImageFormat, Img2ImgGenerator, Text2ImgGenerator
 from shared.configs.subsets import IdSubset
-from shared.errors import DataError
+from shared.errors import DataError, ModelError
 from shared.imageset import (
     FAKE,
     REAL,
@@ -55,6 +55,17 @@ def derive_seed(base: int, key: str) -> int:
 
 def generator_seed(spec: GeneratorSpec, job_seed: int) -> int:
     return spec.seed if spec.seed is not None else derive_seed(job_seed, spec.name)
+
+
+def library_versions(names: tuple[str, ...]) -> str:
+    """JSON {library: installed version} (sorted keys) of the libraries that generate an image."""
+    from importlib.metadata import version
+
+    return json.dumps({name: version(name) for name in names}, sort_keys=True)
+
+
+DIFFUSION_LIBRARIES = ("diffusers", "torch", "transformers")
+GAN_LIBRARIES = ("torch",)
 
 
 def real_id(collection: str, original_id: str) -> str:
@@ -101,7 +112,7 @@ class BatchResult:
     table: pa.Table
     """Valid images, IMAGE_SCHEMA."""
     drops: list[dict[str, Any]] = field(default_factory=list)
-    """One record per dropped request: id, source, reason (nan, blank, corrupt_source), seed."""
+    """One record per dropped request: id, source, reason (nan, blank, nsfw, corrupt_source), seed."""
     seconds: float = 0.0
     """Time spent in the model."""
 
@@ -115,6 +126,7 @@ class GeneratorStage:
         self.model: Any = None
         self.scheduler: str | None = None
         self.generation_size: int | None = None
+        self.versions: str | None = None
 
     def setup(self) -> None:
         from shared.diffusion import gan, pipelines
@@ -123,8 +135,9 @@ class GeneratorStage:
         if isinstance(spec, GanGenerator):
             self.model = gan.load_dcgan(spec.model, self.config, self.device)
             self.generation_size = 64
+            self.versions = library_versions(GAN_LIBRARIES)
             return
-        pipe = pipelines.load_pipeline(spec.model, self.config, spec.dtype, self.device)
+        pipe = pipelines.load_pipeline(spec.model, self.config, spec.dtype, self.device, spec.safety_checker)
         if isinstance(spec, Text2ImgGenerator) or (isinstance(spec, Img2ImgGenerator)
                                                    and getattr(pipe, "text_encoder", None) is not None):
             self.model = pipelines.TextDiffusion(pipe, spec.scheduler, img2img=isinstance(spec, Img2ImgGenerator))
@@ -132,6 +145,10 @@ class GeneratorStage:
             self.model = pipelines.PixelDiffusion(pipe, spec.scheduler)
         self.scheduler = self.model.scheduler_name
         self.generation_size = spec.resolution or self.model.native_size
+        if self.generation_size is None:
+            raise ModelError(f"generator {spec.name}: pipeline {spec.model!r} does not say its native resolution; "
+                             "set resolution")
+        self.versions = library_versions(DIFFUSION_LIBRARIES)
 
     @property
     def text_conditioned(self) -> bool:
@@ -149,11 +166,12 @@ class GeneratorStage:
         if isinstance(spec, Img2ImgGenerator):
             items, sources = self._decode_sources(items, drops)
         started = time.perf_counter()
-        images = self._generate(items, sources) if items else np.zeros((0, 1, 1, 3), np.float32)
+        images, flagged = self._generate(items, sources) if items else (np.zeros((0, 1, 1, 3), np.float32),
+                                                                        np.zeros(0, bool))
         seconds = time.perf_counter() - started
         rows = []
-        for item, image in zip(items, images):
-            reason = degenerate_reason(image)
+        for item, image, nsfw in zip(items, images, flagged):
+            reason = "nsfw" if nsfw else degenerate_reason(image)  # the checker's own black images are not "blank"
             if reason is not None:
                 drops.append({"id": item["id"], "source": spec.name, "reason": reason, "seed": item["seed"]})
                 continue
@@ -178,14 +196,17 @@ class GeneratorStage:
             pixels.append(finish_image(decoded, size, "rgb"))
         return kept, np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
 
-    def _generate(self, items: list[dict], sources: np.ndarray | None) -> np.ndarray:
+    def _generate(self, items: list[dict], sources: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """The images, and per image whether the safety checker flagged it (always false without a checker)."""
         spec = self.spec
         seeds = [int(item["seed"]) for item in items]
+        unflagged = np.zeros(len(items), bool)
         if isinstance(spec, GanGenerator):
             from shared.diffusion.gan import sample_dcgan
             from shared.diffusion.pipelines import DTYPES
 
-            return sample_dcgan(self.model, seeds, batch_invariant=spec.batch_invariant, dtype=DTYPES[spec.dtype])
+            return sample_dcgan(self.model, seeds, batch_invariant=spec.batch_invariant,
+                                dtype=DTYPES[spec.dtype]), unflagged
         common: dict[str, Any] = dict(steps=spec.steps, resolution=self.generation_size,
                                       batch_invariant=spec.batch_invariant)
         if isinstance(spec, Img2ImgGenerator):
@@ -195,7 +216,7 @@ class GeneratorStage:
             text = self._text_spec()
             return self.model.generate(seeds, prompts=prompts, guidance=text.guidance,
                                        negative_prompt=text.negative_prompt, **common)
-        return self.model.generate(seeds, **common)
+        return self.model.generate(seeds, **common), unflagged
 
     def _text_spec(self) -> Text2ImgGenerator | Img2ImgGenerator:
         """The spec of a text-conditioned pipeline (only text2img and img2img generators load one)."""
@@ -206,14 +227,16 @@ class GeneratorStage:
 
     def _row(self, item: dict, pixels: Fitted) -> dict:
         spec = self.spec
-        meta: dict[str, Any] = dict(model_ref=spec.model, seed=int(item["seed"]))
+        meta: dict[str, Any] = dict(model_ref=spec.model, seed=int(item["seed"]), dtype=spec.dtype,
+                                    library_versions=self.versions)
         if isinstance(spec, GanGenerator):
             mode = "gan"
         else:
             mode = spec.mode
             meta.update(scheduler=self.scheduler, steps=spec.steps)
             if self.text_conditioned:
-                meta.update(guidance=float(self._text_spec().guidance), prompt=item["prompt"])
+                text = self._text_spec()
+                meta.update(guidance=float(text.guidance), prompt=item["prompt"], negative_prompt=text.negative_prompt)
             if isinstance(spec, Img2ImgGenerator):
                 meta.update(strength=float(spec.strength), source_image_id=item["source_image_id"])
         return image_row(item["id"], pixels, encoding=self.output.encoding, quality=self.output.quality, label=FAKE,

@@ -3,8 +3,13 @@
     pipe = load_pipeline("runs/deepfake/train-ddpm")             # a finished train-ddpm stage, a folder, s3://, hub id
     model = PixelDiffusion(pipe, scheduler="ddim")               # UNet2DModel pipelines: unconditional and img2img
     images = model.generate(seeds=[1, 2], steps=25)              # (2, H, W, C) floats in [0, 1]; NaN stays NaN
-    model = TextDiffusion(pipe, scheduler="dpm-solver")          # text-conditioned pipelines (Stable Diffusion, ...)
-    images = model.generate(seeds=[1], steps=25, prompts=["a face"], guidance=7.5)
+    model = TextDiffusion(pipe, scheduler="dpm-solver")          # text-conditioned pipelines: UNet ones (Stable
+    images, nsfw = model.generate(seeds=[1], steps=25,           # Diffusion 1/2, SDXL) and transformer ones (SD3,
+                                  prompts=["a face"], guidance=7.5)  # Flux, PixArt); nsfw: (B,) bool, the checker's
+
+The safety checker is off unless asked for (``load_pipeline(..., safety_checker=True)``): a pipeline saved with one
+is loaded without it; asking for it on a pipeline that has none is a ModelError. When it runs, the images it flags
+(and blacks out) are reported in ``nsfw`` so that the caller drops them.
 
 Every image gets its own ``torch.Generator`` (on the CPU, so the noise does not depend on the device), used for its
 initial noise and every later noise draw, so an image depends on its seed and never on its neighbours. With
@@ -84,15 +89,34 @@ def check_pipeline_ref(ref: str, storage: StorageConfig | None = None) -> None:
         resolve_pipeline(ref, storage)
 
 
+def checker_kwargs(index: dict[str, Any], safety_checker: bool, ref: str) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments for the safety-checker switch, from the pipeline's model_index.json:
+    off drops a saved checker (and its requirement); on needs one saved (a ModelError otherwise)."""
+    slot = index.get("safety_checker")  # absent: this kind of pipeline has none; [null, null]: saved without one
+    if safety_checker:
+        if not slot or slot[0] is None:
+            raise ModelError(f"pipeline {ref!r}: safety_checker is on but this {index.get('_class_name', 'pipeline')}"
+                             " has no safety checker; set safety_checker: false")
+        return {}
+    if "safety_checker" not in index:
+        return {}
+    return {"safety_checker": None, **({"requires_safety_checker": False} if "requires_safety_checker" in index
+                                       else {})}
+
+
 def load_pipeline(ref: str, storage: StorageConfig | None = None, dtype: str = "float32",
-                  device: str = "cpu") -> Any:
+                  device: str = "cpu", safety_checker: bool = False) -> Any:
+    """The pipeline ``ref`` names (see :func:`resolve_pipeline`) in ``dtype`` on ``device``, with or without its
+    safety checker (see :func:`checker_kwargs`)."""
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
     where = resolve_pipeline(ref, storage)
     diffusers_logging.disable_progress_bar()
     try:
-        pipe = DiffusionPipeline.from_pretrained(where, dtype=DTYPES[dtype])
+        index = DiffusionPipeline.load_config(where)
+        extra = checker_kwargs(index, safety_checker, ref)
+        pipe = DiffusionPipeline.from_pretrained(where, dtype=DTYPES[dtype], **extra)
     except (OSError, ValueError) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"pipeline {ref!r}: cannot load ({text})") from None
@@ -214,8 +238,29 @@ class PixelDiffusion:
 # Text-conditioned pipelines (Stable Diffusion and the like), through diffusers' own text2img / img2img pipelines
 
 
+def denoiser(pipe: Any) -> Any:
+    """The pipeline's denoising network: its transformer (SD3, Flux, PixArt-alpha/sigma, ...) or its UNet."""
+    for name in ("transformer", "unet"):
+        net = getattr(pipe, name, None)
+        if net is not None:
+            return net
+    raise ModelError(f"{type(pipe).__name__}: has neither a transformer nor a unet to denoise with")
+
+
+def native_resolution(pipe: Any) -> int | None:
+    """The side a text-conditioned pipeline generates at when given no size, as its own ``__call__`` computes it:
+    ``default_sample_size`` (SDXL, SD3; Flux's is a fixed 128) or else the denoiser's ``config.sample_size``, in
+    latent pixels, times ``vae_scale_factor``. None when the pipeline has no such figures."""
+    size = getattr(pipe, "default_sample_size", None) or denoiser(pipe).config.get("sample_size")
+    scale = getattr(pipe, "vae_scale_factor", None)
+    if size is None or scale is None:
+        return None
+    return int(size if isinstance(size, int) else size[0]) * int(scale)
+
+
 class TextDiffusion:
-    """A text-conditioned pipeline; img2img uses diffusers' image-to-image variant of the same components."""
+    """A text-conditioned pipeline, UNet- or transformer-based; img2img uses diffusers' image-to-image variant of the
+    same components."""
 
     def __init__(self, pipe: Any, scheduler: str = "default", img2img: bool = False):
         from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
@@ -231,9 +276,8 @@ class TextDiffusion:
             raise ModelError(f"{type(pipe).__name__}: has no {'image-to-image' if img2img else 'text-to-image'} "
                              f"variant in diffusers ({str(exc).splitlines()[0]})") from None
         self.pipe.set_progress_bar_config(disable=True)
-        vae_scale = getattr(self.pipe, "vae_scale_factor", 8)
-        size = self.pipe.unet.config.sample_size
-        self.native_size = int(size if isinstance(size, int) else size[0]) * vae_scale
+        self.native_size = native_resolution(self.pipe)  # None: the pipeline does not say; set a resolution
+        self.checks_safety = getattr(self.pipe, "safety_checker", None) is not None
         self.channels = 3
 
     @property
@@ -243,22 +287,30 @@ class TextDiffusion:
     @torch.inference_mode()
     def generate(self, seeds: list[int], steps: int, *, prompts: list[str], guidance: float,
                  negative_prompt: str | None = None, sources: np.ndarray | None = None, strength: float = 1.0,
-                 resolution: int | None = None, batch_invariant: bool = True) -> np.ndarray:
+                 resolution: int | None = None, batch_invariant: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(B, H, W, C) floats in [0, 1], and (B,) bools: the safety checker flagged (and blacked out) the image."""
         size = resolution or self.native_size
+        if sources is None and size is None:
+            raise ModelError(f"{type(self.pipe).__name__}: its native resolution is unknown; set a resolution")
+        flagged: list[bool] = []
 
         def run(part: slice) -> np.ndarray:
             n = len(seeds[part])
-            kwargs: dict[str, Any] = dict(
-                prompt=prompts[part], num_inference_steps=steps, guidance_scale=guidance,
-                negative_prompt=[negative_prompt] * n if negative_prompt else None,
-                generator=cpu_generators(seeds[part]), output_type="np")
+            kwargs: dict[str, Any] = dict(prompt=prompts[part], num_inference_steps=steps, guidance_scale=guidance,
+                                          generator=cpu_generators(seeds[part]), output_type="np")
+            if negative_prompt:  # only when given: PixArt, for one, cannot encode a None negative prompt
+                kwargs.update(negative_prompt=[negative_prompt] * n)
             if sources is None:
                 kwargs.update(height=size, width=size)
             else:
                 kwargs.update(image=sources[part].astype(np.float32) / 255.0, strength=strength)
             try:
-                return np.asarray(self.pipe(**kwargs).images, dtype=np.float32)
+                out = self.pipe(**kwargs)
             except ValueError as exc:  # the pipeline's own input checks, or a scheduler refusing the step count
                 raise ConfigError(f"{type(self.pipe).__name__}: {str(exc).strip().splitlines()[0]}") from None
+            nsfw = getattr(out, "nsfw_content_detected", None)  # None: no checker ran
+            flagged.extend([False] * n if nsfw is None else [bool(f) for f in nsfw])
+            return np.asarray(out.images, dtype=np.float32)
 
-        return per_image(batch_invariant, len(seeds), run)
+        images = per_image(batch_invariant, len(seeds), run)
+        return images, np.array(flagged, dtype=bool)

@@ -4,10 +4,14 @@
     pipe = tiny_sd_pipeline()                    # StableDiffusionPipeline: CLIP text model + tokenizer built here,
                                                  # UNet2DConditionModel, AutoencoderKL; 32x32 images
     pipe = sd15_shaped_pipeline(dtype)           # the shapes of Stable Diffusion 1.5 (860M UNet), random weights
+    pipe = tiny_sd3_pipeline()                   # StableDiffusion3Pipeline: SD3Transformer2DModel (a transformer
+                                                 # denoiser), two CLIP towers and a T5 encoder; 32x32 images
+    checker, extractor = tiny_safety_checker()   # a StableDiffusionSafetyChecker and its CLIPImageProcessor
 
 Weights are seeded, so two builds give the same pipeline. The CLIP tokenizer is character-level (the 256 byte
 symbols, with and without CLIP's end-of-word suffix): a real BPE tokenizer object built from a vocabulary and an
-empty merge list, since transformers 5 ignores ``vocab_file=`` silently.
+empty merge list, since transformers 5 ignores ``vocab_file=`` silently. The T5 tokenizer is character-level too: a
+Unigram vocabulary of the printable ASCII characters, with and without SentencePiece's word-start mark.
 """
 
 from __future__ import annotations
@@ -127,3 +131,74 @@ def sd15_shaped_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     return pipe.to(dtype=dtype)
+
+
+def char_t5_tokenizer():
+    """A T5 tokenizer (Unigram, no sentencepiece file) over printable ASCII, plain and word-initial ("▁a")."""
+    from transformers import T5Tokenizer
+
+    chars = [chr(c) for c in range(ord("!"), ord("~") + 1)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)]
+    vocab += [(c, -2.0) for c in chars] + [("▁" + c, -2.5) for c in chars]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def tiny_sd3_pipeline(seed: int = 0):
+    """A StableDiffusion3Pipeline a few MB large, with a transformer denoiser (SD3Transformer2DModel, patch 2 on
+    16x16x4 latents), two CLIP text towers, a T5 encoder and a flow-matching scheduler; 32x32 images."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    clip_tokenizer, t5_tokenizer = char_clip_tokenizer(), char_t5_tokenizer()
+
+    def clip():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(clip_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+            projection_dim=32))
+
+    def build():
+        # joint_attention_dim = the T5 width = the two CLIP widths side by side; pooled = the two projections
+        transformer = SD3Transformer2DModel(
+            sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+            num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+            pos_embed_max_size=32)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+            sample_size=32, shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False,
+            use_post_quant_conv=False)
+        t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=64, d_kv=8, d_ff=64, num_layers=2,
+                                     num_heads=4))
+        return clip(), clip(), t5, transformer, vae
+
+    text_encoder, text_encoder_2, text_encoder_3, transformer, vae = _seeded(seed, build)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+        tokenizer=clip_tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=char_clip_tokenizer(),
+        text_encoder_3=text_encoder_3, tokenizer_3=t5_tokenizer)
+
+
+def tiny_safety_checker(flag_everything: bool = False, seed: int = 0):
+    """A StableDiffusionSafetyChecker on a tiny CLIP vision tower, and the CLIPImageProcessor that feeds it (32 px).
+    Its concept thresholds are 1 (never reached by a cosine similarity: nothing is flagged), or -2 with
+    ``flag_everything`` (always exceeded: every image is flagged and blacked out)."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    config = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=32)
+    checker = _seeded(seed, lambda: StableDiffusionSafetyChecker(config)).eval()
+    if flag_everything:
+        with torch.no_grad():
+            checker.concept_embeds_weights.fill_(-2.0)
+    extractor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return checker, extractor
