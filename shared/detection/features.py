@@ -54,7 +54,9 @@ class Preprocess:
 
     @classmethod
     def from_config(cls, data: dict[str, Any], where: str) -> Preprocess:
-        """The pipeline an image-processor config describes; a ModelError naming ``where`` for what is missing."""
+        """The pipeline an image-processor config describes; a ModelError naming ``where`` for what is missing. A
+        ``size`` given as ``shortest_edge`` (CLIP's) is taken as the square side: the whole image is resized, never
+        centre-cropped (``crop_size`` is not used)."""
         try:
             size = data["size"]
             side = size if isinstance(size, int) else size.get("height") or size.get("shortest_edge")
