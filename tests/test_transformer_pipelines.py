@@ -15,7 +15,7 @@ from shared.config import validate_config
 from shared.configs.generate import GenerateConfig
 from shared.diffusion.generate import GeneratorStage, count_requests, encode_reals, generator_seed, source_requests
 from shared.diffusion.realsets import read_real_table
-from shared.errors import ModelError
+from shared.errors import ConfigError, ModelError
 from shared.imageset import IMAGE_SCHEMA, check_image_table, decode_image
 from tests.image_fixtures import tiny_ddpm_dir, tiny_sd_dir  # noqa: F401
 
@@ -29,6 +29,15 @@ def tiny_sd3_dir(tmp_path_factory) -> str:
 
     path = tmp_path_factory.mktemp("tiny-sd3")
     tiny_sd3_pipeline().save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_pixart_dir(tmp_path_factory) -> str:
+    from shared.diffusion.tiny import tiny_pixart_sigma_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-pixart")
+    tiny_pixart_sigma_pipeline().save_pretrained(path)
     return str(path)
 
 
@@ -131,6 +140,24 @@ def test_sd3_img2img_starts_from_the_real_images(tiny_sd3_dir):
     assert [r["source_image_id"] for r in rows] == ["lfw-000", "lfw-001"]
     assert all(r["mode"] == "img2img" and r["prompt"] and r["dtype"] == "float32" for r in rows)
     assert all(decode_image(r["image"]).std() > 5 for r in rows)
+
+
+def test_pixart_sigma_generates_at_the_asked_size_without_a_negative_prompt(tiny_pixart_dir):
+    stage, requests = stage_for({"name": "pixart", "mode": "text2img", "model": tiny_pixart_dir, "count": 2,
+                                 "steps": 3, "guidance": 4.5, "resolution": 24})
+    assert type(stage.model.pipe.transformer).__name__ == "PixArtTransformer2DModel"
+    assert stage.model.bins_resolution  # would snap 24 to a trained bin (and fail: a tiny model has none)
+    rows = stage(requests).table.to_pylist()
+    assert [(r["native_width"], r["native_height"]) for r in rows] == [(24, 24)] * 2
+    assert all(decode_image(r["image"]).std() > 5 and r["negative_prompt"] is None for r in rows)
+    with pytest.raises(ModelError, match="PixArtSigmaPipeline: has no image-to-image variant"):
+        stage_for({"name": "pixart", "mode": "img2img", "model": tiny_pixart_dir, "sources": "lfw"})
+
+
+def test_a_noise_prediction_sampler_on_a_flow_matching_pipeline_is_refused(tiny_sd3_dir):
+    with pytest.raises(ConfigError, match=r"scheduler 'ddim': not compatible with StableDiffusion3Pipeline's "
+                                          r"FlowMatchEulerDiscreteScheduler \(use: default\)"):
+        stage_for({"name": "sd3", "mode": "text2img", "model": tiny_sd3_dir, "count": 1, "scheduler": "ddim"})
 
 
 # ---------------------------------------------------------------------------------------------------------------------

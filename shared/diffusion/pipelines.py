@@ -50,7 +50,9 @@ def scheduler_name(scheduler: Any) -> str:
 
 
 def swap_scheduler(pipe: Any, name: str) -> None:
-    """Replace the pipeline's scheduler by ``name`` built from its current config ("default" keeps it)."""
+    """Replace the pipeline's scheduler by ``name`` built from its current config ("default" keeps it). Only a
+    scheduler diffusers lists as compatible with the current one is accepted: a flow-matching pipeline (SD3, Flux)
+    cannot take a noise-prediction sampler, and the images would be wrong, not an error."""
     if name == "default":
         return
     if name not in SCHEDULERS:
@@ -58,7 +60,13 @@ def swap_scheduler(pipe: Any, name: str) -> None:
     import diffusers
 
     cls = getattr(diffusers, SCHEDULERS[name])
-    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    current = pipe.scheduler
+    compatible = {type(current), *getattr(current, "compatibles", [])}
+    if cls not in compatible:
+        ours = sorted(short for short, full in SCHEDULERS.items() if getattr(diffusers, full) in compatible)
+        raise ConfigError(f"scheduler {name!r}: not compatible with {type(pipe).__name__}'s "
+                          f"{type(current).__name__} (use: default{''.join(', ' + s for s in ours)})")
+    pipe.scheduler = cls.from_config(current.config)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -278,6 +286,7 @@ class TextDiffusion:
         self.pipe.set_progress_bar_config(disable=True)
         self.native_size = native_resolution(self.pipe)  # None: the pipeline does not say; set a resolution
         self.checks_safety = getattr(self.pipe, "safety_checker", None) is not None
+        self.bins_resolution = "use_resolution_binning" in inspect.signature(self.pipe.__call__).parameters
         self.channels = 3
 
     @property
@@ -300,6 +309,8 @@ class TextDiffusion:
                                           generator=cpu_generators(seeds[part]), output_type="np")
             if negative_prompt:  # only when given: PixArt, for one, cannot encode a None negative prompt
                 kwargs.update(negative_prompt=[negative_prompt] * n)
+            if self.bins_resolution:  # PixArt and Sana: generate at the size asked for, not the nearest trained bin
+                kwargs.update(use_resolution_binning=False)  # (which they would then resize, unrecorded)
             if sources is None:
                 kwargs.update(height=size, width=size)
             else:

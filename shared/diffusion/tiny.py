@@ -6,6 +6,7 @@
     pipe = sd15_shaped_pipeline(dtype)           # the shapes of Stable Diffusion 1.5 (860M UNet), random weights
     pipe = tiny_sd3_pipeline()                   # StableDiffusion3Pipeline: SD3Transformer2DModel (a transformer
                                                  # denoiser), two CLIP towers and a T5 encoder; 32x32 images
+    pipe = tiny_pixart_sigma_pipeline()          # PixArtSigmaPipeline: PixArtTransformer2DModel, T5 only; 32x32
     checker, extractor = tiny_safety_checker()   # a StableDiffusionSafetyChecker and its CLIPImageProcessor
 
 Weights are seeded, so two builds give the same pipeline. The CLIP tokenizer is character-level (the 256 byte
@@ -182,6 +183,34 @@ def tiny_sd3_pipeline(seed: int = 0):
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
         tokenizer=clip_tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=char_clip_tokenizer(),
         text_encoder_3=text_encoder_3, tokenizer_3=t5_tokenizer)
+
+
+def tiny_pixart_sigma_pipeline(seed: int = 0):
+    """A PixArtSigmaPipeline a few MB large: a PixArtTransformer2DModel (adaLN-single, learned variance: 8 output
+    channels for 4 latent ones) on 16x16x4 latents, a T5 encoder as the only text model, a DPM-Solver; 32x32 images.
+    Its sample size has no aspect-ratio bins: call it with use_resolution_binning=False (TextDiffusion does)."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = char_t5_tokenizer()
+
+    def build():
+        transformer = PixArtTransformer2DModel(
+            sample_size=16, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=4,
+            caption_channels=32, in_channels=4, out_channels=8, cross_attention_dim=32, attention_bias=True,
+            activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+            norm_elementwise_affine=False, norm_eps=1e-6)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+            sample_size=32)
+        t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                     num_heads=4))
+        return t5, transformer, vae
+
+    text_encoder, transformer, vae = _seeded(seed, build)
+    return PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                               scheduler=DPMSolverMultistepScheduler())
 
 
 def tiny_safety_checker(flag_everything: bool = False, seed: int = 0):
