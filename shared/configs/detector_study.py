@@ -56,8 +56,6 @@ class FeatureRuntime(ActorPoolConfig):
 
     cpus_per_actor: float = Field(2.0, gt=0)
     """Logical CPUs per actor; it runs that many torch threads unless ``threads`` says otherwise."""
-    batch_size: int = Field(64, ge=1)
-    """Images per forward pass."""
 
 
 class DetectorStudyRuntime(StrictModel):
@@ -102,6 +100,10 @@ class DetectorStudyConfig(JobConfig):
     """The frozen feature extractor (an alias of an embedded backbone, a local folder or s3:// prefix)."""
     input_size: int | None = Field(None, ge=16, le=1024)
     """Side the images are resized to for the backbone. Unset: the backbone's own preprocessing size."""
+    feature_batch: int = Field(64, ge=1)
+    """Images per forward pass of the backbone; the images are cut into batches in the dataset's order, the same
+    whatever the number of actors (a config key, not a runtime one: the batch can change features in their last
+    bits)."""
     head: HeadConfig = HeadConfig()
     """The head trained on the features."""
     boosting: BoostingConfig = Field(default_factory=BoostingConfig)
