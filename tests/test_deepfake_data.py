@@ -26,7 +26,7 @@ from shared.diffusion.generate import encode_reals, source_requests
 from shared.diffusion.phash import hamming
 from shared.diffusion.realsets import read_real_table, training_subset
 from shared.errors import DataError
-from shared.imageset import IMAGE_SCHEMA, decode_image, encode_image, fit_image, image_row, rows_to_table
+from shared.imageset import IMAGE_SCHEMA, Encoding, decode_image, encode_image, fit_image, image_row, rows_to_table
 from shared.storage import Storage
 
 FACES = StandinFacesConfig(size=24, reals=100, fakes_per_generator=60, generators=["pca", "blur", "morph", "swap"])
@@ -168,7 +168,7 @@ def test_format_guard_refuses_sources_encoded_unlike_the_reals(tmp_path):
     reals = encode_reals(faces, "lfw", ImageFormat(size=24, color="gray")).table
     real_uri = _dataset(tmp_path, "reals", reals)
 
-    def fakes(name: str, encoding: str, quality: int, size: int = 24) -> str:
+    def fakes(name: str, encoding: Encoding, quality: int, size: int = 24) -> str:
         rng = np.random.default_rng(3)
         rows = [image_row(f"{name}-{k}", fit_image(rng.random((24, 24)), size, "gray"), encoding=encoding,
                           quality=quality, label=1, source=name, mode="unconditional") for k in range(12)]
@@ -207,7 +207,7 @@ def test_generate_pieces_record_training_reals_subsets_and_families():
         {"name": "g", "mode": "gan", "count": 3}]}, "test")
     a, b, gan = cfg.generators
     assert (a.family, b.family, gan.family) == ("img2img", "ddpm", "gan")
-    made = [source_requests(spec, 0, "lfw", faces, None) for spec in (a, b)]  # type: ignore[arg-type]
+    made = [source_requests(spec, 0, "lfw", faces, None) for spec in (a, b)]
     parents = [set(r.column("source_image_id").to_pylist()) for r in made]
     assert not parents[0] & parents[1]
     assert parents[0] | parents[1] == {f"lfw-{i}" for i in faces.column("id").to_pylist()}
