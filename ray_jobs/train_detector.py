@@ -66,6 +66,8 @@ class DetectorWork:
     group_names: list[str]
     resume_from: ray.train.Checkpoint | None
     """``cfg.resume_from`` as a checkpoint, checked on the driver (None: none)."""
+    steps_per_epoch: int
+    """Optimiser steps of one worker per epoch (the learning-rate schedule spans epochs x this)."""
 
 
 def train_loop(work: DetectorWork) -> dict[str, Any]:
@@ -77,7 +79,7 @@ def train_loop(work: DetectorWork) -> dict[str, Any]:
     # --- setup: model, optimiser, booster; state from the latest checkpoint (a crashed run) or resume_from
     device = claim(cfg.stage_name, "training worker", 1.0 if cfg.runtime.use_gpu else 0.0, train=True).device
     trainer = DetectorTrainer(cfg, work.spec, work.groups, work.group_names, rank=rank, device=device,
-                              wrap=ray.train.torch.prepare_model)
+                              wrap=ray.train.torch.prepare_model, steps_per_epoch=work.steps_per_epoch)
     progress = TrainingProgress("train-detector", cfg.stage_name) if rank == 0 else None
     # this run's latest checkpoint (after a crash), else resume_from
     resume_from = (work.resume_from, str(cfg.resume_from)) if work.resume_from is not None else None
@@ -166,7 +168,10 @@ def run(cfg: DetectorConfig, stage: Stage) -> dict[str, Any]:
     spec = replace(make_spec(cfg.model, cfg.input_size or plan.height, cfg.storage),
                    training=TrainedOn(cfg.split.model_dump(), plan.group_names, [s.model_dump() for s in cfg.sources],
                                       cfg.boosting.method))
-    work = DetectorWork(cfg, spec, fingerprint, plan.column("group"), plan.group_names, resume_from)
+    train_rows = int(sum(1 for s, i in zip(splits, index) if s == "train" and int(i) not in bad))
+    per_worker = -(-train_rows // cfg.runtime.num_workers)
+    work = DetectorWork(cfg, spec, fingerprint, plan.column("group"), plan.group_names, resume_from,
+                        steps_per_epoch=max(1, -(-per_worker // cfg.batch_size)))
     started = time.time()
     result = fit_workers(
         train_loop, work, stage, cfg.runtime, run_name=RUN_NAME,
