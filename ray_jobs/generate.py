@@ -157,10 +157,12 @@ def check_inputs(cfg: GenerateConfig) -> list[str] | None:
     """Everything that can be checked before any actor starts: prompts, model references, real collections."""
     from shared.diffusion.gan import check_gan_ref
     from shared.diffusion.pipelines import check_pipeline_ref
+    from shared.diffusion.vae import check_vae_ref
 
     prompts = load_prompts(cfg.prompts, cfg.storage)
+    checks = {"gan": check_gan_ref, "vae": check_vae_ref}
     for spec in cfg.generators:
-        (check_gan_ref if spec.mode == "gan" else check_pipeline_ref)(spec.model, cfg.storage)
+        checks.get(spec.mode, check_pipeline_ref)(spec.model, cfg.storage)
     for real in cfg.reals:
         real_kind(real.uri, cfg.storage)
     return prompts

@@ -20,6 +20,7 @@ from shared.configs.retrieval_study import RetrievalStudyConfig
 from shared.configs.standin_faces import StandinFacesConfig
 from shared.configs.train_ddpm import TrainDdpmConfig
 from shared.configs.train_detector import DetectorConfig
+from shared.configs.train_vae import TrainVaeConfig
 
 JOB_CONFIGS: dict[str, type[JobConfig]] = {
     cls.JOB: cls
@@ -32,6 +33,7 @@ JOB_CONFIGS: dict[str, type[JobConfig]] = {
         DistillConfig,
         EvaluateConfig,
         TrainDdpmConfig,
+        TrainVaeConfig,
         GenerateConfig,
         CurateImagesConfig,
         DetectorConfig,

@@ -196,8 +196,24 @@ class GanGenerator(_Generator):
     """Images to generate."""
 
 
-GeneratorSpec = Annotated[UnconditionalGenerator | Text2ImgGenerator | Img2ImgGenerator | GanGenerator,
-                          Field(discriminator="mode")]
+class VaeGenerator(_Generator):
+    """A non-diffusion manipulation type: a VAE trained by the train-vae job, decoding Gaussian latents."""
+
+    mode: Literal["vae"]
+    """vae."""
+    model: str
+    """The VAE: a finished train-vae stage (its `model` output), or a folder with vae.json and model.safetensors
+    (local or s3://)."""
+    count: int = Field(ge=1, le=10_000_000)
+    """Images to generate."""
+    temperature: float = Field(1.0, gt=0.0, le=4.0)
+    """Scale of the latent draw, z ~ N(0, temperature^2 I); the image is the decoded mean, never a noisy draw. 1
+    samples the prior as trained; below 1 gives more typical, smoother and less varied images."""
+
+
+GeneratorSpec = Annotated[
+    UnconditionalGenerator | Text2ImgGenerator | Img2ImgGenerator | GanGenerator | VaeGenerator,
+    Field(discriminator="mode")]
 
 
 def _default_reals() -> list[Any]:
@@ -223,8 +239,8 @@ class GenerateConfig(JobConfig):
     generators: list[GeneratorSpec] = Field(default_factory=_default_generators)
     """Generators, each with a `mode`: unconditional (model, scheduler, steps, count), text2img (model, scheduler,
     steps, guidance, count; uses `prompts`), img2img (model, scheduler, steps, strength, sources, per_source), gan
-    (model, count). Common keys: name, seed, batch_size, runtime (the actor pool), dtype,
-    batch_invariant, resolution and safety_checker (diffusion)."""
+    (model, count), vae (model, count, temperature). Common keys: name, seed, batch_size, runtime (the actor pool),
+    dtype, batch_invariant, resolution and safety_checker (diffusion)."""
     prompts: PromptSource | None = None
     """Prompts for text-conditioned generators: file, inline or faces (composed face prompts)."""
     output: ImageFormat = Field(default_factory=ImageFormat)

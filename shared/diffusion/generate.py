@@ -23,7 +23,14 @@ import numpy as np
 import pyarrow as pa
 
 from shared.config import StorageConfig
-from shared.configs.generate import GanGenerator, GeneratorSpec, ImageFormat, Img2ImgGenerator, Text2ImgGenerator
+from shared.configs.generate import (
+    GanGenerator,
+    GeneratorSpec,
+    ImageFormat,
+    Img2ImgGenerator,
+    Text2ImgGenerator,
+    VaeGenerator,
+)
 from shared.configs.subsets import IdSubset
 from shared.errors import DataError, ModelError
 from shared.imageset import (
@@ -66,6 +73,7 @@ def library_versions(names: tuple[str, ...]) -> str:
 
 DIFFUSION_LIBRARIES = ("diffusers", "torch", "transformers")
 GAN_LIBRARIES = ("torch",)
+VAE_LIBRARIES = ("safetensors", "torch")
 
 
 def real_id(collection: str, original_id: str) -> str:
@@ -129,13 +137,18 @@ class GeneratorStage:
         self.versions: str | None = None
 
     def setup(self) -> None:
-        from shared.diffusion import gan, pipelines
+        from shared.diffusion import gan, pipelines, vae
 
         spec = self.spec
         if isinstance(spec, GanGenerator):
             self.model = gan.load_dcgan(spec.model, self.config, self.device)
             self.generation_size = 64
             self.versions = library_versions(GAN_LIBRARIES)
+            return
+        if isinstance(spec, VaeGenerator):
+            self.model = vae.load_vae(spec.model, self.config, self.device)
+            self.generation_size = self.model.arch.image_size
+            self.versions = library_versions(VAE_LIBRARIES)
             return
         pipe = pipelines.load_pipeline(spec.model, self.config, spec.dtype, self.device, spec.safety_checker)
         if isinstance(spec, Text2ImgGenerator) or (isinstance(spec, Img2ImgGenerator)
@@ -207,6 +220,12 @@ class GeneratorStage:
 
             return sample_dcgan(self.model, seeds, batch_invariant=spec.batch_invariant,
                                 dtype=DTYPES[spec.dtype]), unflagged
+        if isinstance(spec, VaeGenerator):
+            from shared.diffusion.pipelines import DTYPES
+            from shared.diffusion.vae import sample_vae
+
+            return sample_vae(self.model, seeds, temperature=spec.temperature, batch_invariant=spec.batch_invariant,
+                              dtype=DTYPES[spec.dtype]), unflagged
         common: dict[str, Any] = dict(steps=spec.steps, resolution=self.generation_size,
                                       batch_invariant=spec.batch_invariant)
         if isinstance(spec, Img2ImgGenerator):
@@ -229,10 +248,7 @@ class GeneratorStage:
         spec = self.spec
         meta: dict[str, Any] = dict(model_ref=spec.model, seed=int(item["seed"]), dtype=spec.dtype,
                                     library_versions=self.versions)
-        if isinstance(spec, GanGenerator):
-            mode = "gan"
-        else:
-            mode = spec.mode
+        if not isinstance(spec, (GanGenerator, VaeGenerator)):  # diffusion: a sampler and its steps
             meta.update(scheduler=self.scheduler, steps=spec.steps)
             if self.text_conditioned:
                 text = self._text_spec()
@@ -240,7 +256,7 @@ class GeneratorStage:
             if isinstance(spec, Img2ImgGenerator):
                 meta.update(strength=float(spec.strength), source_image_id=item["source_image_id"])
         return image_row(item["id"], pixels, encoding=self.output.encoding, quality=self.output.quality, label=FAKE,
-                         source=spec.name, mode=mode, family=spec.family, **meta)
+                         source=spec.name, mode=spec.mode, family=spec.family, **meta)
 
 
 def encode_reals(table: pa.Table, collection: str, output: ImageFormat,

@@ -72,11 +72,45 @@ def train_report(cfg: Any, out: dict[str, Any], store: Storage) -> str:
     ax.set_yscale("log")
     report.add_figure(fig, "Training loss (mean per epoch)")
     if out.get("preview"):
-        import base64
+        add_png(report, out["preview"], "Training images and samples of the saved (EMA) model, seeds 0..N-1, "
+                                        "not picked")
+    return report.save(store, "report.html")
 
-        data = base64.b64encode(out["preview"]).decode()
-        report.parts.append(f'<figure><img src="data:image/png;base64,{data}"/><figcaption>Training images and '
-                            "samples of the saved (EMA) model, seeds 0..N-1, not picked</figcaption></figure>")
+
+def add_png(report: Report, png: bytes, caption: str) -> None:
+    """Embed PNG bytes (a preview the training task made) with a caption."""
+    import base64
+    import html
+
+    data = base64.b64encode(png).decode()
+    report.parts.append(f'<figure><img src="data:image/png;base64,{data}"/><figcaption>{html.escape(caption)}'
+                        "</figcaption></figure>")
+
+
+def train_vae_report(cfg: Any, out: dict[str, Any], store: Storage) -> str:
+    """report.html of a train-vae stage: settings, the ELBO terms per epoch, reconstructions and samples."""
+    report = Report(f"train-vae: {cfg.data}")
+    history = out["history"]
+    last = history[-1]
+    likelihood = f"sigma {cfg.sigma:g}" if cfg.sigma else f"calibrated sigma (last {last['sigma']:.3f})"
+    report.text(f"{out['images']} training images at {cfg.image_size} px ({out['color']}), encoder widths "
+                f"{cfg.widths}, latent {cfg.latent_dim} ({out['parameters'] / 1e6:.2f} M parameters), Gaussian "
+                f"likelihood with {likelihood}, KL weight {cfg.kl_weight:g} after a {cfg.kl_warmup}-epoch warm-up, "
+                f"{cfg.epochs} epochs, {last['step']} steps of {cfg.batch_size}, {last['seconds']:.0f} s. Last "
+                f"epoch: loss {last['loss']:.4f} nats per pixel value, KL {last['kl']:.2f} nats per image, "
+                f"reconstruction MSE {last['recon_mse']:.5f} (pixels in [0, 1]).")
+    fig, axes = report.figure(ncols=2, width=4.5)
+    epochs = [h["epoch"] for h in history]
+    axes[0].plot(epochs, [h["loss"] for h in history])
+    axes[0].set_ylabel("loss (nats per pixel value)")
+    axes[1].plot(epochs, [h["kl"] for h in history])
+    axes[1].set_ylabel("KL (nats per image)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+    report.add_figure(fig, "Training objective and KL term (means per epoch)")
+    if out.get("preview"):
+        add_png(report, out["preview"], "Training images, their reconstructions (decoded posterior means) and "
+                                        "samples (decoded z ~ N(0, I), seeds 0..N-1), not picked")
     return report.save(store, "report.html")
 
 
