@@ -16,11 +16,20 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from shared.manifests.spec import StageResources
+from shared.errors import ConfigError
+from shared.manifests.podsecurity import (
+    BUILTIN_VOLUMES,
+    CACHE_ENV,
+    container_security_context,
+    emptydir_volumes,
+    pod_security_context,
+)
+from shared.manifests.resources import QUEUE_LABEL, StageResources
 
 CONFIG_ENV = "SCOPEFORGE_CONFIG"
 RAY_VERSION = "2.60.0"
@@ -108,77 +117,168 @@ def rayjob_name(pipeline: str, stage: str, attempt: int) -> str:
 # RayCluster
 
 
-def _container(name: str, image: str, cpu: str, memory: str, gpu: int, storage_secret: str | None,
-               ports: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Group:
+    """One worker group of a rendered RayCluster."""
+
+    name: str
+    cpu: str
+    memory: str
+    gpu: int
+    max_workers: int
+
+
+DEFAULT_GROUPS = [Group("cpu", "4", "16Gi", 0, 4), Group("gpu", "8", "48Gi", 1, 4)]
+GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+SUBMITTER_CONTAINER = "ray-job-submitter"  # KubeRay fills in its command (`ray job submit ...`) and env
+COMPONENT = "app.kubernetes.io/component"
+
+
+def stage_groups(resources: StageResources) -> list[Group]:
+    """A stage's worker groups: its workers, and for a GPU stage also a CPU group (CPU-only phases run there)."""
+    if not resources.gpu:
+        return [Group("cpu", resources.cpu, resources.memory, 0, resources.maxWorkers)]
+    extra = resources.cpuWorkers
+    return [Group("cpu", extra.cpu, extra.memory, 0, extra.maxWorkers),
+            Group("gpu", resources.cpu, resources.memory, resources.gpu, resources.maxWorkers)]
+
+
+def _quantities(cpu: str, memory: str, gpu: int = 0, ephemeral: str | None = None) -> dict[str, Any]:
     limits: dict[str, Any] = {"cpu": cpu, "memory": memory}
+    if ephemeral:
+        limits["ephemeral-storage"] = ephemeral
     if gpu:
         limits["nvidia.com/gpu"] = str(gpu)
+    return {"requests": dict(limits), "limits": dict(limits)}
+
+
+def _mounts(resources: StageResources) -> list[dict[str, Any]]:
+    """Ray's writable places (emptyDirs; a stage volume at the same path replaces one) and the stage's volumes."""
+    own = {v.mountPath.rstrip("/") for v in resources.volumes}
+    mounts = [{"name": name, "mountPath": path} for name, path in BUILTIN_VOLUMES.items() if path not in own]
+    return mounts + [{"name": v.name, "mountPath": v.mountPath, **({"readOnly": True} if v.readOnly else {})}
+                     for v in resources.volumes]
+
+
+def _volumes(resources: StageResources) -> list[dict[str, Any]]:
+    own = {v.mountPath.rstrip("/") for v in resources.volumes}
+    volumes = emptydir_volumes([name for name, path in BUILTIN_VOLUMES.items() if path not in own])
+    for v in resources.volumes:
+        if v.claimName:
+            volumes.append({"name": v.name, "persistentVolumeClaim": {"claimName": v.claimName,
+                                                                      **({"readOnly": True} if v.readOnly else {})}})
+        else:
+            volumes.append({"name": v.name, "emptyDir": {"sizeLimit": v.sizeLimit} if v.sizeLimit else {}})
+    return volumes
+
+
+def _ray_container(name: str, image: str, quantities: dict[str, Any], storage_secret: str | None,
+                   resources: StageResources, ports: list[dict[str, Any]]) -> dict[str, Any]:
     container: dict[str, Any] = {
         "name": name,
         "image": image,
         "imagePullPolicy": "IfNotPresent",
-        "resources": {"requests": dict(limits), "limits": dict(limits)},
-        "env": [{"name": "SCOPEFORGE_CACHE", "value": "/home/ray/.cache/scopeforge"}],
+        "resources": quantities,
+        "env": [{"name": key, "value": value} for key, value in CACHE_ENV.items()],
     }
     if storage_secret:
         container["envFrom"] = [{"secretRef": {"name": storage_secret}}]
-    if ports:
-        container["ports"] = ports
+    container["ports"] = ports
     # Ray stops gracefully before the pod goes (KubeRay's recommended preStop).
     container["lifecycle"] = {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}}
+    container["securityContext"] = container_security_context()
+    container["volumeMounts"] = _mounts(resources)
     return container
 
 
-GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+def _scheduling(resources: StageResources, node_selector: dict[str, str] | None = None,
+                tolerations: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The pod-spec fields a stage's scheduling knobs set (shared by the Ray pods and the submitter)."""
+    spec: dict[str, Any] = {}
+    if resources.priorityClassName:
+        spec["priorityClassName"] = resources.priorityClassName
+    selector = {**resources.nodeSelector, **(node_selector or {})}
+    if selector:
+        spec["nodeSelector"] = selector
+    if resources.affinity:
+        spec["affinity"] = resources.affinity
+    merged = [t.model_dump(exclude_none=True) for t in resources.tolerations] + list(tolerations or [])
+    if merged:
+        spec["tolerations"] = merged
+    if resources.imagePullSecrets:
+        spec["imagePullSecrets"] = [{"name": name} for name in resources.imagePullSecrets]
+    return spec
 
 
-def worker_group(group: str, image: str, resources: StageResources, storage_secret: str | None) -> dict[str, Any]:
-    spec: dict[str, Any] = {"containers": [_container("ray-worker", image, resources.cpu, resources.memory,
-                                                      resources.gpu, storage_secret,
-                                                      [{"name": "metrics", "containerPort": 8080}])]}
-    if resources.gpu:
-        spec["tolerations"] = list(GPU_TOLERATIONS)
+def _template(spec: dict[str, Any], resources: StageResources, component: str) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"labels": {"app.kubernetes.io/part-of": "scopeforge", COMPONENT: component,
+                                           **resources.pod_labels()}}
+    if resources.pod_annotations():
+        metadata["annotations"] = resources.pod_annotations()
+    return {"metadata": metadata, "spec": spec}
+
+
+def _ray_pod(container: dict[str, Any], resources: StageResources, component: str,
+             tolerations: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"securityContext": pod_security_context(), "containers": [container],
+                            "volumes": _volumes(resources), **_scheduling(resources, tolerations=tolerations)}
+    if resources.serviceAccountName:
+        spec["serviceAccountName"] = resources.serviceAccountName
+    return _template(spec, resources, component)
+
+
+def worker_group(group: Group, image: str, resources: StageResources, storage_secret: str | None,
+                 autoscale: bool = True) -> dict[str, Any]:
+    """An autoscaled group from zero; without autoscaling (a Kueue-managed stage) exactly ``max_workers`` workers."""
+    quantities = _quantities(group.cpu, group.memory, group.gpu, resources.ephemeralStorage)
+    container = _ray_container("ray-worker", image, quantities, storage_secret, resources,
+                               [{"name": "metrics", "containerPort": 8080}])
+    low = 0 if autoscale else group.max_workers
     return {
-        "groupName": group,
-        "replicas": 0,
-        "minReplicas": 0,
-        "maxReplicas": resources.maxWorkers,
+        "groupName": group.name,
+        "replicas": low,
+        "minReplicas": low,
+        "maxReplicas": group.max_workers,
         "rayStartParams": {},
-        "template": {"metadata": {"labels": {"app.kubernetes.io/part-of": "scopeforge"}}, "spec": spec},
+        "template": _ray_pod(container, resources, "ray-worker", GPU_TOLERATIONS if group.gpu else None),
     }
 
 
 def cluster_spec(image: str = DEFAULT_IMAGE, storage_secret: str | None = "scopeforge-storage",
-                 groups: dict[str, StageResources] | None = None, idle_timeout_s: int = 300) -> dict[str, Any]:
-    """A RayClusterSpec: a CPU head that runs no tasks (drivers only) and autoscaled worker groups from zero.
+                 groups: list[Group] | None = None, idle_timeout_s: int = 300,
+                 resources: StageResources | None = None, autoscale: bool = True) -> dict[str, Any]:
+    """A RayClusterSpec: a CPU head that runs no tasks (drivers only) and worker groups autoscaled from zero.
 
     The default groups are a CPU group and a GPU group (nvidia.com/gpu, tolerating the GPU taint); the in-tree
     autoscaler starts workers when tasks ask for them and removes them after ``idle_timeout_s`` idle seconds.
+    ``resources`` sets the head's size and every pod's scheduling, volumes and labels. Every pod meets Pod Security
+    "restricted" (see ``shared.manifests.podsecurity``), the autoscaler sidecar too.
     """
-    if groups is None:
-        groups = {"cpu": StageResources(cpu="4", memory="16Gi", gpu=0, maxWorkers=4),
-                  "gpu": StageResources(cpu="8", memory="48Gi", gpu=1, maxWorkers=4)}
+    res = resources or StageResources()
     head_ports = [{"name": "gcs-server", "containerPort": 6379}, {"name": "dashboard", "containerPort": 8265},
-                  {"name": "client", "containerPort": 10001}, {"name": "metrics", "containerPort": 8080}]
-    head = _container("ray-head", image, "2", "8Gi", 0, storage_secret, head_ports)
-    return {
-        "rayVersion": RAY_VERSION,
-        "enableInTreeAutoscaling": True,
-        "autoscalerOptions": {
+                  {"name": "metrics", "containerPort": 8080}]
+    head = _ray_container("ray-head", image, _quantities(res.head.cpu, res.head.memory,
+                                                         ephemeral=res.ephemeralStorage),
+                          storage_secret, res, head_ports)
+    spec: dict[str, Any] = {"rayVersion": RAY_VERSION, "enableInTreeAutoscaling": autoscale}
+    if autoscale:
+        spec["autoscalerOptions"] = {
             "upscalingMode": "Default",
             "idleTimeoutSeconds": idle_timeout_s,
-            "resources": {"requests": {"cpu": "500m", "memory": "512Mi"},
-                          "limits": {"cpu": "500m", "memory": "512Mi"}},
-        },
-        "authOptions": {"mode": "token"},
-        "headGroupSpec": {
-            # num-cpus 0: the head schedules no tasks, only drivers; work goes to the autoscaled groups.
-            "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-            "template": {"metadata": {"labels": {"app.kubernetes.io/part-of": "scopeforge"}},
-                         "spec": {"containers": [head]}},
-        },
-        "workerGroupSpecs": [worker_group(name, image, res, storage_secret) for name, res in groups.items()],
+            "resources": _quantities("500m", "512Mi"),
+            # KubeRay mounts the head's ray-logs volume at /tmp/ray into this sidecar; /tmp is the head's too.
+            "securityContext": container_security_context(),
+            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        }
+    spec["authOptions"] = {"mode": "token"}
+    spec["headGroupSpec"] = {
+        # num-cpus 0: the head schedules no tasks, only drivers; work goes to the worker groups.
+        "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+        "template": _ray_pod(head, res, "ray-head"),
     }
+    spec["workerGroupSpecs"] = [worker_group(g, image, res, storage_secret, autoscale)
+                                for g in (DEFAULT_GROUPS if groups is None else groups)]
+    return spec
 
 
 def raycluster(name: str, namespace: str | None = None, **kwargs: Any) -> dict[str, Any]:
@@ -186,6 +286,23 @@ def raycluster(name: str, namespace: str | None = None, **kwargs: Any) -> dict[s
     if namespace:
         metadata["namespace"] = namespace
     return {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": metadata, "spec": cluster_spec(**kwargs)}
+
+
+def submitter_template(image: str, resources: StageResources | None = None) -> dict[str, Any]:
+    """The submitter pod of a RayJob (K8sJobMode): KubeRay's default one but restricted, scheduled like the stage."""
+    res = resources or StageResources()
+    container = {
+        "name": SUBMITTER_CONTAINER,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "resources": {"requests": {"cpu": "500m", "memory": "200Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
+        "env": [{"name": "PYTHONDONTWRITEBYTECODE", "value": "1"}],
+        "securityContext": container_security_context(),
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    spec = {"restartPolicy": "Never", "securityContext": pod_security_context(), "containers": [container],
+            "volumes": emptydir_volumes(["tmp"]), **_scheduling(res)}
+    return _template(spec, res, "ray-submitter")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -200,13 +317,21 @@ def rayjob(name: str, job: str, config_text: str, *, namespace: str | None = Non
     """A RayJob running ``scopeforge run JOB`` with ``config_text``.
 
     The cluster: an existing one (``cluster_selector``), a given spec, or (default) one built for the job from
-    ``resources`` (a CPU group, plus a GPU group when ``resources.gpu``); a cluster made for the job is deleted
+    ``resources`` (its workers, plus a CPU group when ``resources.gpu``); a cluster made for the job is deleted
     ``ttl_s`` seconds after the job ends. KubeRay itself does not retry (``backoffLimit: 0``): retries are the
-    operator's, one RayJob per attempt, so each attempt keeps its own logs and status.
+    operator's, one RayJob per attempt, so each attempt keeps its own logs and status. ``resources.labels`` and
+    ``annotations`` go on the RayJob; a ``kueue.x-k8s.io/queue-name`` label creates it suspended for Kueue to admit,
+    with a cluster of fixed size (Kueue refuses autoscaling and existing clusters).
     """
+    res = resources or StageResources()
+    if res.queue and cluster_selector:
+        raise ConfigError(f"RayJob {name}: resources.labels {QUEUE_LABEL} (Kueue) cannot run on an existing cluster "
+                          "(clusterSelector): Kueue admits only RayJobs that create their own cluster")
     metadata: dict[str, Any] = {"name": name, "labels": {"app.kubernetes.io/part-of": "scopeforge",
                                                          "app.kubernetes.io/managed-by": "scopeforge",
-                                                         LABEL_JOB: job, **(labels or {})}}
+                                                         LABEL_JOB: job, **res.labels, **(labels or {})}}
+    if res.annotations:
+        metadata["annotations"] = dict(res.annotations)
     if namespace:
         metadata["namespace"] = namespace
     if owner:
@@ -218,18 +343,20 @@ def rayjob(name: str, job: str, config_text: str, *, namespace: str | None = Non
         "backoffLimit": 0,
         "activeDeadlineSeconds": active_deadline_s,
         "metadata": {"scopeforge-job": job},
+        "submitterPodTemplate": submitter_template(image, res),
     }
     if cluster_selector:
         spec["clusterSelector"] = dict(cluster_selector)
         spec["shutdownAfterJobFinishes"] = False  # never delete a shared cluster
     else:
         if ray_cluster_spec is None:
-            res = resources or StageResources()
-            groups = {"gpu" if res.gpu else "cpu": res}
-            ray_cluster_spec = cluster_spec(image=image, storage_secret=storage_secret, groups=groups)
+            ray_cluster_spec = cluster_spec(image=image, storage_secret=storage_secret, groups=stage_groups(res),
+                                            resources=res, autoscale=not res.queue)
         spec["rayClusterSpec"] = ray_cluster_spec
         spec["shutdownAfterJobFinishes"] = True
         spec["ttlSecondsAfterFinished"] = ttl_s
+        if res.queue:
+            spec["suspend"] = True  # Kueue unsuspends it once the queue admits it
     return {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": metadata, "spec": spec}
 
 

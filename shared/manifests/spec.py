@@ -30,6 +30,7 @@ from shared.config import JobConfig, StorageConfig, StrictModel, validate_config
 from shared.configs import JOB_CONFIGS
 from shared.configs.pipeline import PipelineConfig, StageSpec
 from shared.errors import ConfigError
+from shared.manifests.resources import DNS_SUBDOMAIN, QUEUE_LABEL, StageResources
 from shared.pipeline import stage_configs, stage_uri
 from shared.storage import split_uri
 
@@ -39,30 +40,17 @@ PLURAL = "pipelines"
 KIND = "Pipeline"
 API_VERSION = f"{GROUP}/{VERSION}"
 
-QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
-DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 # Fields of a job config that the pipeline sets, never a stage.
 PIPELINE_FIELDS = ("output_root", "stage", "storage")
-
-
-class StageResources(StrictModel):
-    """The autoscaled worker group of a stage's own RayCluster (used when the Pipeline names no cluster)."""
-
-    cpu: str = Field("4", pattern=QUANTITY)
-    """CPU of each worker (a Kubernetes quantity, e.g. "4" or "500m")."""
-    memory: str = Field("16Gi", pattern=QUANTITY)
-    """Memory of each worker (a Kubernetes quantity, e.g. "16Gi")."""
-    gpu: int = Field(0, ge=0, le=16)
-    """nvidia.com/gpu per worker; 0 for CPU workers. GPU workers tolerate the nvidia.com/gpu taint."""
-    maxWorkers: int = Field(4, ge=1, le=1000)
-    """Most workers the autoscaler may start; it starts from zero and removes idle workers."""
 
 
 class StageOptions(StrictModel):
     """Kubernetes-side settings of one stage (beside its name, retries and job key)."""
 
     resources: StageResources = Field(default_factory=StageResources)
-    """Worker shape of the stage's own RayCluster (ignored with spec.cluster.clusterSelector or rayClusterSpec)."""
+    """The stage's own RayCluster (worker and head shape, volumes) and its scheduling (labels, Kueue queue, priority,
+    placement, service account, pull secrets). With spec.cluster.clusterSelector or rayClusterSpec only the labels,
+    annotations and the submitter pod's scheduling apply."""
     activeDeadlineSeconds: int = Field(86400, ge=1)
     """Deadline of one attempt, in seconds, after which KubeRay fails the RayJob."""
 
@@ -185,6 +173,9 @@ def parse_pipeline(spec: dict[str, Any], source: str = "Pipeline") -> Pipeline:
                             **({"retries": raw["retries"]} if "retries" in raw else {})})
         options.append(validate_config(StageOptions, {k: raw[k] for k in StageOptions.model_fields if k in raw},
                                        where))
+        if options[-1].resources.queue and resource.cluster.clusterSelector:
+            raise ConfigError(f"{where}: resources.labels {QUEUE_LABEL} (Kueue) needs the stage's own cluster; Kueue "
+                              "does not admit RayJobs on an existing one (spec.cluster.clusterSelector)")
     storage = resource.storage.model_dump(mode="python", exclude_none=True)
     pipeline = validate_config(PipelineConfig, {"output_root": resource.outputRoot, "storage": storage,
                                                 "stages": stage_specs}, f"{source} spec")
