@@ -267,3 +267,110 @@ def test_config_from_an_environment_variable():
     typo = run_cli("run", "inspect-model", "--config", "env:SF_CONFIG", env={"SF_CONFIG": "modle: tiny-llama"})
     assert typo.returncode == 2
     assert "env:SF_CONFIG: unknown key 'modle'" in typo.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stage resources: the scheduling and queueing knobs
+
+
+def test_every_stage_knob_validates_in_the_crd_and_renders_a_valid_rayjob():
+    from tests.test_pod_security import EVERY_KNOB, every_knob_pipeline, operator_rayjob
+
+    spec = every_knob_pipeline()
+    body = {"apiVersion": "scopeforge.io/v1alpha1", "kind": "Pipeline", "metadata": {"name": "knobs"}, "spec": spec}
+    assert schema_errors(VALIDATOR, body) == []
+    manifest = operator_rayjob(spec)
+    assert kuberay_errors(manifest) == []
+    meta, rayjob = manifest["metadata"], manifest["spec"]
+    assert meta["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert meta["annotations"] == {"example.com/owner": "team a"}
+    assert rayjob["suspend"] is True  # created suspended: Kueue admits it
+    cluster = rayjob["rayClusterSpec"]
+    assert cluster["enableInTreeAutoscaling"] is False  # Kueue refuses autoscaling: a fixed-size cluster
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    assert set(groups) == {"cpu", "gpu"}  # a GPU stage also has a CPU group
+    assert (groups["gpu"]["minReplicas"], groups["gpu"]["maxReplicas"], groups["cpu"]["replicas"]) == (3, 3, 2)
+    gpu = groups["gpu"]["template"]["spec"]
+    assert gpu["containers"][0]["resources"]["limits"] == {"cpu": "8", "memory": "32Gi", "ephemeral-storage": "50Gi",
+                                                           "nvidia.com/gpu": "1"}
+    assert "nvidia.com/gpu" not in groups["cpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert groups["cpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] == "2"
+    head = cluster["headGroupSpec"]["template"]
+    assert head["spec"]["containers"][0]["resources"]["limits"]["memory"] == "12Gi"
+    submitter = rayjob["submitterPodTemplate"]
+    for template in (head, groups["cpu"]["template"], groups["gpu"]["template"], submitter):
+        pod = template["spec"]
+        assert pod["priorityClassName"] == "batch-low"
+        assert pod["nodeSelector"] == EVERY_KNOB["nodeSelector"]
+        assert pod["affinity"] == EVERY_KNOB["affinity"]
+        assert EVERY_KNOB["tolerations"][0] in pod["tolerations"]
+        assert pod["imagePullSecrets"] == [{"name": "registry-creds"}]
+        assert template["metadata"]["labels"]["cost-center"] == "ml"
+        assert "kueue.x-k8s.io/queue-name" not in template["metadata"]["labels"]  # the RayJob is the workload
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in gpu["tolerations"]
+    for pod in (head["spec"], gpu):
+        assert pod["serviceAccountName"] == "scopeforge-s3-irsa"
+        assert "envFrom" not in pod["containers"][0]  # storageSecret null: workload identity, no static keys
+        mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+        assert mounts["/home/ray/.cache"] == "models"  # the model-cache PVC replaces the cache emptyDir
+        assert mounts["/mnt/spill"] == "spill"
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["models"]["persistentVolumeClaim"] == {"claimName": "model-cache"}
+        assert volumes["spill"]["emptyDir"] == {"sizeLimit": "100Gi"}
+        assert "cache" not in volumes
+    assert "serviceAccountName" not in submitter["spec"]  # it only talks to the dashboard
+
+
+def test_a_stage_without_knobs_autoscales_from_zero_and_is_not_suspended():
+    manifest = render.rayjob("plain", "inspect-model", "{}\n")
+    assert "suspend" not in manifest["spec"]
+    (group,) = manifest["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert (group["groupName"], group["minReplicas"], group["maxReplicas"]) == ("cpu", 0, 4)
+    assert manifest["spec"]["rayClusterSpec"]["enableInTreeAutoscaling"] is True
+
+
+@pytest.mark.parametrize(("resources", "message"), [
+    ({"labels": {"bad key!": "x"}}, "labels key 'bad key!' is not a qualified name"),
+    ({"labels": {"team": "not a value"}}, "is not a label value"),
+    ({"tolerations": [{"operator": "Exists", "value": "x"}]}, "operator Exists takes no value"),
+    ({"volumes": [{"name": "a", "mountPath": "/tmp/ray"}]}, "/tmp/ray is Ray's own emptyDir"),
+    ({"volumes": [{"name": "tmp", "mountPath": "/data"}]}, "'tmp' is a built-in volume name"),
+    ({"volumes": [{"name": "a", "mountPath": "/a"}, {"name": "a", "mountPath": "/b"}]}, "name 'a' appears twice"),
+    ({"volumes": [{"name": "a", "mountPath": "/a", "claimName": "c", "sizeLimit": "1Gi"}]}, "sizeLimit is for an"),
+    ({"imagePullSecrets": ["Bad_Name"]}, "'Bad_Name' is not a Secret name"),
+    ({"head": {"cpu": 2.5}}, "head.cpu"),
+])
+def test_bad_stage_knobs_give_one_line_errors(resources, message):
+    spec = two_stages()["spec"]
+    spec["stages"][0]["resources"] = resources
+    with pytest.raises(ConfigError) as err:
+        parse_pipeline(spec, "Pipeline ns/demo")
+    text = str(err.value)
+    assert message in text, text
+    assert "\n" not in text, text
+    assert "stage 'first'" in text, text
+
+
+def test_a_kueue_queue_needs_the_stages_own_cluster():
+    spec = two_stages(cluster={"clusterSelector": {"ray.io/cluster": "scopeforge"}})["spec"]
+    spec["stages"][0]["resources"] = {"labels": {"kueue.x-k8s.io/queue-name": "q"}}
+    with pytest.raises(ConfigError, match="stage 'first': resources.labels kueue.x-k8s.io/queue-name"):
+        parse_pipeline(spec, "Pipeline ns/demo")
+    with pytest.raises(ConfigError, match="cannot run on an existing cluster"):
+        render.rayjob("q", "inspect-model", "{}\n", cluster_selector={"ray.io/cluster": "scopeforge"},
+                      resources=parse_pipeline(two_stages()["spec"]).stages[0].options.resources.model_copy(
+                          update={"labels": {"kueue.x-k8s.io/queue-name": "q"}}))
+
+
+def test_the_crd_schema_refuses_bad_knob_shapes():
+    def errors(resources):
+        body = two_stages()
+        body["spec"]["stages"][0]["resources"] = resources
+        return schema_errors(VALIDATOR, body)
+
+    assert errors({"priorityClassName": "Not_DNS"})
+    assert errors({"tolerations": [{"key": "a", "effect": "Sometimes"}]})
+    assert errors({"volumes": [{"name": "v", "mountPath": "relative"}]})
+    assert errors({"labels": {"a": 1}})
+    assert errors({"ephemeralStorage": "lots"})
+    assert errors({"hostNetwork": True})  # no such knob
