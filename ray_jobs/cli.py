@@ -5,6 +5,8 @@
     scopeforge run JOB --help                           # every config key of JOB, with its type and default
     scopeforge schema JOB                               # the config's JSON schema
     scopeforge submit JOB --config FILE [--address URL] # to a running Ray cluster (Jobs API); status, logs ID
+    scopeforge list | stop ID | delete ID               # the cluster's jobs (Jobs API)
+    scopeforge logs --stage URI                         # the logs a stage saved to storage (cluster gone)
     scopeforge render JOB|pipeline --config FILE        # the RayJob / Pipeline manifest for Kubernetes
 
 User errors (a bad file, key, URI or model reference) print one line and exit with status 2; a skip of an already
@@ -88,7 +90,8 @@ def commands() -> dict[str, Command]:
     from ray_jobs import demos, submit
 
     return {"jobs": _jobs, "run": _run, "schema": _schema, "pipeline": _pipeline, "submit": submit.submit,
-            "status": submit.status, "logs": submit.logs, "render": submit.render, "demo": demos.demo}
+            "status": submit.status, "logs": submit.logs, "list": submit.list_jobs, "stop": submit.stop,
+            "delete": submit.delete, "render": submit.render, "demo": demos.demo}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -135,16 +135,22 @@ def run_job(cfg: JobConfig, *, ray_address: str | None = None, force: bool = Fal
     init_ray(ray_address, dashboard=dashboard)
     hide_user_error_logs()
     from ray_jobs.placement import check_gpu_request, open_ledger, placements
+    from ray_jobs.stage_logs import save_stage_logs
 
     check_gpu_request(cfg.stage_name, cfg.gpus_per_worker(), started_locally())
     open_ledger(stage.name)
     attempt = stage.begin(dump_config(cfg), fresh=force)
     log.info("stage %s: job %s, config hash %s, attempt %s%s", stage.uri, cfg.JOB, stage.config_hash, attempt,
              " (after an unfinished attempt)" if status == "incomplete" else "")
-    metrics = module.run(cfg, stage)
-    where = placements(stage.name)
-    if where:
-        metrics["placement"] = where  # where each kind of worker computed, and with how many threads
-    stage.commit(metrics)
+    try:
+        metrics = module.run(cfg, stage)
+        where = placements(stage.name)
+        if where:
+            metrics["placement"] = where  # where each kind of worker computed, and with how many threads
+        stage.commit(metrics)
+    except Exception as exc:
+        save_stage_logs(stage, cfg, exc)  # <stage>/logs/<attempt>/: outlives the cluster (ray_jobs/stage_logs.py)
+        raise
+    save_stage_logs(stage, cfg)
     log.info("stage %s done in %.1f s (attempt %s)", stage.uri, time.time() - stage.started_at, attempt)
     return metrics

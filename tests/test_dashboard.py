@@ -38,6 +38,12 @@ def dashboard_queries() -> list[tuple[str, str, set[str]]]:
     return out
 
 
+def dashboard_labels() -> set[str]:
+    """Every label any dashboard query matches, groups by or puts in a legend."""
+    return set().union(*(set().union(*(s.labels() for s in selectors(expr))) | legend
+                         for _, expr, legend in dashboard_queries()))
+
+
 @pytest.mark.parametrize(("where", "expr", "legend"), dashboard_queries(), ids=lambda v: v if isinstance(v, str)
                          and v.startswith(("panel", "variable")) else "")
 def test_every_query_reads_exported_series_and_labels(where, expr, legend):
@@ -54,9 +60,8 @@ def test_every_query_reads_exported_series_and_labels(where, expr, legend):
 
 def test_no_query_uses_the_job_label_prometheus_owns():
     assert "job" not in TAGS
-    for where, expr, legend in dashboard_queries():
-        labels = set().union(*(s.labels() for s in selectors(expr))) | legend
-        assert not labels & {"job", "exported_job"}, where
+    assert not dashboard_labels() & {"job", "exported_job"}
+    assert {"scopeforge_job", "stage", "SessionName", "WorkerId"} <= dashboard_labels()
 
 
 def test_every_exported_series_is_plotted():
