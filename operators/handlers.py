@@ -3,45 +3,57 @@
 One level-triggered handler, a timer per unfinished Pipeline: it reads the Pipeline and the RayJobs it owns, asks the
 pure state machine (``operators.reconcile.plan``) what to do, creates at most the next RayJob and writes the status.
 Because the decision depends only on what the API server holds (and RayJob names are deterministic), an operator
-restarted at any moment resumes where the previous one stopped: nothing is created twice, nothing is skipped.
+restarted at any moment resumes where the previous one stopped: nothing is created twice, nothing is skipped. The
+operator keeps no state of its own (no volume, no leader lease: one replica, ``--standalone``), so its restart story
+is the Deployment's: a new pod re-reads every Pipeline and its RayJobs and carries on.
 
-Errors: a spec that cannot run (unknown job, a stage config that fails validation, a RayJob the API server refuses)
-marks the Pipeline Failed with a condition that says why and raises ``kopf.PermanentError`` (logged once per tick
-until the timer stops on the Failed phase); a missing storage Secret or an API hiccup is a ``kopf.TemporaryError``:
-the condition says what is missing and Kopf retries, the operator never crash-loops.
+Errors: a spec that cannot run (unknown job, a stage config that fails validation, a rule of the operator's policy
+broken, stage GPUs that do not match the job's, a RayJob the API server refuses) marks the Pipeline Failed with a
+Valid=False condition that says why and raises ``kopf.PermanentError`` (logged once per tick until the timer stops
+on the Failed phase); a RayJob name held by an object the Pipeline does not own, or an API hiccup, is a
+``kopf.TemporaryError``: the condition says what blocks it and Kopf retries, the operator never crash-loops.
+
+The operator reads no Secret (its RBAC grants none): a missing storage Secret shows in the stage's status as its
+pods' CreateContainerConfigError, and fails the attempt at the start deadline.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass
 from typing import Any
 
 import kopf
 
-from operators import reconcile
+from operators import policy, reconcile, startup
+from operators.config import OperatorSettings
 from operators.kube import ApiError, Kube, namespaced
 from shared.errors import UserError
 from shared.manifests import render
-from shared.manifests.spec import GROUP, PLURAL, VERSION, parse_pipeline
+from shared.manifests.spec import GROUP, PLURAL, VERSION, Pipeline, parse_pipeline
+
+__all__ = ["OperatorSettings", "register"]
 
 
-@dataclass(frozen=True)
-class OperatorSettings:
-    interval_s: float = 10.0
-    """Seconds between two reconciliations of an unfinished Pipeline."""
-    image: str = render.DEFAULT_IMAGE
-    """Image of the stage clusters when a Pipeline names none."""
-
-    @classmethod
-    def from_env(cls) -> OperatorSettings:
-        return cls(interval_s=float(os.environ.get("SCOPEFORGE_RECONCILE_SECONDS", "10")),
-                   image=os.environ.get("SCOPEFORGE_IMAGE") or render.DEFAULT_IMAGE)
+def _refused(pipeline: Pipeline, meta: dict[str, Any], api_version: str, settings: OperatorSettings
+             ) -> tuple[str, str] | None:
+    """(reason, message) when the Pipeline breaks the operator's policy or its stages' GPUs do not match their jobs;
+    checked on the RayJobs of every stage before the first starts."""
+    gpus = reconcile.gpu_problems(pipeline)
+    if gpus:
+        return "GpuMismatch", "; ".join(gpus)
+    rayjobs = [reconcile.rayjob_for(pipeline, stage, meta, api_version, 0, settings.image)
+               for stage in pipeline.stages]
+    problems = policy.violations(settings.policy, pipeline, rayjobs, settings.image)
+    if problems:
+        return "PolicyViolation", "; ".join(problems)
+    return None
 
 
 def _unfinished(status: dict[str, Any], **_: Any) -> bool:
-    return (status or {}).get("phase") not in reconcile.TERMINAL_PHASES
+    """Running, or Failed with a RayJob still to delete (a stage past its start deadline)."""
+    status = status or {}
+    return status.get("phase") not in reconcile.TERMINAL_PHASES or any(
+        isinstance(s, dict) and s.get("stopping") for s in status.get("stages") or [])
 
 
 def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Kube:
@@ -78,22 +90,21 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Kub
             kopf.warn(body, reason="InvalidSpec", message=message)
             raise kopf.PermanentError(message) from None
 
+        refused = _refused(pipeline, dict(meta), body["apiVersion"], settings)
+        if refused is not None:
+            reason, message = refused
+            patch.status.update(reconcile.invalid(current, message, generation, reason))
+            kopf.warn(body, reason=reason, message=message)
+            raise kopf.PermanentError(message)
+
         rayjobs_path = namespaced("ray.io", "v1", "rayjobs", namespace)
         try:
             owned = await kube.list(rayjobs_path, {render.LABEL_PIPELINE_UID: meta["uid"]})
+            pods = await _starting_pods(kube, namespace, owned)
         except ApiError as exc:
-            raise kopf.TemporaryError(f"cannot list RayJobs: {exc}", delay=settings.interval_s) from None
-        step = reconcile.plan(pipeline, dict(meta), body["apiVersion"], current, owned, settings.image)
-
-        if step.create and pipeline.spec.storageSecret:
-            secret = pipeline.spec.storageSecret
-            if await kube.get(namespaced("", "v1", "secrets", namespace, secret)) is None:
-                message = (f"Secret {namespace}/{secret} (spec.storageSecret: object-storage credentials) not found; "
-                           "create it, the pipeline starts once it exists")
-                patch.status.update(reconcile.waiting_for_secret(current, message, generation))
-                if current.get("message") != message:
-                    kopf.warn(body, reason="SecretMissing", message=message)
-                raise kopf.TemporaryError(message, delay=settings.interval_s)
+            raise kopf.TemporaryError(f"cannot list RayJobs or their pods: {exc}", delay=settings.interval_s) from None
+        step = reconcile.plan(pipeline, dict(meta), body["apiVersion"], current, owned, settings.image, pods=pods,
+                              start_deadline_s=settings.start_deadline_s)
 
         for rayjob in step.delete:
             try:
@@ -109,13 +120,13 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Kub
             except ApiError as exc:
                 if 400 <= exc.status < 500 and exc.status not in (401, 403, 429):
                     message = f"RayJob {manifest['metadata']['name']} rejected by the API server: {exc.message}"
-                    patch.status.update(reconcile.invalid(current, message, generation))
-                    patch.status["conditions"][0]["reason"] = "RayJobRejected"
+                    patch.status.update(reconcile.invalid(current, message, generation, "RayJobRejected"))
                     kopf.warn(body, reason="RayJobRejected", message=message)
                     raise kopf.PermanentError(message) from None
                 raise kopf.TemporaryError(f"cannot create RayJob: {exc}", delay=settings.interval_s) from None
             if not created:
-                logger.info("RayJob %s already exists (created before a restart?)", manifest["metadata"]["name"])
+                await _adopt_or_block(kube, manifest, meta["uid"], current, generation, patch, body, logger,
+                                      settings.interval_s)
         for reason, message in step.events:
             kopf.info(body, reason=reason, message=message)
         for reason, message in step.warnings:
@@ -125,3 +136,37 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Kub
             raise kopf.PermanentError(step.status["message"])
 
     return kube
+
+
+async def _starting_pods(kube: Kube, namespace: str, rayjobs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The pods of the cluster of every RayJob that waits for its cluster, by RayJob name (label ray.io/cluster)."""
+    out = {}
+    for rayjob in rayjobs:
+        cluster = startup.cluster_name(rayjob)
+        if startup.starting(rayjob) and cluster:
+            out[rayjob["metadata"]["name"]] = await kube.list(namespaced("", "v1", "pods", namespace),
+                                                              {"ray.io/cluster": cluster})
+    return out
+
+
+async def _adopt_or_block(kube: Kube, manifest: dict[str, Any], uid: str, current: dict[str, Any],
+                          generation: int | None, patch: kopf.Patch, body: kopf.Body, logger: logging.Logger,
+                          delay: float) -> None:
+    """A 409 on create: fine when the RayJob is the Pipeline's own (created just before a restart, not listed yet);
+    a NameConflict condition, retried, when another owner holds the name."""
+    name, namespace = manifest["metadata"]["name"], manifest["metadata"].get("namespace") or "default"
+    try:
+        existing = await kube.get(namespaced("ray.io", "v1", "rayjobs", namespace, name))
+    except ApiError as exc:
+        raise kopf.TemporaryError(f"cannot read RayJob {name}: {exc}", delay=delay) from None
+    owners = ((existing or {}).get("metadata") or {}).get("ownerReferences") or []
+    if existing is None or any(ref.get("uid") == uid for ref in owners):
+        logger.info("RayJob %s already exists (created before a restart?)", name)
+        return
+    holder = ", ".join(f"{ref.get('kind')} {ref.get('name')}" for ref in owners) or "no owner"
+    message = (f"RayJob {namespace}/{name} already exists and is not this Pipeline's ({holder}); the stage waits "
+               "until it is deleted")
+    patch.status.update(reconcile.blocked(current, "NameConflict", message, generation))
+    if current.get("message") != message:
+        kopf.warn(body, reason="NameConflict", message=message)
+    raise kopf.TemporaryError(message, delay=delay)

@@ -187,8 +187,9 @@ class OperatorThread:
     /api/v1/namespaces fails to parse, so namespace patterns would not work). At shutdown Kopf cancels every task of
     its loop, so it must not share the test's."""
 
-    def __init__(self, interval_s: float = 0.2, image: str = "img:test"):
-        self.interval_s, self.image = interval_s, image
+    def __init__(self, interval_s: float = 0.2, image: str = "img:test", **settings: Any):
+        """``settings``: more fields of ``operators.config.OperatorSettings`` (policy, start_deadline_s)."""
+        self.interval_s, self.image, self.settings = interval_s, image, settings
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kopf", daemon=True)
@@ -200,7 +201,7 @@ class OperatorThread:
         from operators.handlers import OperatorSettings, register
 
         registry = kopf.OperatorRegistry()
-        register(registry, OperatorSettings(interval_s=self.interval_s, image=self.image))
+        register(registry, OperatorSettings(interval_s=self.interval_s, image=self.image, **self.settings))
         settings = kopf.OperatorSettings()
         settings.watching.server_timeout = 10
         settings.networking.request_timeout = 10

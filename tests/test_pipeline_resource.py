@@ -4,6 +4,7 @@ shared PipelineConfig, the RayJobs rendered for its stages, and the operator's i
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import re
@@ -134,15 +135,22 @@ def test_local_pipeline_config_renders_as_a_valid_pipeline_resource():
     assert again.config.storage.endpoint_url
 
 
-def test_rayjob_names_are_short_dns_labels_and_deterministic():
+def test_rayjob_names_are_short_dns_labels_deterministic_and_unique_across_pipelines():
     long_pipeline = "a-very-long-pipeline-name-for-the-finescope-experiment-number-one"
-    names = {render.rayjob_name(long_pipeline, stage, attempt) for stage in ("curate", "prune-then-distill", "x" * 40)
-             for attempt in range(11)}
+    uid = "5f0c1d9e-0000-4000-8000-000000000001"
+    names = {render.rayjob_name(long_pipeline, stage, attempt, uid)
+             for stage in ("curate", "prune-then-distill", "x" * 40) for attempt in range(11)}
     assert len(names) == 33
     assert all(len(n) <= 47 and render.DNS1035.match(n) for n in names)
-    assert render.rayjob_name("demo", "first", 0) == "demo-first-0"
-    assert render.rayjob_name("9.lives", "a", 1) == "p-9-lives-a-1"
-    assert render.rayjob_name(long_pipeline, "curate", 3) == render.rayjob_name(long_pipeline, "curate", 3)
+    tag = hashlib.sha256(uid.encode()).hexdigest()[:5]
+    assert render.rayjob_name("demo", "first", 0, uid) == f"demo-first-{tag}-0"
+    assert render.rayjob_name("9.lives", "a", 1, uid) == f"p-9-lives-a-{tag}-1"
+    assert render.rayjob_name(long_pipeline, "curate", 3, uid) == render.rayjob_name(long_pipeline, "curate", 3, uid)
+    # Pipeline a + stage b-c and Pipeline a-b + stage c (each with its own UID) no longer share a name, nor do
+    # long names that differ only in their UID.
+    other = "5f0c1d9e-0000-4000-8000-000000000002"
+    assert render.rayjob_name("a", "b-c", 0, uid) != render.rayjob_name("a-b", "c", 0, other)
+    assert render.rayjob_name(long_pipeline, "curate", 0, uid) != render.rayjob_name(long_pipeline, "curate", 0, other)
 
 
 def test_rendered_stage_rayjobs_validate_for_every_cluster_choice():

@@ -103,7 +103,14 @@ def status_schema() -> dict[str, Any]:
         "stopping": {"type": "string", "description": "A failed attempt's RayJob being deleted (its Ray job may still "
                                                       "run) before the stage is retried."},
         "outputURI": {"type": "string", "description": "Where the stage wrote its outputs (once it succeeded)."},
-        "message": {"type": "string", "description": "Why the newest attempt failed."},
+        "message": {"type": "string", "description": "Why the newest attempt failed, or what its cluster's pods say "
+                                                     "while it waits for them."},
+        "jobDeploymentStatus": {"type": "string", "description": "That RayJob's jobDeploymentStatus."},
+        "reason": {"type": "string", "description": "That RayJob's reason (why KubeRay failed it)."},
+        "rayCluster": {"type": "string", "description": "The RayCluster that RayJob runs on."},
+        "dashboardURL": {"type": "string", "description": "That cluster's Ray dashboard (in-cluster address)."},
+        "startTime": {"type": "string", "format": "date-time", "description": "When KubeRay started that RayJob."},
+        "endTime": {"type": "string", "format": "date-time", "description": "When it ended."},
     }}
     condition = {"type": "object", "required": ["type", "status"], "properties": {
         "type": string, "status": {"type": "string", "enum": ["True", "False", "Unknown"]},

@@ -99,18 +99,22 @@ def dns1035(text: str) -> str:
     return cleaned
 
 
-def rayjob_name(pipeline: str, stage: str, attempt: int) -> str:
-    """``<pipeline>-<stage>-<attempt>``, shortened with a hash when it would exceed 47 characters. Deterministic, so
-    an operator restarted at any moment finds the RayJobs it already created instead of creating them again."""
-    suffix = f"-{attempt}"
+def rayjob_name(pipeline: str, stage: str, attempt: int, uid: str) -> str:
+    """``<pipeline>-<stage>-<uid hash>-<attempt>``: deterministic, so an operator restarted at any moment finds the
+    RayJobs it already created instead of creating them again; unique across Pipelines through a short hash of the
+    Pipeline's UID (Pipeline ``a`` with stage ``b-c`` and Pipeline ``a-b`` with stage ``c`` would otherwise share
+    ``a-b-c-0``, and so would a Pipeline deleted and created again while its old RayJobs are being collected).
+    Shortened with a hash of all three when it would exceed 47 characters."""
+    suffix = f"-{hashlib.sha256(uid.encode()).hexdigest()[:5]}-{attempt}"
     base = f"{dns1035(pipeline)}-{dns1035(stage)}"
     if len(base) + len(suffix) <= MAX_RAYJOB_NAME:
         return base + suffix
-    digest = hashlib.sha256(f"{pipeline}\0{stage}".encode()).hexdigest()[:8]
-    room = MAX_RAYJOB_NAME - len(suffix) - len(digest) - 2
+    digest = hashlib.sha256(f"{pipeline}\0{stage}\0{uid}".encode()).hexdigest()[:8]
+    suffix = f"-{digest}-{attempt}"
+    room = MAX_RAYJOB_NAME - len(suffix) - 1
     head = dns1035(pipeline)[: room // 2].rstrip("-")
     tail = dns1035(stage)[: room - len(head)].rstrip("-")
-    return f"{head}-{tail}-{digest}{suffix}"
+    return f"{head}-{tail}{suffix}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
