@@ -1,5 +1,5 @@
 """A small asynchronous Kubernetes API client on aiohttp (Kopf's own dependency), for what Kopf does not do itself:
-creating RayJobs, listing them, reading a Secret.
+creating, listing and deleting RayJobs, listing the pods of their clusters (it reads no Secret).
 
 Credentials are the ones Kopf logs in with (``kopf.login_with_service_account`` in a pod, else the kubeconfig),
 captured by the operator's login handler, so the operator and this client always talk to the same API server.
