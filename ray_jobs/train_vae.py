@@ -1,6 +1,6 @@
 """train-vae: a small convolutional VAE trained on real images in one Ray task (a non-diffusion generator family).
 
-    scopeforge run train-vae --set output_root=runs/deepfake            # lfw-faces' training reals, ~1 min on 2 CPUs
+    scopeforge run train-vae --set output_root=runs/deepfake     # lfw-faces' training reals: ~40 CPU-seconds
 
 One Ray task, like train-ddpm: a model of a few hundred thousand parameters on a few dozen images gains nothing
 from data parallelism, and the task writes the model folder straight to the stage (local or s3://). Progress lines

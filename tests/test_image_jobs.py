@@ -163,12 +163,15 @@ def test_curate_images_end_to_end(ray_session, tmp_path):
     assert (committed_path(stage) / "report.html").is_file()
 
 
-def test_deepfake_data_pipeline_is_valid_and_wires_the_ddpm_stage():
+def test_deepfake_data_pipeline_is_valid_and_wires_the_ddpm_and_vae_stages():
     pipeline = load_config(PipelineConfig, ROOT / "ray_jobs" / "configs" / "deepfake-data.yaml")
-    (train_spec, train), (gen_spec, gen) = stage_configs(pipeline)
-    assert (train_spec.job, gen_spec.job) == ("train-ddpm", "generate")
-    diffusion = [g for g in gen.generators if g.mode != "gan"]
+    (train_spec, train), (vae_spec, vae), (gen_spec, gen) = stage_configs(pipeline)
+    assert (train_spec.job, vae_spec.job, gen_spec.job) == ("train-ddpm", "train-vae", "generate")
+    assert vae.training_reals == train.training_reals
+    diffusion = [g for g in gen.generators if g.mode not in ("gan", "vae")]
     assert {g.model for g in diffusion} == {str(Path(pipeline.output_root).resolve() / "train-ddpm")}
+    assert [g.model for g in gen.generators if g.mode == "vae"] == [str(Path(pipeline.output_root).resolve()
+                                                                        / "train-vae")]
     assert {g.scheduler for g in diffusion if g.mode == "unconditional"} == {"ddim", "ddpm"}
     assert sorted(g.strength for g in diffusion if g.mode == "img2img") == [0.3, 0.6]
     assert [g.mode for g in gen.generators].count("gan") == 1

@@ -48,7 +48,7 @@ class TrainVaeConfig(JobConfig):
     """Weight of the KL term after the warm-up (1: the ELBO; above 1: a beta-VAE, smoother and blurrier)."""
     kl_warmup: int = Field(100, ge=0)
     """Epochs over which the KL weight rises linearly from 0 to kl_weight (0: no warm-up)."""
-    epochs: int = Field(400, ge=1, le=100_000)
+    epochs: int = Field(300, ge=1, le=100_000)
     """Passes over the training images (in shuffled batches; a last partial batch is dropped)."""
     batch_size: int = Field(16, ge=1, le=4096)
     """Images per optimisation step."""
