@@ -84,7 +84,7 @@ class ConvVAE(nn.Module):
         self.arch = arch
         self.bottom = arch.image_size // 2 ** len(arch.widths)  # side of the last encoder feature map
         down: list[nn.Module] = []
-        in_ch = arch.channels
+        in_ch: int = arch.channels
         for width in arch.widths:  # each level halves the side
             down += [nn.Conv2d(in_ch, width, 4, 2, 1), nn.SiLU(), nn.Conv2d(width, width, 3, 1, 1), nn.SiLU()]
             in_ch = width
