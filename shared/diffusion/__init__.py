@@ -5,6 +5,7 @@
 - ``gan``: the DCGAN face generator of the gan-face-generate wheel (a non-diffusion manipulation type)
 - ``generate``: requests (id, per-image seed, prompt, source image) and the per-batch ``GeneratorStage``
 - ``ddpm``: a small DDPM trained on a few real images (the train-ddpm job)
+- ``vae``: a small convolutional VAE trained on a few real images (the train-vae job; the generate job's vae mode)
 - ``prompts``: composed face prompts and prompt files
 - ``realsets``: real image collections (the embedded lfw-faces, folders, Parquet)
 - ``phash`` / ``curation``: perceptual hashes, near-duplicate search, the curate-images steps
