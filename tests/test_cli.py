@@ -75,3 +75,43 @@ def test_missing_model_inside_ray_worker_is_a_user_error(ray_session, tmp_path):
     assert result.returncode == 2
     assert "scopeforge: error: model './no/such/model': no such directory" in result.stderr
     assert not (tmp_path / "inspect-model" / "_SUCCESS").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["logs"], "logs: give a submission ID (Jobs API), or --stage URI"),
+        (["logs", "raysubmit_x", "--workers"], "--attempt and --workers read saved logs: add --stage URI"),
+        (["logs", "--stage", "/tmp", "--follow"], "saved logs are complete; --follow is for a running job"),
+        (["stop", "raysubmit_x", "--address", "http://127.0.0.1:8265", "--ca-bundle", "ca.pem"],
+         "--ca-bundle ca.pem: only used for https:// addresses"),
+    ],
+)
+def test_jobs_api_command_errors_are_one_line(args, expected):
+    result = run_cli(*args)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [lines[0]], result.stderr
+    assert expected in lines[0], result.stderr
+
+
+def test_saved_logs_of_a_local_stage(tmp_path):
+    """`logs --stage` on a folder laid out as ray_jobs/stage_logs.py writes it (tests/test_submit.py has the real
+    thing, from jobs on a Ray head): the latest attempt, one by submission ID, a failed one with its error."""
+    from shared.storage import Storage
+
+    stage = Storage(str(tmp_path / "stage"))
+    for attempt, outcome in (("20260101T000000-aaaaaa", "failed"), ("20260102T000000-bbbbbb", "succeeded")):
+        folder = stage.child("logs", attempt)
+        folder.write_json({"job": "inspect-model", "outcome": outcome, "submission_id": f"raysubmit_{outcome}"},
+                          "job.json")
+        folder.write_text(f"driver of {attempt}\n", "driver.log")
+    stage.child("logs", "20260101T000000-aaaaaa").write_text("Traceback: boom\n", "error.txt")
+    latest = run_cli("logs", "--stage", stage.uri())
+    assert latest.returncode == 0, latest.stderr
+    assert latest.stdout == "driver of 20260102T000000-bbbbbb\n"
+    failed = run_cli("logs", "raysubmit_failed", "--stage", stage.uri())
+    assert failed.stdout == ("==> driver.log <==\ndriver of 20260101T000000-aaaaaa\n"
+                             "==> error.txt <==\nTraceback: boom\n")
+    missing = run_cli("logs", "--stage", stage.uri(), "--attempt", "nope")
+    assert "no logs of attempt 'nope'" in missing.stderr
