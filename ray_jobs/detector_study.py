@@ -135,7 +135,7 @@ def run(cfg: DetectorStudyConfig, stage: Stage) -> dict[str, Any]:
     features, hashes = extract_features(cfg, plan)
     dim = next(iter(features.values())).shape[1]
     buffer = io.BytesIO()
-    np.savez(buffer, ids=ids.astype(str), **features)
+    np.savez(buffer, allow_pickle=False, **{"ids": ids.astype(str), **features})
     stage.store.write_bytes(buffer.getvalue(), "features.npz")
     print(f"features: {len(features)} views x {plan.num_samples} images x {dim} dims in "
           f"{time.time() - started:.0f} s", flush=True)
@@ -169,7 +169,7 @@ def run(cfg: DetectorStudyConfig, stage: Stage) -> dict[str, Any]:
                "seconds": round(time.time() - started, 1)}
     stage.store.write_text("".join(json.dumps(r) + "\n" for r in runs), "runs.jsonl")
     scores = io.BytesIO()
-    np.savez(scores, **{"|".join(map(str, key)) + f"|split{k}|{v}|seed{t}": s
+    np.savez(scores, allow_pickle=False, **{"|".join(map(str, key)) + f"|split{k}|{v}|seed{t}": s
                         for key, per_split in cells.items() for k, cell in enumerate(per_split)
                         for v, seeds in cell.scores.items() for t, s in enumerate(seeds)})
     stage.store.write_bytes(scores.getvalue(), "scores.npz")
