@@ -316,9 +316,13 @@ def test_every_stage_knob_validates_in_the_crd_and_renders_a_valid_rayjob():
         assert template["metadata"]["labels"]["cost-center"] == "ml"
         assert "kueue.x-k8s.io/queue-name" not in template["metadata"]["labels"]  # the RayJob is the workload
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in gpu["tolerations"]
+    # the head reads the dashboard's Metrics-tab settings where manifests/base/monitoring installed them
+    assert {"configMapRef": {"name": "scopeforge-ray-dashboard", "optional": True}} in \
+        head["spec"]["containers"][0]["envFrom"]
     for pod in (head["spec"], gpu):
         assert pod["serviceAccountName"] == "scopeforge-s3-irsa"
-        assert "envFrom" not in pod["containers"][0]  # storageSecret null: workload identity, no static keys
+        secrets = [e for e in pod["containers"][0].get("envFrom", []) if "secretRef" in e]
+        assert secrets == []  # storageSecret null: workload identity, no static keys
         mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
         assert mounts["/home/ray/.cache"] == "models"  # the model-cache PVC replaces the cache emptyDir
         assert mounts["/mnt/spill"] == "spill"

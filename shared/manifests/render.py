@@ -176,6 +176,10 @@ def _volumes(resources: StageResources) -> list[dict[str, Any]]:
     return volumes
 
 
+DASHBOARD_SETTINGS = "scopeforge-ray-dashboard"
+"""The ConfigMap of the head's Metrics-tab settings (manifests/base/monitoring)."""
+
+
 def _ray_container(name: str, image: str, quantities: dict[str, Any], storage_secret: str | None,
                    resources: StageResources, ports: list[dict[str, Any]]) -> dict[str, Any]:
     container: dict[str, Any] = {
@@ -264,6 +268,9 @@ def cluster_spec(image: str = DEFAULT_IMAGE, storage_secret: str | None = "scope
     head = _ray_container("ray-head", image, _quantities(res.head.cpu, res.head.memory,
                                                          ephemeral=res.ephemeralStorage),
                           storage_secret, res, head_ports)
+    # the dashboard's Metrics-tab settings (RAY_GRAFANA_HOST, ...), where manifests/base/monitoring installed them:
+    # every stage cluster a Pipeline creates reads them too; optional, so a cluster without them still starts
+    head.setdefault("envFrom", []).append({"configMapRef": {"name": DASHBOARD_SETTINGS, "optional": True}})
     spec: dict[str, Any] = {"rayVersion": RAY_VERSION, "enableInTreeAutoscaling": autoscale}
     if autoscale:
         spec["autoscalerOptions"] = {
