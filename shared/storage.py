@@ -180,9 +180,13 @@ class Storage:
     def list(self, *parts: str) -> list[str]:
         """Names (not paths) directly under a folder, sorted; [] when it does not exist."""
         with storage_errors(self.uri(*parts)):
-            if not self.fs.exists(self.path(*parts)):
+            folder = self.path(*parts)
+            if not self.fs.exists(folder):
                 return []
-            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path(*parts), detail=False))
+            # an object store may list a folder's own marker object ("<folder>/") among its entries: not a child
+            own = folder.rstrip("/").lstrip("/")
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False)
+                          if p.rstrip("/").lstrip("/") != own)
 
     def find(self, *parts: str, suffix: str = "") -> builtins.list[str]:
         """Every file below a folder (recursively), as full URIs, sorted."""

@@ -109,3 +109,20 @@ def test_files_another_process_writes_on_s3_are_seen_after_a_listing(s3_server, 
     assert store.exists("run", "_SUCCESS")
     assert store.list("run") == ["_SUCCESS", "checkpoints", "first.txt"]
     assert store.list("run", "checkpoints") == ["c1"]
+
+
+def test_a_folder_marker_object_is_not_listed_as_its_own_child(s3_server, s3_root):
+    """Object stores may hold a zero-byte '<folder>/' marker (pyarrow and some clients write them when a folder is
+    created): listing the folder gives its children only (a marker listed as a child once made a train-detector
+    test pick 'checkpoints' as its own config folder)."""
+    import boto3
+
+    store = Storage(s3_root)
+    bucket, _, prefix = s3_root.removeprefix("s3://").partition("/")
+    other = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1",
+                         aws_access_key_id=s3_server.access_key_id,
+                         aws_secret_access_key=s3_server.secret_access_key)
+    other.put_object(Bucket=bucket, Key=f"{prefix}/stage/checkpoints/", Body=b"")
+    other.put_object(Bucket=bucket, Key=f"{prefix}/stage/checkpoints/f2df/run/state.pt", Body=b"x")
+    assert store.list("stage", "checkpoints") == ["f2df"]
+    assert store.list("stage") == ["checkpoints"]
